@@ -1,0 +1,5 @@
+"""Built-in plugins, named in `pipeline:` by these names."""
+
+BUILTIN = {
+    "params": "plugins.params:Params",
+}

@@ -1,0 +1,118 @@
+"""The Starlette app: routes, lifespan, and OpenAI-format errors for everything."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from proxy import logs
+from proxy.config import Config, load_config
+from proxy.errors import GatewayError, InternalError, MethodNotAllowed, RouteNotFound
+from proxy.gateway import Gateway
+
+log = logging.getLogger("meshgate.app")
+
+CONFIG_ENV = "MESHGATE_CONFIG"
+
+
+class Endpoint:
+    """A raw ASGI endpoint for one OpenAI route: no Request object on the hot path."""
+
+    def __init__(self, gateway: Gateway, endpoint: str) -> None:
+        self.gateway = gateway
+        self.endpoint = endpoint
+
+    async def __call__(self, scope, receive, send) -> None:
+        body = None
+        if self.endpoint == "model":
+            body = {"model": scope["path_params"]["model"]}
+        elif self.endpoint == "models":
+            body = {}
+        await self.gateway.serve(self.endpoint, scope, receive, send, body)
+
+
+def create_app(config: Config | None = None) -> Starlette:
+    """Build the app; with no config, load the file named by $MESHGATE_CONFIG (or proxy.yaml)."""
+    if config is None:
+        config = load_config(os.environ.get(CONFIG_ENV, "proxy.yaml"))
+    logs.configure(config.server.log_level, config.server.access_log)
+    gateway = Gateway(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await gateway.start()
+        log.info("serving %d models from %s", len(gateway.catalog.models), config.source)
+        try:
+            yield
+        finally:
+            await gateway.close()
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        if gateway.ready():
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "starting"}, status_code=503)
+
+    async def metrics(request: Request) -> Response:
+        body, content_type = gateway.metrics.render()
+        return Response(body, media_type=content_type)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ]
+    for prefix in ("/v1", ""):  # some clients leave /v1 out of their base URL
+        routes += [
+            Route(f"{prefix}/chat/completions", Endpoint(gateway, "chat"), methods=["POST"]),
+            Route(f"{prefix}/completions", Endpoint(gateway, "completions"), methods=["POST"]),
+            Route(f"{prefix}/embeddings", Endpoint(gateway, "embeddings"), methods=["POST"]),
+            Route(f"{prefix}/models", Endpoint(gateway, "models"), methods=["GET"]),
+            Route(f"{prefix}/models/{{model:path}}", Endpoint(gateway, "model"), methods=["GET"]),
+        ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+    )
+    app.state.gateway = gateway
+    return app
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: GatewayError
+    if exc.status_code == 404:
+        error = RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"Method {request.method} is not allowed on {request.url.path}.")
+    else:
+        error = GatewayError(str(exc.detail))
+        error.status = exc.status_code
+    return _render(error, exc.headers)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return _render(InternalError("The gateway failed to process this request."))
+
+
+def _render(error: GatewayError, headers=None) -> Response:
+    merged = dict(headers or {})
+    merged.update(error.headers)
+    return Response(
+        orjson.dumps(error.payload()),
+        status_code=error.status,
+        media_type="application/json",
+        headers=merged,
+    )

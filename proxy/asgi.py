@@ -1,0 +1,60 @@
+"""The few raw ASGI moves the gateway makes on its hot path."""
+
+from __future__ import annotations
+
+import asyncio
+
+from proxy.errors import GatewayError, PayloadTooLarge
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request was read."""
+
+
+async def read_body(receive, content_length: str | None, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise _too_large(limit)
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body too large: the limit is {limit} bytes.")
+
+
+async def watch_disconnect(receive, task: asyncio.Task, flag: list) -> None:
+    """Cancel `task` when the client disconnects; `flag` records that it did."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            flag.append(True)
+            task.cancel()
+            return
+
+
+def header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
+async def send_bytes(send, status: int, body: bytes, headers: dict[str, str]) -> None:
+    headers["content-length"] = str(len(body))
+    await send({"type": "http.response.start", "status": status, "headers": header_list(headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def send_error(send, error: GatewayError, headers: dict[str, str]) -> None:
+    headers["content-type"] = "application/json"
+    headers.update(error.headers)
+    await send_bytes(send, error.status, error.body(), headers)

@@ -1,0 +1,115 @@
+"""The `meshgate` command: `serve` a config under hypercorn, or `check` it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import Config, ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="meshgate", description="An OpenAI-compatible LLM gateway."
+    )
+    parser.add_argument("--version", action="version", version=f"meshgate {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the gateway")
+    serve.add_argument("--config", default="proxy.yaml", help="config file (default: proxy.yaml)")
+    serve.add_argument("--host", help="address to bind (overrides server.host)")
+    serve.add_argument("--port", type=int, help="port to bind (overrides server.port)")
+    serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
+    check = commands.add_parser("check", help="validate a config and print what it would serve")
+    check.add_argument("--config", default="proxy.yaml", help="config file (default: proxy.yaml)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"meshgate: invalid config: {exc}", file=sys.stderr)
+        return 1
+    if args.command == "check":
+        print(describe(config))
+        return 0
+    return run(config, args)
+
+
+def describe(config: Config) -> str:
+    lines = [f"config {config.source}: valid", "", "providers:"]
+    for name, provider in config.providers.items():
+        note = ""
+        if provider.missing_env:
+            note = f"  NOT USABLE: {', '.join(provider.missing_env)} not set"
+        lines.append(f"  {name} ({provider.type}){note}")
+    lines.append("models:")
+    for model in config.models:
+        lines.append(f"  {model.name}")
+        for d in model.deployments:
+            lines.append(f"    -> {d.label} (provider {d.provider}, model {d.model})")
+    lines.append("pipeline:" + ("" if config.pipeline else " (empty)"))
+    for spec in config.pipeline:
+        lines.append(f"  {spec.name}")
+    s = config.server
+    lines.append(f"server: {s.host}:{s.port}, {s.workers} worker(s)")
+    return "\n".join(lines)
+
+
+def run(config: Config, args: argparse.Namespace) -> int:
+    from hypercorn.config import Config as HypercornConfig
+
+    server = config.server
+    host = args.host or server.host
+    port = args.port or server.port
+    workers = args.workers or server.workers
+    hc = HypercornConfig()
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hc.graceful_timeout = server.graceful_timeout_s
+    hc.accesslog = None  # the gateway writes its own access log
+    hc.errorlog = "-"
+    hc.worker_class = _worker_class()
+    os.environ["MESHGATE_CONFIG"] = str(Path(config.source).resolve())
+    if workers == 1:
+        from proxy.app import create_app
+
+        app = create_app(config)
+        _run_loop(_serve(app, hc), hc.worker_class)
+        return 0
+    from hypercorn.run import run as hypercorn_run
+
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="meshgate-metrics-"))
+    hc.workers = workers
+    hc.application_path = "proxy.app:create_app()"
+    return hypercorn_run(hc)
+
+
+async def _serve(app, hc) -> None:
+    from hypercorn.asyncio import serve
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(app, hc, shutdown_trigger=stop.wait)
+
+
+def _worker_class() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def _run_loop(coro, worker_class: str) -> None:
+    factory = None
+    if worker_class == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(coro)

@@ -1,0 +1,171 @@
+"""The gateway's config file: its sections as frozen dataclasses, and the loader.
+
+The names here are a public contract (users edit `proxy.yaml`); see
+docs/config.md for the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from proxy import upstream
+from proxy._schema import ConfigError, Source, build
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = 8080
+    workers: int = 1
+    max_body_bytes: int = 10 * MiB
+    graceful_timeout_s: float = 30.0
+    access_log: bool = True
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeploymentConfig:
+    provider: str
+    model: str
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.provider}/{self.model}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelConfig:
+    name: str
+    deployments: list[DeploymentConfig]
+    owned_by: str = "meshgate"
+
+    def __post_init__(self) -> None:
+        if not self.deployments:
+            raise ValueError("a model needs at least one deployment")
+
+
+@dataclass(frozen=True, slots=True)
+class PluginSpec:
+    """One `pipeline:` entry: a built-in name or `module:Class`, and its settings."""
+
+    name: str
+    config: Any
+    path: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    providers: dict[str, Any] = field(default_factory=dict)
+    models: list[ModelConfig] = field(default_factory=list)
+    pipeline: list[PluginSpec] = field(default_factory=list)
+    source: str = "<string>"
+
+    def missing_secrets(self) -> dict[str, tuple[str, ...]]:
+        """Providers that name environment variables which are not set."""
+        return {n: p.missing_env for n, p in self.providers.items() if p.missing_env}
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
+    src = Source(text, filename, env)
+    data = src.data
+    if not isinstance(data, dict):
+        raise src.error((), "the config must be a mapping")
+    known = {"server", "providers", "models", "pipeline"}
+    for key in data:
+        if key not in known:
+            raise src.error((key,), f"unknown key (expected one of: {', '.join(sorted(known))})")
+    server = build(ServerConfig, data.get("server"), ("server",), src)
+    providers = _providers(data.get("providers") or {}, src)
+    models = build(list[ModelConfig], data.get("models") or [], ("models",), src)
+    _check_models(models, providers, src)
+    pipeline = _pipeline(data.get("pipeline") or [], src)
+    return Config(
+        server=server, providers=providers, models=models, pipeline=pipeline, source=filename
+    )
+
+
+def _providers(raw: Any, src: Source) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise src.error(("providers",), "must be a mapping of provider name to settings")
+    out = {}
+    for name, settings in raw.items():
+        path = ("providers", name)
+        if not isinstance(settings, dict):
+            raise src.error(path, "must be a mapping")
+        kind = settings.get("type")
+        if kind not in upstream.PROVIDER_TYPES:
+            choices = ", ".join(sorted(upstream.PROVIDER_TYPES))
+            raise src.error(path + ("type",), f"must be one of {choices}, not {kind!r}")
+        missing: list[str] = []
+        config = build(upstream.config_class(kind), settings, path, src, missing=missing)
+        out[name] = dataclasses.replace(config, missing_env=tuple(dict.fromkeys(missing)))
+    return out
+
+
+def _check_models(models: list[ModelConfig], providers: dict, src: Source) -> None:
+    seen: dict[str, int] = {}
+    for i, model in enumerate(models):
+        if model.name in seen:
+            raise src.error(
+                ("models", i, "name"),
+                f"duplicate model '{model.name}' (first at models[{seen[model.name]}])",
+            )
+        seen[model.name] = i
+        for j, dep in enumerate(model.deployments):
+            if dep.provider not in providers:
+                raise src.error(
+                    ("models", i, "deployments", j, "provider"),
+                    f"no provider named '{dep.provider}' under providers:",
+                )
+
+
+def _pipeline(raw: Any, src: Source) -> list[PluginSpec]:
+    from proxy.pipeline import plugin_class
+
+    if not isinstance(raw, list):
+        raise src.error(("pipeline",), "must be a list of plugins")
+    specs = []
+    for i, entry in enumerate(raw):
+        path: tuple = ("pipeline", i)
+        if isinstance(entry, str):
+            entry = {entry: None}
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise src.error(path, "each entry is `- name: {settings}` with one plugin name")
+        ((name, settings),) = entry.items()
+        try:
+            cls = plugin_class(name)
+        except ImportError as exc:
+            raise src.error(path + (name,), str(exc)) from None
+        config_cls = getattr(cls, "Config", None)
+        if config_cls is None:
+            if settings not in (None, {}):
+                raise src.error(path + (name,), "this plugin takes no settings")
+            config = None
+        else:
+            config = build(config_cls, settings, path + (name,), src)
+        specs.append(PluginSpec(name, config, src.where(path + (name,))))
+    return specs

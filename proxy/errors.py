@@ -1,0 +1,192 @@
+"""One tree of errors, each rendering itself in OpenAI's error format.
+
+The SDKs pick their exception class by status alone, so every leaf fixes its
+status; `type` and `code` follow what api.openai.com sends for the same event.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with."""
+
+    status = 500
+    type = "api_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers = headers or {}
+
+    def payload(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def body(self) -> bytes:
+        return orjson.dumps(self.payload())
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class AuthenticationFailed(GatewayError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class RouteNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "unknown_url"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class RateLimited(GatewayError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: float, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.retry_after_s = retry_after_s
+        self.headers.setdefault("retry-after", str(max(1, round(retry_after_s + 0.5))))
+
+
+class QuotaExceeded(GatewayError):
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str, **kwargs) -> None:
+        super().__init__(message, **kwargs)
+        self.headers.setdefault("x-should-retry", "false")
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "api_error"
+    code = "internal_error"
+
+
+class UpstreamUnavailable(GatewayError):
+    """The upstream could not be reached or broke the connection."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class ProviderNotConfigured(GatewayError):
+    """The provider lacks a setting (usually a secret) it needs to be called."""
+
+    status = 503
+    type = "upstream_error"
+    code = "provider_not_configured"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class UpstreamStatus(GatewayError):
+    """The upstream answered with an error status; its body is passed through.
+
+    `raw` is the upstream's own OpenAI-format error body when it sent one, so
+    the client sees exactly what the provider said.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        raw: bytes | None = None,
+        type: str = "upstream_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, param=param, code=code, headers=headers)
+        self.status = status
+        self.type = type
+        self.raw = raw
+
+    def body(self) -> bytes:
+        return self.raw if self.raw is not None else super().body()
+
+
+def from_upstream_body(status: int, raw: bytes, headers: dict[str, str]) -> UpstreamStatus:
+    """Build the error for an upstream's error response, keeping its body when it is
+    already in OpenAI's format."""
+    try:
+        parsed = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        parsed = None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return UpstreamStatus(
+            status,
+            error["message"],
+            raw=raw,
+            type=error.get("type") or "upstream_error",
+            code=error.get("code"),
+            param=error.get("param"),
+            headers=headers,
+        )
+    text = raw[:500].decode("utf-8", "replace").strip() or f"status {status}"
+    if isinstance(error, str):
+        text = error
+    return UpstreamStatus(status, f"upstream error: {text}", headers=headers)

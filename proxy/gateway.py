@@ -1,0 +1,284 @@
+"""A request's life: read and check it, run it through the plugin chain to an
+upstream, send the answer (buffered or streamed), and account for it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import time
+from typing import Any
+
+from starlette.datastructures import Headers
+
+from proxy import logs
+from proxy.asgi import (
+    ClientDisconnected,
+    header_list,
+    read_body,
+    send_bytes,
+    send_error,
+    watch_disconnect,
+)
+from proxy.catalog import Catalog
+from proxy.config import Config
+from proxy.errors import GatewayError, InternalError, ModelNotFound
+from proxy.metrics import Metrics
+from proxy.pipeline import Call, Reply, build_chain, plugin_class
+from proxy.protocol import parse_request
+from proxy.sse import Event
+
+log = logging.getLogger("meshgate.gateway")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
+
+
+class Gateway:
+    """Everything one worker needs to serve: models, upstreams, the plugin chain, metrics."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.catalog = Catalog(config)
+        self.metrics = Metrics()
+        self.plugins = [plugin_class(s.name)(s.config, self) for s in config.pipeline]
+        self.handler = build_chain(self.plugins, self.dispatch)
+        self.max_body_bytes = config.server.max_body_bytes
+        self.started = False
+
+    async def start(self) -> None:
+        await self.catalog.start()
+        for plugin in self.plugins:
+            if hasattr(plugin, "start"):
+                await plugin.start()
+        for name, missing in self.config.missing_secrets().items():
+            log.warning(
+                "provider '%s' is not usable: environment variable %s is not set",
+                name,
+                ", ".join(missing),
+            )
+        self.started = True
+
+    async def close(self) -> None:
+        for plugin in reversed(self.plugins):
+            if hasattr(plugin, "close"):
+                await plugin.close()
+        await self.catalog.close()
+
+    def ready(self) -> bool:
+        return self.started and all(p.ready() for p in self.plugins if hasattr(p, "ready"))
+
+    async def dispatch(self, call: Call) -> Reply:
+        """The chain's innermost step: answer from the catalog, or call the upstream."""
+        if call.endpoint == "models":
+            return Reply.json(self.list_models(call))
+        if call.endpoint == "model":
+            model = self.catalog.get(call.body["model"])
+            self._check_visible(call, model.name)
+            return Reply.json(model.card())
+        if call.model is None:
+            call.model = self.catalog.get(call.body["model"])
+        deployment = call.deployment or call.model.deployments[0]
+        call.deployment = deployment
+        call.attempts += 1
+        reply = await deployment.upstream.send(call, deployment)
+        reply.deployment = deployment
+        return reply
+
+    def list_models(self, call: Call) -> dict:
+        cards = [m.card() for m in self.catalog.models.values() if _visible(call, m.name)]
+        return {"object": "list", "data": cards}
+
+    def _check_visible(self, call: Call, name: str) -> None:
+        if not _visible(call, name):
+            raise ModelNotFound(name)
+
+    async def serve(self, endpoint: str, scope, receive, send, body: dict | None = None) -> None:
+        """Serve one request to `endpoint`; `body` is given for GET routes."""
+        started = time.perf_counter()
+        headers = Headers(scope=scope)
+        request_id = headers.get("x-request-id")
+        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
+            request_id = os.urandom(12).hex()
+        self.metrics.in_flight.inc()
+        call: Call | None = None
+        reply: Reply | None = None
+        outcome = _Outcome()
+        task = asyncio.current_task()
+        gone: list = []
+        watcher = None
+        try:
+            if body is None:
+                raw = await read_body(receive, headers.get("content-length"), self.max_body_bytes)
+                body = parse_request(endpoint, raw)
+            watcher = asyncio.ensure_future(watch_disconnect(receive, task, gone))
+            call = Call(endpoint, body, headers, request_id)
+            if "model" in body:
+                call.model = self.catalog.find(body["model"])
+            wants_usage = call.wants_usage
+            reply = await self.handler(call)
+            if reply.streamed:
+                await self._send_stream(send, call, reply, wants_usage, started, outcome)
+            else:
+                await send_bytes(
+                    send, reply.status, reply.body, self._headers(call, reply, started)
+                )
+                outcome.status = reply.status
+                outcome.completed = True
+        except GatewayError as exc:
+            await self._fail(send, exc, call, request_id, started, outcome)
+        except ClientDisconnected:
+            outcome.status = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            if not gone:
+                raise
+            task.uncancel()
+            outcome.status = CLIENT_CLOSED
+        except Exception:
+            log.exception("request %s failed", request_id)
+            error = InternalError("The gateway failed to process this request.")
+            await self._fail(send, error, call, request_id, started, outcome)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if reply is not None and reply.events is not None:
+                await reply.events.aclose()
+            self.metrics.in_flight.dec()
+            self._account(endpoint, call, reply, request_id, started, outcome)
+            if reply is not None:
+                await reply.finish(outcome.completed)
+
+    async def _send_stream(self, send, call, reply, wants_usage, started, outcome) -> None:
+        events = reply.events
+        event = await anext(events, None)  # an error before the first event is an ordinary error
+        await send(
+            {
+                "type": "http.response.start",
+                "status": reply.status,
+                "headers": header_list(self._headers(call, reply, started, stream=True)),
+            }
+        )
+        outcome.status = reply.status
+        outcome.headers_sent = True
+        outcome.ttft_s = time.perf_counter() - started
+        while event is not None:
+            if event.has_usage():
+                data = event.json()
+                usage = data.get("usage")
+                if isinstance(usage, dict):
+                    reply.usage = usage
+                if not wants_usage and not data.get("choices"):
+                    event = await anext(events, None)
+                    continue
+            await send({"type": "http.response.body", "body": event.raw, "more_body": True})
+            event = await anext(events, None)
+        await send({"type": "http.response.body", "body": b""})
+        outcome.completed = True
+
+    async def _fail(self, send, error: GatewayError, call, request_id, started, outcome) -> None:
+        outcome.status = error.status
+        outcome.error = error.code or error.type
+        if outcome.headers_sent:
+            # Headers are gone: the client gets one error event and a clean close.
+            # Metrics and the access log keep the error's status, not the wire's 200.
+            body = Event.of(error.payload()).raw
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        headers = {"x-request-id": request_id}
+        headers["x-meshgate-overhead-ms"] = _ms(_overhead(call, started))
+        await send_error(send, error, headers)
+
+    def _headers(
+        self, call: Call, reply: Reply, started: float, stream: bool = False
+    ) -> dict[str, str]:
+        headers = {
+            "content-type": "text/event-stream" if stream else "application/json",
+            "x-request-id": call.request_id,
+            "x-meshgate-overhead-ms": _ms(_overhead(call, started)),
+        }
+        if stream:
+            headers["cache-control"] = "no-cache"
+            headers["x-accel-buffering"] = "no"  # tell nginx in front not to buffer
+        if reply.deployment is not None:
+            headers["x-meshgate-deployment"] = reply.deployment.name
+        if reply.headers:
+            headers.update(reply.headers)
+        return headers
+
+    def _account(self, endpoint, call, reply, request_id, started, outcome) -> None:
+        total = time.perf_counter() - started
+        m = self.metrics
+        model = call.model.name if call is not None and call.model is not None else ""
+        deployment = call.deployment.name if call is not None and call.deployment else ""
+        m.requests.labels(model, deployment, str(outcome.status)).inc()
+        if endpoint in ("models", "model"):
+            return
+        m.duration.labels(model).observe(total)
+        overhead = max(0.0, total - (call.upstream_s if call is not None else 0.0))
+        m.overhead.observe(overhead)
+        if outcome.ttft_s is not None:
+            m.ttft.labels(model).observe(outcome.ttft_s)
+        if deployment:
+            m.upstream.labels(deployment).observe(call.upstream_s)
+        usage = reply.get_usage() if reply is not None else None
+        prompt = completion = None
+        if usage:
+            prompt = usage.get("prompt_tokens")
+            completion = usage.get("completion_tokens")
+            if isinstance(prompt, int):
+                m.tokens.labels(model, deployment, "prompt").inc(prompt)
+            if isinstance(completion, int):
+                m.tokens.labels(model, deployment, "completion").inc(completion)
+        identity = call.identity if call is not None else None
+        fields: dict[str, Any] = {
+            "request_id": request_id,
+            "endpoint": endpoint,
+            "key": identity.name if identity else None,
+            "team": identity.team if identity else None,
+            "model": model or (call.body.get("model") if call is not None else None),
+            "deployment": deployment or None,
+            "stream": call.stream if call is not None else None,
+            "status": outcome.status,
+            "latency_ms": round(total * 1000, 2),
+            "overhead_ms": round(overhead * 1000, 3),
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+        }
+        if outcome.ttft_s is not None:
+            fields["ttft_ms"] = round(outcome.ttft_s * 1000, 2)
+        if outcome.error:
+            fields["error"] = outcome.error
+        if call is not None and call.attempts > 1:
+            fields["attempts"] = call.attempts
+        logs.access_line(fields)
+
+
+class _Outcome:
+    __slots__ = ("completed", "error", "headers_sent", "status", "ttft_s")
+
+    def __init__(self) -> None:
+        self.status = 500
+        self.completed = False
+        self.headers_sent = False
+        self.ttft_s: float | None = None
+        self.error: str | None = None
+
+
+def _visible(call: Call, name: str) -> bool:
+    identity = call.identity
+    if identity is None or identity.models == ("*",):
+        return True
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(name, pattern) for pattern in identity.models)
+
+
+def _overhead(call: Call | None, started: float) -> float:
+    spent = time.perf_counter() - started
+    return max(0.0, spent - (call.upstream_s if call is not None else 0.0))
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3f}"

@@ -1,0 +1,81 @@
+"""Prometheus metrics of the gateway's own traffic.
+
+Each app gets its own registry. With several workers, hypercorn's processes
+share nothing, so the CLI sets PROMETHEUS_MULTIPROC_DIR and `/metrics`
+aggregates every worker's files.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "meshgate_requests",
+            "Requests answered, by model, deployment and status.",
+            ["model", "deployment", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "meshgate_request_duration_seconds",
+            "Time from request to the last byte sent.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "meshgate_time_to_first_token_seconds",
+            "Streams: time from request to the first event sent.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream = Histogram(
+            "meshgate_upstream_duration_seconds",
+            "Time spent waiting on the upstream, by deployment.",
+            ["deployment"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "meshgate_overhead_seconds",
+            "The gateway's own time: total minus time waiting on upstreams.",
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "meshgate_tokens",
+            "Tokens reported by upstreams, by kind (prompt, completion).",
+            ["model", "deployment", "kind"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "meshgate_in_flight_requests",
+            "Requests being served now.",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

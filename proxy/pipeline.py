@@ -1,0 +1,205 @@
+"""The plugin contract and the chain that runs it.
+
+A plugin is an object with `async def __call__(self, call, call_next) -> Reply`.
+It may rewrite `call`, answer by itself (return a Reply or raise a
+GatewayError), call `call_next` once or several times, and look at or wrap the
+Reply on its way out. Streams stay streams: a Reply carries either `body` bytes
+or an async iterator of raw SSE `events`. Work that needs the end of the
+answer (usage, cost, storing a cache entry) registers `reply.on_complete`.
+See docs/plugins.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+import orjson
+
+from proxy.sse import Event
+
+if TYPE_CHECKING:
+    from proxy.catalog import Deployment, Model
+
+log = logging.getLogger("meshgate.pipeline")
+
+
+@dataclass(slots=True)
+class Identity:
+    """Who is calling, as established by an auth plugin."""
+
+    name: str
+    team: str | None = None
+    user: str | None = None
+    models: tuple[str, ...] = ("*",)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """One client request on its way through the pipeline.
+
+    `body` is the parsed JSON request; plugins may change it in place. What
+    goes upstream is `body` with `model` set to the chosen deployment's model.
+    """
+
+    endpoint: str  # "chat" | "completions" | "embeddings"
+    body: dict[str, Any]
+    headers: Any  # starlette.datastructures.Headers: case-insensitive, read-only
+    request_id: str
+    identity: Identity | None = None
+    model: Model | None = None  # resolved from body["model"] by the gateway
+    deployment: Deployment | None = None  # set by routing, or the model's first
+    state: dict[str, Any] = field(default_factory=dict)  # per-request plugin scratch space
+    upstream_s: float = 0.0  # time spent waiting on upstreams, summed over attempts
+    attempts: int = 0
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    @property
+    def wants_usage(self) -> bool:
+        """Whether the client itself asked for the final usage chunk of a stream."""
+        options = self.body.get("stream_options")
+        return isinstance(options, dict) and options.get("include_usage") is True
+
+
+Hook = Callable[["Reply"], Awaitable[None] | None]
+
+
+class Reply:
+    """An answer: buffered `body` bytes, or a stream of SSE `events`.
+
+    `completed` is set before the completion hooks run: True when the whole
+    answer reached the client, False when it was cut short (client gone,
+    upstream failed mid-stream).
+    """
+
+    __slots__ = (
+        "_hooks",
+        "body",
+        "completed",
+        "deployment",
+        "events",
+        "headers",
+        "status",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        *,
+        body: bytes | None = None,
+        events: AsyncIterator[Event] | None = None,
+        status: int = 200,
+        headers: dict[str, str] | None = None,
+        usage: dict | None = None,
+    ) -> None:
+        if (body is None) == (events is None):
+            raise ValueError("a Reply has either a body or events")
+        self.body = body
+        self.events = events
+        self.status = status
+        self.headers = headers if headers is not None else {}
+        self.usage = usage
+        self.deployment: Deployment | None = None
+        self.completed = False
+        self._hooks: list[Hook] = []
+
+    @property
+    def streamed(self) -> bool:
+        return self.events is not None
+
+    @classmethod
+    def json(cls, payload: Any, *, status: int = 200) -> Reply:
+        return cls(body=orjson.dumps(payload), status=status)
+
+    def parsed(self) -> Any:
+        """The buffered body as JSON."""
+        if self.body is None:
+            raise TypeError("a streamed reply has no body to parse")
+        return orjson.loads(self.body)
+
+    def get_usage(self) -> dict | None:
+        """Token usage from the upstream, parsing a buffered body on first use."""
+        if self.usage is None and self.body is not None and b'"usage"' in self.body:
+            try:
+                usage = orjson.loads(self.body).get("usage")
+            except (orjson.JSONDecodeError, AttributeError):
+                usage = None
+            self.usage = usage if isinstance(usage, dict) else None
+        return self.usage
+
+    def on_complete(self, hook: Hook) -> Reply:
+        """Run `hook(reply)` once the answer has been delivered or abandoned."""
+        self._hooks.append(hook)
+        return self
+
+    def wrap_events(self, wrapper: Callable[[AsyncIterator[Event]], AsyncIterator[Event]]) -> Reply:
+        """Replace the stream with `wrapper(stream)`, e.g. to watch or rewrite events."""
+        if self.events is None:
+            raise TypeError("a buffered reply has no events")
+        self.events = wrapper(self.events)
+        return self
+
+    async def finish(self, completed: bool) -> None:
+        """Called once by the gateway after sending; runs the completion hooks."""
+        self.completed = completed
+        for hook in self._hooks:
+            try:
+                result = hook(self)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("a completion hook failed")
+
+
+Next = Callable[[Call], Awaitable[Reply]]
+
+
+class Plugin(Protocol):
+    async def __call__(self, call: Call, call_next: Next) -> Reply: ...
+
+
+def build_chain(plugins: list[Plugin], terminal: Next) -> Next:
+    """Nest the plugins around `terminal`, the first plugin outermost."""
+    handler = terminal
+    for plugin in reversed(plugins):
+        handler = _link(plugin, handler)
+    return handler
+
+
+def _link(plugin: Plugin, call_next: Next) -> Next:
+    async def run(call: Call) -> Reply:
+        return await plugin(call, call_next)
+
+    return run
+
+
+def plugin_class(name: str) -> type:
+    """A built-in plugin by name (`plugins/<name>.py`) or a user's by `module:Class`."""
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+    else:
+        from plugins import BUILTIN
+
+        if name not in BUILTIN:
+            known = ", ".join(sorted(BUILTIN)) or "none"
+            raise ImportError(
+                f"no built-in plugin '{name}' (built-ins: {known}; "
+                "a plugin of your own is named module:Class)"
+            )
+        module_name, _, attr = BUILTIN[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import plugin module '{module_name}': {exc}") from None
+    cls = getattr(module, attr, None)
+    if cls is None:
+        raise ImportError(f"module '{module_name}' has no '{attr}'")
+    return cls

@@ -1,0 +1,105 @@
+"""Server-Sent Events as raw bytes, parsed only when someone asks.
+
+A pure passthrough splits the upstream's byte stream on blank lines and
+forwards each event's bytes untouched; `Event.json()` parses on demand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+
+import orjson
+
+DONE = b"data: [DONE]\n\n"
+
+
+class Event:
+    """One SSE event, kept as the bytes it arrived in (blank-line terminator included)."""
+
+    __slots__ = ("_json", "raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._json = None
+
+    @classmethod
+    def of(cls, payload: dict | bytes) -> Event:
+        data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        return cls(b"data: " + data + b"\n\n")
+
+    @property
+    def data(self) -> bytes:
+        """The event's data field: its `data:` lines joined by newlines."""
+        lines = []
+        for line in self.raw.splitlines():
+            if line.startswith(b"data:"):
+                value = line[5:]
+                lines.append(value[1:] if value.startswith(b" ") else value)
+        return b"\n".join(lines)
+
+    @property
+    def is_done(self) -> bool:
+        return self.raw.startswith(b"data: [DONE]") or self.data == b"[DONE]"
+
+    def json(self):
+        """The data field parsed as JSON (cached), or None for `[DONE]` and comments."""
+        if self._json is None:
+            data = self.data
+            if not data or data == b"[DONE]":
+                return None
+            self._json = orjson.loads(data)
+        return self._json
+
+    def has_usage(self) -> bool:
+        """True when the event carries a non-null `usage`, without parsing the rest."""
+        at = self.raw.find(b'"usage"')
+        if at < 0:
+            return False
+        rest = self.raw[at + 7 : at + 16].lstrip(b" :")
+        return not rest.startswith(b"null")
+
+    def __repr__(self) -> str:
+        return f"Event({self.raw!r})"
+
+
+class EventSplitter:
+    """Cuts a byte stream into events at blank lines (LF or CRLF framing)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, chunk: bytes) -> list[Event]:
+        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        events = []
+        start = 0
+        while True:
+            end = buffer.find(b"\n\n", start)
+            if end < 0:
+                break
+            if end > start:
+                events.append(Event(buffer[start : end + 2]))
+            start = end + 2
+        self._buffer = buffer[start:]
+        return events
+
+    @property
+    def pending(self) -> bytes:
+        """Bytes received after the last complete event (a torn event when the stream ended)."""
+        return self._buffer
+
+
+async def split(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
+    splitter = EventSplitter()
+    async for chunk in chunks:
+        for event in splitter.feed(chunk):
+            yield event
+    if splitter.pending.strip():
+        raise EOFError("the upstream stream ended inside an event")
+
+
+def encode_all(events: Iterable[Event]) -> bytes:
+    return b"".join(e.raw for e in events)

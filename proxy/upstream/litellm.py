@@ -1,0 +1,146 @@
+"""Providers that do not speak OpenAI's protocol (Anthropic, Gemini, Cohere,
+Bedrock, ...), through litellm's `acompletion`, `atext_completion` and `aembedding`.
+
+litellm is imported when the first litellm provider starts, never at import
+time, and always with its bundled price list (no download at run time).
+Deployment models use litellm's names, e.g. `anthropic/claude-3-5-haiku-latest`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.pipeline import Reply
+from proxy.sse import DONE, Event
+from proxy.upstream import base
+
+if TYPE_CHECKING:
+    from proxy.catalog import Deployment
+    from proxy.pipeline import Call
+
+_INPUT_KEYS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config(base.ProviderConfig):
+    type: Literal["litellm"]
+    api_key: str | None = None
+    api_base: str | None = None
+    api_version: str | None = None
+    drop_params: bool = True  # drop OpenAI parameters the provider does not take
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to litellm as keyword args
+
+
+def import_litellm():
+    """litellm, imported offline: its bundled price list, no telemetry."""
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    import litellm
+
+    litellm.telemetry = False
+    litellm.suppress_debug_info = True
+    return litellm
+
+
+class Upstream(base.Upstream):
+    config: Config
+
+    def __init__(self, name: str, config: Config) -> None:
+        super().__init__(name, config)
+        self.litellm: Any = None
+
+    async def start(self) -> None:
+        self.litellm = import_litellm()
+
+    def request_kwargs(self, call: Call, deployment: Deployment) -> dict[str, Any]:
+        kwargs = {k: v for k, v in call.body.items() if k not in ("model", "stream_options")}
+        if call.stream:
+            kwargs["stream_options"] = {"include_usage": True}
+        kwargs.update(self.config.extra)
+        kwargs["model"] = deployment.model
+        kwargs["timeout"] = self.config.timeouts.total_s
+        kwargs["drop_params"] = self.config.drop_params
+        headers = dict(self.config.headers)
+        headers["x-request-id"] = call.request_id
+        kwargs["extra_headers"] = headers
+        for key in ("api_key", "api_base", "api_version"):
+            value = getattr(self.config, key)
+            if value:
+                kwargs[key] = value
+        return kwargs
+
+    async def send(self, call: Call, deployment: Deployment) -> Reply:
+        self.check_ready(call.endpoint)
+        kwargs = self.request_kwargs(call, deployment)
+        function = {
+            "chat": self.litellm.acompletion,
+            "completions": self.litellm.atext_completion,
+            "embeddings": self.litellm.aembedding,
+        }[call.endpoint]
+        started = time.perf_counter()
+        try:
+            result = await function(**kwargs)
+        except Exception as exc:
+            raise self.translate(exc) from exc
+        finally:
+            call.upstream_s += time.perf_counter() - started
+        if call.stream:
+            return Reply(events=self._events(result, call))
+        return Reply.json(result.model_dump(exclude_none=True))
+
+    async def _events(self, stream: Any, call: Call) -> AsyncIterator[Event]:
+        try:
+            waited = time.perf_counter()
+            async for chunk in stream:
+                call.upstream_s += time.perf_counter() - waited
+                yield Event.of(chunk.model_dump(exclude_none=True))
+                waited = time.perf_counter()
+            yield Event(DONE)
+        except GatewayError:
+            raise
+        except Exception as exc:
+            raise self.translate(exc) from exc
+        finally:
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
+
+    def translate(self, exc: Exception) -> GatewayError:
+        """One of litellm's exceptions as the gateway's error, by its status."""
+        if isinstance(exc, GatewayError):
+            return exc
+        status = getattr(exc, "status_code", None)
+        message = str(getattr(exc, "message", None) or exc)
+        if self.config.api_key:
+            message = message.replace(self.config.api_key, "[redacted]")
+        name = type(exc).__name__
+        if name == "Timeout" or isinstance(exc, TimeoutError):
+            return UpstreamTimeout(f"provider '{self.name}' did not answer in time")
+        if name == "APIConnectionError" or not isinstance(status, int):
+            return UpstreamUnavailable(f"provider '{self.name}' is unreachable: {message}")
+        if status in (401, 403):
+            return UpstreamStatus(
+                502,
+                f"provider '{self.name}' rejected the gateway's credentials (status {status})",
+                code="upstream_auth_failed",
+            )
+        if status == 400:
+            code = "context_length_exceeded" if name == "ContextWindowExceededError" else None
+            if name == "ContentPolicyViolationError":
+                code = "content_policy_violation"
+            return InvalidRequest(message, code=code)
+        headers = {}
+        retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
+        if retry_after:
+            headers["retry-after"] = retry_after
+        return UpstreamStatus(status, message, code=None, headers=headers)

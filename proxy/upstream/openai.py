@@ -1,0 +1,199 @@
+"""Any OpenAI-compatible HTTP server: OpenAI, Azure OpenAI, vLLM, TGI's /v1,
+Groq, Together, Ollama, LM Studio.
+
+Bodies pass through: the request goes up as the client sent it with `model`
+set to the deployment's model, and the answer comes back byte for byte. The
+client is aiohttp: measured in load/bench.py, httpx's connection pool caps a
+passthrough at a fraction of the throughput (see README, "Performance").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import aiohttp
+import orjson
+
+from proxy import __version__
+from proxy.errors import (
+    GatewayError,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    from_upstream_body,
+)
+from proxy.pipeline import Reply
+from proxy.sse import Event, EventSplitter
+from proxy.upstream import base
+
+if TYPE_CHECKING:
+    from proxy.catalog import Deployment
+    from proxy.pipeline import Call
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config(base.ProviderConfig):
+    type: Literal["openai"]
+    base_url: str
+    api_key: str | None = None
+    azure: bool = False  # Azure OpenAI: `api-key` header instead of a bearer token
+    api_version: str | None = None  # sent as ?api-version= (Azure)
+    max_connections: int = 1000
+    # Ask for the final usage chunk of every stream (and drop it again when the
+    # client did not ask), so tokens are counted for streams too.
+    stream_usage: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.base_url.startswith(("http://", "https://")) and not self.missing_env:
+            raise ValueError(f"base_url must start with http:// or https://, not {self.base_url!r}")
+
+
+class Upstream(base.Upstream):
+    config: Config
+
+    def __init__(self, name: str, config: Config) -> None:
+        super().__init__(name, config)
+        self.session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], str] = {}
+        headers = {"content-type": "application/json", "user-agent": f"meshgate/{__version__}"}
+        if config.api_key:
+            if config.azure:
+                headers["api-key"] = config.api_key
+            else:
+                headers["authorization"] = f"Bearer {config.api_key}"
+        headers.update({k.lower(): v for k, v in config.headers.items()})
+        self.headers = headers
+
+    async def start(self) -> None:
+        timeouts = self.config.timeouts
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(
+                limit=self.config.max_connections, limit_per_host=0, keepalive_timeout=30
+            ),
+            timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s
+            ),
+            skip_auto_headers=("User-Agent", "Content-Type"),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def url(self, endpoint: str, model: str) -> str:
+        key = (endpoint, model)
+        url = self._urls.get(key)
+        if url is None:
+            root = self.config.base_url.rstrip("/").replace("{model}", model)
+            url = root + base.ENDPOINT_PATHS[endpoint]
+            if self.config.api_version:
+                url += f"?api-version={self.config.api_version}"
+            self._urls[key] = url
+        return url
+
+    def request_body(self, call: Call, deployment: Deployment) -> bytes:
+        body = call.body
+        ask_usage = (
+            call.stream
+            and call.endpoint != "embeddings"
+            and self.config.stream_usage
+            and not call.wants_usage
+        )
+        if ask_usage or body.get("model") != deployment.model:
+            body = dict(body)
+            body["model"] = deployment.model
+            if ask_usage:
+                options = body.get("stream_options")
+                options = dict(options) if isinstance(options, dict) else {}
+                options["include_usage"] = True
+                body["stream_options"] = options
+        return orjson.dumps(body)
+
+    async def send(self, call: Call, deployment: Deployment) -> Reply:
+        self.check_ready(call.endpoint)
+        assert self.session is not None, "upstream used before start()"
+        data = self.request_body(call, deployment)
+        headers = dict(self.headers)
+        headers["x-request-id"] = call.request_id
+        started = time.perf_counter()
+        deadline = started + self.config.timeouts.total_s
+        try:
+            async with asyncio.timeout(self.config.timeouts.total_s):
+                response = await self.session.post(
+                    self.url(call.endpoint, deployment.model), data=data, headers=headers
+                )
+                if response.status >= 400:
+                    raw = await response.read()
+                    response.release()
+                    raise self._status_error(response.status, raw, response.headers)
+                streamed = call.stream and response.content_type == "text/event-stream"
+                if not streamed:
+                    raw = await response.read()
+                    response.release()
+        except TimeoutError:
+            raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' is unreachable: {_reason(exc)}"
+            ) from exc
+        finally:
+            call.upstream_s += time.perf_counter() - started
+        if not streamed:
+            return Reply(body=raw, status=response.status)
+        return Reply(events=self._events(response, call, deadline), status=response.status)
+
+    async def _events(
+        self,
+        response: aiohttp.ClientResponse,
+        call: Call,
+        deadline: float,
+    ) -> AsyncIterator[Event]:
+        splitter = EventSplitter()
+        clean = False
+        try:
+            waited = time.perf_counter()
+            async for chunk in response.content.iter_any():
+                now = time.perf_counter()
+                call.upstream_s += now - waited
+                if now > deadline:
+                    raise UpstreamTimeout(f"provider '{self.name}' exceeded its total timeout")
+                for event in splitter.feed(chunk):
+                    yield event
+                waited = time.perf_counter()
+            if splitter.pending.strip():
+                raise UpstreamUnavailable(f"provider '{self.name}' ended the stream mid-event")
+            clean = True
+        except TimeoutError:
+            raise UpstreamTimeout(f"provider '{self.name}' stalled mid-stream") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' broke off the stream: {_reason(exc)}"
+            ) from exc
+        finally:
+            # Closing (not releasing) drops the connection, which stops the upstream.
+            response.release() if clean else response.close()
+
+    def _status_error(self, status: int, raw: bytes, headers) -> GatewayError:
+        passed = {}
+        if "retry-after" in headers:
+            passed["retry-after"] = headers["retry-after"]
+        if status in (401, 403):
+            # The client cannot fix the gateway's credentials, and the upstream's
+            # message may quote part of the key.
+            return UpstreamStatus(
+                502,
+                f"provider '{self.name}' rejected the gateway's credentials (status {status})",
+                code="upstream_auth_failed",
+            )
+        if self.config.api_key and self.config.api_key.encode() in raw:
+            raw = raw.replace(self.config.api_key.encode(), b"[redacted]")
+        return from_upstream_body(status, raw, passed)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.split(" [", 1)[0]

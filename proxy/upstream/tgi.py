@@ -1,0 +1,268 @@
+"""Text Generation Inference's native API (`/generate`, `/generate_stream`),
+translated to OpenAI chat and completions.
+
+A TGI new enough to serve `/v1/chat/completions` is better reached as an
+`openai` provider; this adapter is for servers and models reached natively.
+Chat messages are rendered to a prompt with `prompt_format`, since the native
+API takes plain text. TGI's stream does not report the prompt's token count,
+so streamed usage has `prompt_tokens: 0`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpx
+import orjson
+
+from proxy.errors import (
+    InvalidRequest,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+    from_upstream_body,
+)
+from proxy.pipeline import Reply
+from proxy.sse import DONE, Event, EventSplitter
+from proxy.upstream import base
+
+if TYPE_CHECKING:
+    from proxy.catalog import Deployment
+    from proxy.pipeline import Call
+
+FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+
+TEMPLATES = {
+    # (per message, with {role} and {content}; then what opens the assistant's turn)
+    "chatml": ("<|im_start|>{role}\n{content}<|im_end|>\n", "<|im_start|>assistant\n"),
+    "llama3": (
+        "<|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>",
+        "<|start_header_id|>assistant<|end_header_id|>\n\n",
+    ),
+    "plain": ("{role}: {content}\n", "assistant: "),
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Config(base.ProviderConfig):
+    type: Literal["tgi"]
+    base_url: str
+    api_key: str | None = None
+    prompt_format: Literal["chatml", "llama3", "plain"] = "chatml"
+    max_connections: int = 100
+
+
+class Upstream(base.Upstream):
+    config: Config
+    endpoints = frozenset({"chat", "completions"})
+
+    def __init__(self, name: str, config: Config) -> None:
+        super().__init__(name, config)
+        self.client: httpx.AsyncClient | None = None
+
+    async def start(self) -> None:
+        t = self.config.timeouts
+        headers = {k.lower(): v for k, v in self.config.headers.items()}
+        if self.config.api_key:
+            headers["authorization"] = f"Bearer {self.config.api_key}"
+        self.client = httpx.AsyncClient(
+            base_url=self.config.base_url.rstrip("/"),
+            headers=headers,
+            timeout=httpx.Timeout(t.read_s, connect=t.connect_s),
+            limits=httpx.Limits(max_connections=self.config.max_connections),
+        )
+
+    async def close(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    def request_body(self, call: Call) -> dict:
+        """The native TGI request for an OpenAI chat or completions body."""
+        body = call.body
+        if call.endpoint == "chat":
+            inputs = render_chat(body["messages"], self.config.prompt_format)
+        else:
+            prompt = body["prompt"]
+            if isinstance(prompt, list):
+                if len(prompt) != 1 or not isinstance(prompt[0], str):
+                    raise InvalidRequest("TGI providers take one text prompt", param="prompt")
+                prompt = prompt[0]
+            inputs = prompt
+        if body.get("n", 1) != 1:
+            raise InvalidRequest("TGI providers return one choice (n=1)", param="n")
+        params: dict[str, Any] = {"details": True}
+        if not call.stream:
+            params["decoder_input_details"] = True
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens is not None:
+            params["max_new_tokens"] = max_tokens
+        temperature = body.get("temperature")
+        if temperature:  # TGI rejects 0: greedy decoding is do_sample=false
+            params["temperature"] = temperature
+            params["do_sample"] = True
+        for ours, theirs in (
+            ("top_p", "top_p"),
+            ("seed", "seed"),
+            ("frequency_penalty", "frequency_penalty"),
+        ):
+            if body.get(ours) is not None:
+                params[theirs] = body[ours]
+        stop = body.get("stop")
+        if stop:
+            params["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        return {"inputs": inputs, "parameters": params}
+
+    async def send(self, call: Call, deployment: Deployment) -> Reply:
+        self.check_ready(call.endpoint)
+        assert self.client is not None, "upstream used before start()"
+        payload = orjson.dumps(self.request_body(call))
+        path = "/generate_stream" if call.stream else "/generate"
+        request = self.client.build_request(
+            "POST",
+            path,
+            content=payload,
+            headers={"content-type": "application/json", "x-request-id": call.request_id},
+        )
+        started = time.perf_counter()
+        try:
+            response = await self.client.send(request, stream=True)
+            if response.status_code >= 400 or not call.stream:
+                raw = await response.aread()
+                await response.aclose()
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(f"provider '{self.name}' is unreachable: {exc}") from exc
+        finally:
+            call.upstream_s += time.perf_counter() - started
+        if response.status_code >= 400:
+            raise _status_error(response.status_code, raw)
+        if not call.stream:
+            return Reply.json(to_openai(orjson.loads(raw), call, deployment.model))
+        return Reply(events=self._events(response, call, deployment.model))
+
+    async def _events(
+        self, response: httpx.Response, call: Call, model: str
+    ) -> AsyncIterator[Event]:
+        chat = call.endpoint == "chat"
+        head = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        splitter = EventSplitter()
+        first = True
+        try:
+            async for chunk in response.aiter_raw():
+                for event in splitter.feed(chunk):
+                    data = event.json()
+                    if not isinstance(data, dict):
+                        continue
+                    if "error" in data:
+                        yield Event.of(
+                            {
+                                "error": {
+                                    "message": str(data["error"]),
+                                    "type": "upstream_error",
+                                    "param": None,
+                                    "code": None,
+                                }
+                            }
+                        )
+                        return
+                    token = data.get("token") or {}
+                    text = "" if token.get("special") else token.get("text", "")
+                    if first and chat:
+                        yield Event.of(
+                            {
+                                **head,
+                                "choices": [
+                                    {
+                                        "index": 0,
+                                        "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None,
+                                    }
+                                ],
+                            }
+                        )
+                    first = False
+                    details = data.get("details")
+                    if text:
+                        yield Event.of({**head, "choices": [_chunk_choice(chat, text, None)]})
+                    if details:
+                        finish = FINISH.get(details.get("finish_reason"), "stop")
+                        yield Event.of({**head, "choices": [_chunk_choice(chat, "", finish)]})
+                        n = details.get("generated_tokens", 0)
+                        usage = {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
+                        yield Event.of({**head, "choices": [], "usage": usage})
+                        yield Event(DONE)
+                        return
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' ended the stream before its last token"
+            )
+        except httpx.TimeoutException:
+            raise UpstreamTimeout(f"provider '{self.name}' stalled mid-stream") from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' broke off the stream: {exc}"
+            ) from exc
+        finally:
+            await response.aclose()
+
+
+def render_chat(messages: list[dict], prompt_format: str) -> str:
+    turn, opening = TEMPLATES[prompt_format]
+    parts = []
+    for message in messages:
+        content = message.get("content") or ""
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        parts.append(turn.format(role=message.get("role", "user"), content=content))
+    return "".join(parts) + opening
+
+
+def to_openai(data: Any, call: Call, model: str) -> dict:
+    """A TGI /generate answer as an OpenAI chat.completion or text_completion."""
+    if isinstance(data, list):  # some TGI versions wrap the answer in a list
+        data = data[0]
+    details = data.get("details") or {}
+    text = data.get("generated_text", "")
+    finish = FINISH.get(details.get("finish_reason"), "stop")
+    completion = details.get("generated_tokens", 0)
+    prompt = len(details.get("prefill") or ())
+    chat = call.endpoint == "chat"
+    choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": text}
+    else:
+        choice["text"] = text
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def _chunk_choice(chat: bool, text: str, finish: str | None) -> dict:
+    if chat:
+        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    return {"index": 0, "text": text, "finish_reason": finish}
+
+
+def _status_error(status: int, raw: bytes) -> UpstreamStatus:
+    error = from_upstream_body(status, raw, {})
+    if status == 422:  # TGI's validation errors are OpenAI's 400s
+        error.status, error.type, error.raw = 400, "invalid_request_error", None
+    return error
