@@ -69,6 +69,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     hc = HypercornConfig()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.graceful_timeout = server.graceful_timeout_s
+    hc.keep_alive_timeout = server.keep_alive_timeout_s
+    hc.keep_alive_max_requests = server.keep_alive_max_requests
     hc.accesslog = None  # the gateway writes its own access log
     hc.errorlog = "-"
     hc.worker_class = _worker_class()

@@ -27,6 +27,8 @@ class ServerConfig:
     workers: int = 1
     max_body_bytes: int = 10 * MiB
     graceful_timeout_s: float = 30.0
+    keep_alive_timeout_s: float = 75.0  # longer than common load balancers' idle timeouts
+    keep_alive_max_requests: int = 100_000
     access_log: bool = True
     log_level: str = "info"
 

@@ -1,0 +1,231 @@
+"""The core benchmark: the gateway against calling the fake upstream directly.
+
+    python -m load.bench                      # one worker, default pipeline
+    python -m load.bench --against litellm    # also LiteLLM's proxy on the same upstream
+    python -m load.bench --workers 2          # also compare 2 workers with 1
+
+Starts the fake upstream (load/fake_upstream.py) and the gateway as separate
+processes, runs load/loadgen.py against each in alternating rounds, and prints
+medians over the rounds: requests/s at fixed concurrency and the latency the
+gateway adds at concurrency 1, for non-streaming and streaming chat. The
+machine is shared and noisy, so compare the ratios, not single figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = [{"role": "user", "content": "Say something short about benchmarks."}]
+BODIES = {
+    "chat": {"model": "bench", "messages": PROMPT},
+    "chat-stream": {"model": "bench", "messages": PROMPT, "stream": True},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up in {timeout_s}s")
+
+
+@contextlib.contextmanager
+def process(args: list[str], env: dict | None = None, log: str = "/dev/null"):
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def fake_upstream(port: int, tokens: int):
+    cmd = [sys.executable, "-m", "load.fake_upstream", "--port", str(port), "--tokens", str(tokens)]
+    return process(cmd)
+
+
+def gateway(port: int, upstream_port: int, workers: int, tmp: Path):
+    config = tmp / f"gateway-{port}.yaml"
+    config.write_text(
+        f"""
+server: {{host: 127.0.0.1, port: {port}, workers: {workers}, access_log: false, log_level: warning}}
+providers:
+  fake: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: sk-bench}}
+models:
+  - name: bench
+    deployments: [{{provider: fake, model: bench}}]
+"""
+    )
+    cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
+    return process(cmd, log=str(tmp / f"gateway-{port}.log"))
+
+
+def litellm_proxy(port: int, upstream_port: int, tmp: Path):
+    config = tmp / "litellm.yaml"
+    config.write_text(
+        f"""
+model_list:
+  - model_name: bench
+    litellm_params:
+      model: openai/bench
+      api_base: "http://127.0.0.1:{upstream_port}/v1"
+      api_key: sk-bench
+litellm_settings:
+  telemetry: false
+"""
+    )
+    env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+    cmd = ["litellm", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    return process(cmd, env=env, log=str(tmp / "litellm.log"))
+
+
+def load(port: int, mode: str, concurrency: int, seconds: float) -> dict:
+    cmd = [
+        sys.executable, "-m", "load.loadgen",
+        "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
+        "--body", orjson.dumps(BODIES[mode]).decode(),
+        "--concurrency", str(concurrency), "--seconds", str(seconds),
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT, text=True).stdout
+    return orjson.loads(out)
+
+
+def rss_mb(pid: int) -> float:
+    total = 0
+    for p in [pid, *children(pid)]:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+    return round(total / 1024, 1)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def median(results: list[dict], key: str) -> float:
+    return round(statistics.median(r[key] for r in results), 3)
+
+
+def compare(targets: dict[str, int], mode: str, args) -> dict[str, dict]:
+    """Alternate rounds over the targets, so drift in the machine hits each alike."""
+    runs: dict[str, list[dict]] = {name: [] for name in targets}
+    lat: dict[str, list[dict]] = {name: [] for name in targets}
+    for name, port in targets.items():  # warm-up
+        load(port, mode, args.concurrency, 1)
+    for _ in range(args.rounds):
+        for name, port in targets.items():
+            runs[name].append(load(port, mode, args.concurrency, args.seconds))
+            lat[name].append(load(port, mode, 1, args.seconds / 2))
+    out = {}
+    for name in targets:
+        failed = sum(r["requests"] - r["statuses"].get("200", 0) + r["errors"] for r in runs[name])
+        out[name] = {
+            "rps": median(runs[name], "rps"),
+            "p50_ms": median(lat[name], "p50_ms"),
+            "p99_ms": median(lat[name], "p99_ms"),
+            "failed": failed,
+        }
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0, help="per load run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16, help="tokens per fake answer")
+    parser.add_argument("--against", choices=["litellm"], help="also run LiteLLM's proxy")
+    parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    results: dict = {"args": vars(args), "modes": {}}
+    with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmpdir:
+        tmp = Path(tmpdir)
+        up, gw = free_port(), free_port()
+        stack = contextlib.ExitStack()
+        with stack:
+            stack.enter_context(fake_upstream(up, args.tokens))
+            wait_http(f"http://127.0.0.1:{up}/health")
+            gw_proc = stack.enter_context(gateway(gw, up, 1, tmp))
+            wait_http(f"http://127.0.0.1:{gw}/ready")
+            targets = {"direct": up, "meshgate": gw}
+            if args.against == "litellm":
+                ll = free_port()
+                stack.enter_context(litellm_proxy(ll, up, tmp))
+                wait_http(f"http://127.0.0.1:{ll}/health/liveliness", timeout_s=180)
+                targets["litellm"] = ll
+            if args.workers > 1:
+                gw_n = free_port()
+                stack.enter_context(gateway(gw_n, up, args.workers, tmp))
+                wait_http(f"http://127.0.0.1:{gw_n}/ready")
+                targets[f"meshgate-{args.workers}w"] = gw_n
+            for mode in BODIES:
+                results["modes"][mode] = compare(targets, mode, args)
+            results["meshgate_rss_mb"] = rss_mb(gw_proc.pid)
+    report(results, args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+def report(results: dict, args) -> None:
+    print(f"concurrency {args.concurrency}, {args.rounds} rounds of {args.seconds}s, medians")
+    for mode, by_target in results["modes"].items():
+        direct = by_target["direct"]
+        print(f"\n{mode}")
+        print(f"  {'target':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}"
+              f"{'+p99 ms':>10}{'failed':>8}")  # fmt: skip
+        for name, r in by_target.items():
+            print(
+                f"  {name:<14}{r['rps']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+                f"{r['p50_ms'] - direct['p50_ms']:>10.3f}{r['p99_ms'] - direct['p99_ms']:>10.3f}"
+                f"{r['failed']:>8}"
+            )
+        mg = by_target["meshgate"]["rps"]
+        if "litellm" in by_target and by_target["litellm"]["rps"]:
+            print(f"  meshgate / litellm throughput: {mg / by_target['litellm']['rps']:.1f}x")
+        name = f"meshgate-{args.workers}w"
+        if name in by_target:
+            print(
+                f"  {args.workers} workers / 1 worker throughput: {by_target[name]['rps'] / mg:.2f}x"
+            )
+    print(f"\nmeshgate resident memory after the run: {results['meshgate_rss_mb']} MB")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,347 @@
+"""A fast fake OpenAI-compatible upstream, for tests and benchmarks.
+
+    python -m load.fake_upstream --port 9000 [--ttft-ms 50 --token-delay-ms 5 ...]
+
+It speaks just enough HTTP/1.1 (keep-alive, content-length requests, chunked
+streams) on a bare asyncio protocol, so it costs little CPU next to the
+gateway under load. Every knob has a CLI default and can be set per request,
+by an `x-fake-<knob>` header or by a `fake` object in the JSON body (bodies pass
+through the gateway, so tests script faults that way):
+
+    latency_ms       delay before a buffered answer
+    ttft_ms          delay before a stream's first event
+    token_delay_ms   delay between streamed tokens
+    tokens           completion length in tokens
+    error_rate       share of requests (0..1) answered with error_status
+    error_status     status of injected errors (default 500)
+    error_code       `code` of injected errors (e.g. context_length_exceeded)
+    retry_after      Retry-After header on injected errors, seconds
+    abort_after      streams: drop the connection after this many events
+    error_event      streams: send an error event as the first event (0/1)
+    echo             add an `echo` field: the request body and headers as received (0/1)
+
+GET /_stats returns request counts, so tests can tell what reached the upstream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+import uuid
+
+import orjson
+
+KNOBS = {
+    "latency_ms": float,
+    "ttft_ms": float,
+    "token_delay_ms": float,
+    "tokens": int,
+    "error_rate": float,
+    "error_status": int,
+    "error_code": str,
+    "retry_after": float,
+    "abort_after": int,
+    "error_event": int,
+    "echo": int,
+}
+DEFAULTS = {
+    "latency_ms": 0.0,
+    "ttft_ms": 0.0,
+    "token_delay_ms": 0.0,
+    "tokens": 16,
+    "error_rate": 0.0,
+    "error_status": 500,
+    "error_code": "",
+    "retry_after": 0.0,
+    "abort_after": 0,
+    "error_event": 0,
+    "echo": 0,
+}
+REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many Requests"}
+
+
+class Stats:
+    def __init__(self) -> None:
+        self.requests = 0
+        self.completed_streams = 0
+        self.aborted_streams = 0  # the client went away mid-stream
+        self.open_streams = 0
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, server: FakeUpstream) -> None:
+        self.server = server
+        self.buffer = b""
+        self.busy = False
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if not self.busy:
+            self._next()
+
+    def _next(self) -> None:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buffer[:end].decode("latin-1").split("\r\n")
+        method, path, _ = head[0].split(" ", 2)
+        headers = {}
+        for line in head[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", 0))
+        if len(self.buffer) < end + 4 + length:
+            return
+        body = self.buffer[end + 4 : end + 4 + length]
+        self.buffer = self.buffer[end + 4 + length :]
+        self.busy = True
+        asyncio.ensure_future(self._handle(method, path.split("?")[0], headers, body))
+
+    async def _handle(self, method, path, headers, body) -> None:
+        try:
+            await self.server.handle(self, method, path, headers, body)
+        except ConnectionError:
+            pass
+        self.busy = False
+        if not self.closed and self.buffer:
+            self._next()
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError
+        self.transport.write(data)
+
+    def respond(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        head = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error"))]
+        head.append(b"content-type: application/json")
+        head.append(b"content-length: %d" % len(body))
+        for name, value in (extra or {}).items():
+            head.append(f"{name}: {value}".encode())
+        self.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+
+
+class FakeUpstream:
+    def __init__(self, defaults: dict) -> None:
+        self.defaults = defaults
+        self.stats = Stats()
+
+    def knobs(self, headers: dict, body: dict) -> dict:
+        knobs = dict(self.defaults)
+        for name, kind in KNOBS.items():
+            header = headers.get("x-fake-" + name.replace("_", "-"))
+            if header is not None:
+                knobs[name] = kind(header)
+        scripted = body.get("fake") if isinstance(body, dict) else None
+        if isinstance(scripted, dict):
+            for name, value in scripted.items():
+                if name in KNOBS:
+                    knobs[name] = KNOBS[name](value)
+        return knobs
+
+    async def handle(self, conn: Connection, method, path, headers, raw: bytes) -> None:
+        if method == "GET":
+            if path.endswith("/models"):
+                return conn.respond(200, orjson.dumps({"object": "list", "data": []}))
+            if path == "/_stats":
+                return conn.respond(200, orjson.dumps(vars(self.stats)))
+            return conn.respond(200, b'{"status":"ok"}')
+        self.stats.requests += 1
+        try:
+            body = orjson.loads(raw) if raw else {}
+        except orjson.JSONDecodeError:
+            return conn.respond(400, _error("invalid JSON", "invalid_request_error", None))
+        knobs = self.knobs(headers, body)
+        if knobs["error_rate"] and random.random() < knobs["error_rate"]:
+            extra = {}
+            if knobs["retry_after"]:
+                extra["retry-after"] = f"{knobs['retry_after']:g}"
+            status = knobs["error_status"]
+            kind = "invalid_request_error" if status == 400 else "server_error"
+            if status == 429:
+                kind = "rate_limit_error"
+            message = f"injected error {status}"
+            return conn.respond(status, _error(message, kind, knobs["error_code"] or None), extra)
+        kind = (
+            "embeddings"
+            if path.endswith("/embeddings")
+            else ("chat" if path.endswith("/chat/completions") else "completions")
+        )
+        model = body.get("model", "fake")
+        prompt_tokens = max(1, len(raw) // 16)
+        echo = {"body": body, "headers": headers} if knobs["echo"] else None
+        if kind == "embeddings":
+            return conn.respond(200, _embeddings(body, model, prompt_tokens))
+        if body.get("stream"):
+            return await self.stream(conn, kind, body, model, prompt_tokens, knobs, echo)
+        if knobs["latency_ms"]:
+            await asyncio.sleep(knobs["latency_ms"] / 1000)
+        n = knobs["tokens"]
+        text = " ".join(["tok"] * n)
+        chat = kind == "chat"
+        choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        answer = {
+            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": n,
+                "total_tokens": prompt_tokens + n,
+            },
+            "system_fingerprint": "fp_fake",
+        }
+        if echo is not None:
+            answer["echo"] = echo
+        conn.respond(200, orjson.dumps(answer))
+
+    async def stream(self, conn, kind, body, model, prompt_tokens, knobs, echo) -> None:
+        chat = kind == "chat"
+        conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        self.stats.open_streams += 1
+        try:
+            if knobs["ttft_ms"]:
+                await asyncio.sleep(knobs["ttft_ms"] / 1000)
+            if knobs["error_event"]:
+                _chunk(
+                    conn,
+                    b"data: " + _error("injected stream error", "server_error", None) + b"\n\n",
+                )
+                conn.write(b"0\r\n\r\n")
+                return
+            head = {
+                "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "system_fingerprint": "fp_fake",
+            }
+            options = body.get("stream_options")
+            usage_wanted = isinstance(options, dict) and options.get("include_usage")
+            n = knobs["tokens"]
+            sent = 0
+            pieces = [None] + ["tok" if i == 0 else " tok" for i in range(n)]
+            for i, piece in enumerate(pieces):
+                if knobs["abort_after"] and sent >= knobs["abort_after"]:
+                    conn.transport.abort()
+                    return
+                if i > 1 and knobs["token_delay_ms"]:
+                    await asyncio.sleep(knobs["token_delay_ms"] / 1000)
+                if chat:
+                    delta = (
+                        {"role": "assistant", "content": ""}
+                        if piece is None
+                        else {"content": piece}
+                    )
+                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
+                else:
+                    choice = {
+                        "index": 0,
+                        "text": piece or "",
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                event = {**head, "choices": [choice]}
+                if usage_wanted:
+                    event["usage"] = None
+                if echo is not None and i == 0:
+                    event["echo"] = echo
+                _chunk(conn, b"data: " + orjson.dumps(event) + b"\n\n")
+                sent += 1
+            last = {"index": 0, "finish_reason": "stop", "logprobs": None}
+            last.update({"delta": {}} if chat else {"text": ""})
+            final = {**head, "choices": [last]}
+            if usage_wanted:
+                final["usage"] = None
+            _chunk(conn, b"data: " + orjson.dumps(final) + b"\n\n")
+            if usage_wanted:
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": n,
+                    "total_tokens": prompt_tokens + n,
+                }
+                _chunk(
+                    conn,
+                    b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n",
+                )
+            _chunk(conn, b"data: [DONE]\n\n")
+            conn.write(b"0\r\n\r\n")
+            self.stats.completed_streams += 1
+        except ConnectionError:
+            self.stats.aborted_streams += 1
+            raise
+        finally:
+            self.stats.open_streams -= 1
+
+
+def _chunk(conn: Connection, data: bytes) -> None:
+    conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+
+
+def _error(message: str, kind: str, code: str | None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}})
+
+
+def _embeddings(body: dict, model: str, prompt_tokens: int) -> bytes:
+    inputs = body.get("input")
+    items = inputs if isinstance(inputs, list) else [inputs]
+    data = [
+        {"object": "embedding", "index": i, "embedding": [0.1 * ((i + j) % 7) for j in range(8)]}
+        for i in range(len(items))
+    ]
+    usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
+    return orjson.dumps({"object": "list", "data": data, "model": model, "usage": usage})
+
+
+async def serve(host: str, port: int, defaults: dict, ready=None) -> None:
+    upstream = FakeUpstream(defaults)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(upstream), host, port, backlog=1024)
+    if ready is not None:
+        ready(server.sockets[0].getsockname()[1])
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    for name, kind in KNOBS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=DEFAULTS[name])
+    args = parser.parse_args(argv)
+    defaults = {name: getattr(args, name) for name in KNOBS}
+
+    def announce(port: int) -> None:
+        print(f"fake upstream listening on {args.host}:{port}", flush=True)
+
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(serve(args.host, args.port, defaults, announce))
+
+
+if __name__ == "__main__":
+    main()

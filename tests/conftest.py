@@ -1,0 +1,142 @@
+"""Real parts for the tests: a fake upstream and the gateway, each its own process
+on a loopback port, driven over sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} came up")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up in {timeout_s}s")
+
+
+class Server:
+    """A process serving HTTP on 127.0.0.1:port, with its output kept in a file."""
+
+    def __init__(self, args: list[str], port: int, log: Path, ready_path: str, env=None) -> None:
+        self.port = port
+        self.log = log
+        self.url = f"http://127.0.0.1:{port}"
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env or os.environ.copy()
+            )
+        wait_http(self.url + ready_path, self.proc)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def access_lines(self) -> list[dict]:
+        return [orjson.loads(line) for line in self.output().splitlines() if '"request_id"' in line]
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_fake_upstream(tmp: Path, *knobs: str) -> Server:
+    port = free_port()
+    args = [sys.executable, "-m", "load.fake_upstream", "--port", str(port), *knobs]
+    return Server(args, port, tmp / f"fake-{port}.log", "/health")
+
+
+def start_gateway(tmp: Path, config_text: str, *extra: str, env=None) -> Server:
+    port = free_port()
+    config = tmp / f"gateway-{port}.yaml"
+    config.write_text(config_text)
+    args = [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)]
+    return Server([*args, *extra], port, tmp / f"gateway-{port}.log", "/ready", env=env)
+
+
+def gateway_config(upstream_port: int, dead_port: int) -> str:
+    return f"""
+server: {{host: 127.0.0.1, max_body_bytes: 65536, graceful_timeout_s: 10}}
+providers:
+  fake:
+    type: openai
+    base_url: http://127.0.0.1:{upstream_port}/v1
+    api_key: sk-upstream-secret-1234567890
+  slow:
+    type: openai
+    base_url: http://127.0.0.1:{upstream_port}/v1
+    timeouts: {{connect_s: 1, read_s: 0.5, total_s: 5}}
+  dead:
+    type: openai
+    base_url: http://127.0.0.1:{dead_port}/v1
+  nokey:
+    type: openai
+    base_url: https://api.openai.com/v1
+    api_key: ${{MESHGATE_TEST_UNSET_KEY}}
+  sim:
+    type: simulated
+models:
+  - name: gpt-test
+    deployments: [{{provider: fake, model: upstream-model}}]
+  - name: same-name
+    deployments: [{{provider: fake, model: same-name}}]
+  - name: slow-model
+    deployments: [{{provider: slow, model: slow}}]
+  - name: dead-model
+    deployments: [{{provider: dead, model: dead}}]
+  - name: nokey-model
+    deployments: [{{provider: nokey, model: gpt-4o-mini}}]
+  - name: sim
+    deployments: [{{provider: sim, model: simulated}}]
+"""
+
+
+@pytest.fixture(scope="session")
+def session_tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("servers")
+
+
+@pytest.fixture(scope="session")
+def upstream(session_tmp) -> Iterator[Server]:
+    server = start_fake_upstream(session_tmp)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(session_tmp, upstream) -> Iterator[Server]:
+    server = start_gateway(session_tmp, gateway_config(upstream.port, free_port()))
+    yield server
+    server.stop()
+
+
+def upstream_stats(upstream: Server) -> dict:
+    with urllib.request.urlopen(upstream.url + "/_stats", timeout=5) as r:
+        return orjson.loads(r.read())

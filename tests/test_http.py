@@ -1,0 +1,262 @@
+"""Raw HTTP against the gateway: SSE framing, cancellation, and every error path."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import httpx
+import orjson
+import pytest
+
+from tests.conftest import upstream_stats
+
+MESSAGES = [{"role": "user", "content": "Hello!"}]
+
+
+@pytest.fixture
+def http(gateway):
+    with httpx.Client(base_url=gateway.url, timeout=10) as c:
+        yield c
+
+
+def chat(http, model="gpt-test", **extra):
+    return http.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, **extra})
+
+
+def assert_error(response, status, *, type=None, code=None, param=None):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if type is not None:
+        assert error["type"] == type
+    if code is not None:
+        assert error["code"] == code
+    if param is not None:
+        assert error["param"] == param
+    assert "Traceback" not in response.text
+    return error
+
+
+def test_sse_framing(http):
+    with http.stream("POST", "/v1/chat/completions",
+                     json={"model": "gpt-test", "messages": MESSAGES, "stream": True}) as r:  # fmt: skip
+        assert r.status_code == 200
+        assert r.headers["content-type"] == "text/event-stream"
+        assert r.headers["cache-control"] == "no-cache"
+        body = r.read()
+    events = body.split(b"\n\n")
+    assert events[-1] == b""
+    assert events[-2] == b"data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith(b"data: {")
+        orjson.loads(event[6:])
+
+
+def test_stream_events_arrive_as_they_are_produced(http):
+    """With 100 ms between tokens, each event reaches the client on its own."""
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True,
+            "fake": {"tokens": 4, "token_delay_ms": 100}}  # fmt: skip
+    arrivals = []
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        for chunk in r.iter_raw():
+            arrivals.append((time.monotonic(), chunk))
+    token_chunks = [t for t, c in arrivals if b'"content":" tok"' in c]
+    assert len(token_chunks) == 3  # tokens 2..4 each came after its own delay
+    gaps = [b - a for a, b in zip(token_chunks, token_chunks[1:], strict=False)]
+    assert all(g > 0.05 for g in gaps), gaps
+
+
+def test_client_disconnect_cancels_upstream_stream(gateway, upstream):
+    before = upstream_stats(upstream)["aborted_streams"]
+    body = orjson.dumps({"model": "gpt-test", "messages": MESSAGES, "stream": True,
+                         "fake": {"tokens": 200, "token_delay_ms": 50}})  # fmt: skip
+    sock = socket.create_connection(("127.0.0.1", gateway.port))
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    assert b"200" in sock.recv(4096)
+    sock.close()  # 200 tokens at 50 ms would take 10 s; the upstream must stop now
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        stats = upstream_stats(upstream)
+        if stats["aborted_streams"] > before:
+            break
+        time.sleep(0.05)
+    assert stats["aborted_streams"] == before + 1
+    lines = [x for x in gateway.access_lines() if x["status"] == 499]
+    assert lines, "the access log records the client going away"
+
+
+def test_upstream_dies_mid_stream_gives_error_event(http):
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True, "fake": {"abort_after": 3}}
+    with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        events = r.read().split(b"\n\n")
+    assert b"[DONE]" not in b"".join(events)
+    last = orjson.loads(events[-2][6:])
+    assert last["error"]["type"] == "upstream_error"
+    assert len(events) == 3 + 2  # three events, the error event, the final empty piece
+
+
+def test_upstream_failure_before_first_event_is_an_ordinary_error(http):
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True, "fake": {"abort_after": 0.0}}
+    body["fake"] = {"error_rate": 1, "error_status": 503}
+    r = http.post("/v1/chat/completions", json=body)
+    assert_error(r, 503)
+
+
+def test_upstream_error_event_passes_through(http):
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True, "fake": {"error_event": 1}}
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    assert (
+        orjson.loads(r.content.split(b"\n\n")[0][6:])["error"]["message"] == "injected stream error"
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": MESSAGES}, "model"),
+        ({"model": 3, "messages": MESSAGES}, "model"),
+        ({"model": "gpt-test"}, "messages"),
+        ({"model": "gpt-test", "messages": "hi"}, "messages"),
+        ({"model": "gpt-test", "messages": [{"content": "no role"}]}, "messages[0]"),
+        ({"model": "gpt-test", "messages": MESSAGES, "stream": "yes"}, "stream"),
+    ],
+)
+def test_bad_chat_bodies(http, body, param):
+    r = http.post("/v1/chat/completions", json=body)
+    assert_error(r, 400, type="invalid_request_error", param=param)
+
+
+def test_bad_completions_and_embeddings_bodies(http):
+    assert_error(http.post("/v1/completions", json={"model": "gpt-test"}), 400, param="prompt")
+    assert_error(
+        http.post("/v1/completions", json={"model": "gpt-test", "prompt": {"x": 1}}), 400,
+        param="prompt",
+    )  # fmt: skip
+    assert_error(http.post("/v1/embeddings", json={"model": "gpt-test"}), 400, param="input")
+
+
+def test_malformed_json_and_non_object(http):
+    bad = http.post(
+        "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+    )
+    assert_error(bad, 400, type="invalid_request_error")
+    assert_error(http.post("/v1/chat/completions", json=[1, 2]), 400)
+
+
+def test_unknown_model_is_404(http):
+    assert_error(chat(http, "gpt-nope"), 404, code="model_not_found", param="model")
+
+
+def test_body_over_limit_is_413(http):
+    big = {"model": "gpt-test", "messages": [{"role": "user", "content": "x" * 70000}]}
+    assert_error(http.post("/v1/chat/completions", json=big), 413, code="request_too_large")
+
+
+def test_chunked_body_over_limit_is_413(http):
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 8192
+
+    r = http.post("/v1/chat/completions", content=chunks())
+    assert_error(r, 413)
+
+
+def test_upstream_error_body_passes_through_with_status(http):
+    r = chat(
+        http, fake={"error_rate": 1, "error_status": 400, "error_code": "context_length_exceeded"}
+    )
+    error = assert_error(r, 400, code="context_length_exceeded")
+    assert error["message"] == "injected error 400"
+
+
+def test_upstream_retry_after_is_passed_on(http):
+    r = chat(http, fake={"error_rate": 1, "error_status": 429, "retry_after": 7})
+    assert_error(r, 429)
+    assert r.headers["retry-after"] == "7"
+
+
+def test_connection_failure_is_502(http):
+    assert_error(chat(http, "dead-model"), 502, type="upstream_error", code="upstream_unavailable")
+
+
+def test_upstream_timeout_is_504(http):
+    r = chat(http, "slow-model", fake={"latency_ms": 1500})
+    assert_error(r, 504, code="upstream_timeout")
+
+
+def test_stream_stall_after_first_event_is_an_error_event(http):
+    body = {"model": "slow-model", "messages": MESSAGES, "stream": True,
+            "fake": {"tokens": 3, "token_delay_ms": 1500}}  # fmt: skip
+    r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200
+    last = orjson.loads(r.content.split(b"\n\n")[-2][6:])
+    assert last["error"]["code"] == "upstream_timeout"
+
+
+def test_missing_secret_is_reported_on_request(http):
+    error = assert_error(chat(http, "nokey-model"), 503, code="provider_not_configured")
+    assert "MESHGATE_TEST_UNSET_KEY" in error["message"]
+
+
+def test_missing_secret_is_reported_at_start(gateway):
+    assert "MESHGATE_TEST_UNSET_KEY is not set" in gateway.output()
+
+
+def test_unknown_route_and_wrong_method(http):
+    assert_error(http.get("/v1/nothing-here"), 404, code="unknown_url")
+    assert_error(http.get("/v1/chat/completions"), 405)
+
+
+def test_health_ready_metrics(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert http.get("/ready").json() == {"status": "ready"}
+    chat(http)
+    text = http.get("/metrics").text
+    assert (
+        'meshgate_requests_total{deployment="fake/upstream-model",model="gpt-test",status="200"}'
+        in text
+    )
+    for name in ("meshgate_request_duration_seconds_bucket", "meshgate_overhead_seconds_bucket",
+                 "meshgate_upstream_duration_seconds_bucket", "meshgate_in_flight_requests",
+                 'meshgate_tokens_total{deployment="fake/upstream-model",kind="completion"'):  # fmt: skip
+        assert name in text
+    streamed = chat(http, stream=True)
+    assert streamed.status_code == 200
+    assert "meshgate_time_to_first_token_seconds_bucket" in http.get("/metrics").text
+
+
+def test_access_log_has_one_line_per_request_and_no_secrets(http, gateway):
+    r = chat(http, fake={"echo": 1}, user="secret prompt owner")
+    request_id = r.headers["x-request-id"]
+    http.post(
+        "/v1/chat/completions",
+        json={
+            "model": "gpt-test",
+            "messages": [{"role": "user", "content": "TOP-SECRET-PROMPT"}],
+        },  # fmt: skip
+        headers={"authorization": "Bearer sk-client-secret-xyz"},
+    )
+    time.sleep(0.2)
+    lines = [x for x in gateway.access_lines() if x["request_id"] == request_id]
+    assert len(lines) == 1
+    line = lines[0]
+    assert line["model"] == "gpt-test" and line["deployment"] == "fake/upstream-model"
+    assert line["status"] == 200 and line["completion_tokens"] == 16
+    out = gateway.output()
+    for secret in ("sk-upstream-secret-1234567890", "sk-client-secret-xyz", "TOP-SECRET-PROMPT"):
+        assert secret not in out
+    assert "sk-upstream-secret" not in http.get("/metrics").text
+
+
+def test_routes_without_v1_prefix(http):
+    r = http.post("/chat/completions", json={"model": "sim", "messages": MESSAGES})
+    assert r.status_code == 200
+    assert r.json()["object"] == "chat.completion"
