@@ -144,7 +144,7 @@ def compare(targets: dict[str, int], mode: str, args) -> dict[str, dict]:
     """Alternate rounds over the targets, so drift in the machine hits each alike."""
     runs: dict[str, list[dict]] = {name: [] for name in targets}
     lat: dict[str, list[dict]] = {name: [] for name in targets}
-    for name, port in targets.items():  # warm-up
+    for port in targets.values():  # warm-up
         load(port, mode, args.concurrency, 1)
     for _ in range(args.rounds):
         for name, port in targets.items():
@@ -221,9 +221,8 @@ def report(results: dict, args) -> None:
             print(f"  meshgate / litellm throughput: {mg / by_target['litellm']['rps']:.1f}x")
         name = f"meshgate-{args.workers}w"
         if name in by_target:
-            print(
-                f"  {args.workers} workers / 1 worker throughput: {by_target[name]['rps'] / mg:.2f}x"
-            )
+            ratio = by_target[name]["rps"] / mg
+            print(f"  {args.workers} workers / 1 worker throughput: {ratio:.2f}x")
     print(f"\nmeshgate resident memory after the run: {results['meshgate_rss_mb']} MB")
 
 

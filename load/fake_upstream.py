@@ -77,6 +77,7 @@ class Connection(asyncio.Protocol):
         self.busy = False
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.task: asyncio.Future | None = None  # the request being handled
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -105,7 +106,7 @@ class Connection(asyncio.Protocol):
         body = self.buffer[end + 4 : end + 4 + length]
         self.buffer = self.buffer[end + 4 + length :]
         self.busy = True
-        asyncio.ensure_future(self._handle(method, path.split("?")[0], headers, body))
+        self.task = asyncio.ensure_future(self._handle(method, path.split("?")[0], headers, body))
 
     async def _handle(self, method, path, headers, body) -> None:
         try:

@@ -1,8 +1,9 @@
 """Turn parsed YAML into frozen dataclasses, with errors that name file, line and key.
 
 YAML is composed into nodes first so every value keeps the line it came from;
-`${VAR}` and `${VAR:-default}` are expanded in scalars before typing, so
-`port: ${PORT:-8080}` is still an int. A `${VAR}` left unset becomes a
+`${VAR}` and `${VAR:-default}` are expanded in scalars; the result stays text
+until a field asks for a number or a boolean, so `port: "${PORT:-8080}"` is an
+int while an all-digit `api_key` stays a string. A `${VAR}` left unset becomes a
 `Missing` value: sections that accept it (provider secrets) record it, the rest
 reject it with its line.
 """
@@ -34,6 +35,10 @@ class Missing:
     """An environment variable the config names but the environment lacks."""
 
     var: str
+
+
+class Interpolated(str):
+    """Text that came from `${VAR}` expansion, converted when a field wants a number."""
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -103,10 +108,7 @@ class Source:
         expanded = _VAR.sub(expand, text)
         if missing:
             return Missing(missing[0])
-        if not node.style:  # plain scalar: type it as YAML would have
-            tag = self._loader.resolve(yaml.ScalarNode, expanded, (True, False))
-            return self._loader.construct_object(yaml.ScalarNode(tag, expanded))
-        return expanded
+        return Interpolated(expanded)
 
 
 def format_path(path: tuple) -> str:
@@ -164,8 +166,12 @@ def _build(tp: Any, value: Any, path: tuple, src: Source, missing: list | None) 
         return {k: _build(item, v, path + (k,), src, missing) for k, v in value.items()}
     if tp is Any:
         return value
+    if tp in (int, float, bool) and isinstance(value, Interpolated):
+        value = _convert(tp, value, path, src)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is str and isinstance(value, Interpolated):
+        return str(value)
     if tp in (str, int, float, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise src.error(path, f"must be {tp.__name__}, not {_kind(value)}")
@@ -196,6 +202,15 @@ def _build_dataclass(cls: type, value: Any, path: tuple, src: Source, missing) -
         return cls(**kwargs)
     except ValueError as exc:  # __post_init__ checks
         raise src.error(path, str(exc)) from None
+
+
+def _convert(tp: type, text: str, path: tuple, src: Source) -> Any:
+    try:
+        if tp is bool:
+            return {"true": True, "false": False}[text.strip().lower()]
+        return tp(text.strip())
+    except (KeyError, ValueError):
+        raise src.error(path, f"must be {tp.__name__}, not {text!r}") from None
 
 
 def _kind(value: Any) -> str:

@@ -6,6 +6,8 @@ status; `type` and `code` follow what api.openai.com sends for the same event.
 
 from __future__ import annotations
 
+import math
+
 import orjson
 
 
@@ -100,7 +102,7 @@ class RateLimited(GatewayError):
     def __init__(self, message: str, *, retry_after_s: float, **kwargs) -> None:
         super().__init__(message, **kwargs)
         self.retry_after_s = retry_after_s
-        self.headers.setdefault("retry-after", str(max(1, round(retry_after_s + 0.5))))
+        self.headers.setdefault("retry-after", str(max(1, math.ceil(retry_after_s))))
 
 
 class QuotaExceeded(GatewayError):

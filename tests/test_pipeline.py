@@ -1,0 +1,136 @@
+"""The plugin contract, exercised directly with stub handlers: no sockets."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.errors import RateLimited
+from proxy.pipeline import Call, Reply, build_chain
+from proxy.sse import Event
+
+
+def make_call(**body) -> Call:
+    return Call("chat", {"model": "m", "messages": [], **body}, {}, "rid")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_plugins_run_outermost_first_and_see_the_reply():
+    order = []
+
+    class Tag:
+        def __init__(self, name):
+            self.name = name
+
+        async def __call__(self, call, call_next):
+            order.append(self.name)
+            call.body.setdefault("tags", []).append(self.name)
+            reply = await call_next(call)
+            order.append("/" + self.name)
+            return reply
+
+    async def terminal(call):
+        return Reply.json({"tags": call.body["tags"]})
+
+    handler = build_chain([Tag("a"), Tag("b")], terminal)
+    reply = run(handler(make_call()))
+    assert reply.parsed() == {"tags": ["a", "b"]}
+    assert order == ["a", "b", "/b", "/a"]
+
+
+def test_plugin_can_answer_or_refuse_without_calling_next():
+    async def terminal(call):
+        raise AssertionError("not reached")
+
+    class Cached:
+        async def __call__(self, call, call_next):
+            return Reply.json({"cached": True})
+
+    class Refuse:
+        async def __call__(self, call, call_next):
+            raise RateLimited("slow down", retry_after_s=2.2)
+
+    assert run(build_chain([Cached()], terminal)(make_call())).parsed() == {"cached": True}
+    with pytest.raises(RateLimited) as info:
+        run(build_chain([Refuse()], terminal)(make_call()))
+    assert info.value.headers["retry-after"] == "3"
+
+
+def test_plugin_can_call_next_several_times():
+    attempts = []
+
+    async def terminal(call):
+        attempts.append(call.body["try"])
+        if call.body["try"] < 3:
+            raise RuntimeError("flaky")
+        return Reply.json({"ok": call.body["try"]})
+
+    class Retry:
+        async def __call__(self, call, call_next):
+            for i in range(1, 4):
+                call.body["try"] = i
+                try:
+                    return await call_next(call)
+                except RuntimeError:
+                    continue
+            raise AssertionError
+
+    assert run(build_chain([Retry()], terminal)(make_call())).parsed() == {"ok": 3}
+    assert attempts == [1, 2, 3]
+
+
+def test_stream_wrapping_and_completion_hooks():
+    async def events():
+        yield Event.of({"n": 1})
+        yield Event.of({"n": 2})
+
+    async def terminal(call):
+        return Reply(events=events())
+
+    seen = []
+
+    class Watch:
+        async def __call__(self, call, call_next):
+            reply = await call_next(call)
+
+            async def count(stream):
+                async for event in stream:
+                    seen.append(event.json()["n"])
+                    yield event
+
+            return reply.wrap_events(count).on_complete(lambda r: seen.append(r.completed))
+
+    async def main():
+        reply = await build_chain([Watch()], terminal)(make_call())
+        raw = [e.raw async for e in reply.events]
+        await reply.finish(True)
+        return raw
+
+    assert len(run(main())) == 2
+    assert seen == [1, 2, True]
+
+
+def test_failing_hook_does_not_stop_the_others():
+    reply = Reply.json({})
+    calls = []
+
+    def bad(r):
+        raise ValueError("boom")
+
+    async def good(r):
+        calls.append(r.completed)
+
+    reply.on_complete(bad).on_complete(good)
+    run(reply.finish(False))
+    assert calls == [False]
+
+
+def test_reply_usage_from_buffered_body():
+    reply = Reply(body=b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}')
+    assert reply.get_usage() == {"prompt_tokens": 3, "completion_tokens": 4}
+    with pytest.raises(ValueError):
+        Reply()

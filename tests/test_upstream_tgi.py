@@ -1,0 +1,134 @@
+"""TGI's native API, translated to OpenAI chat and completions (respx, no sockets)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import orjson
+import pytest
+import respx
+
+from proxy.catalog import Deployment
+from proxy.config import DeploymentConfig
+from proxy.errors import InvalidRequest, UpstreamUnavailable
+from proxy.pipeline import Call
+from proxy.upstream import tgi
+
+
+def setup(prompt_format="chatml"):
+    config = tgi.Config(
+        type="tgi", base_url="http://tgi:8080", api_key="hf-key", prompt_format=prompt_format
+    )
+    upstream = tgi.Upstream("tgi", config)
+    deployment = Deployment(
+        "tgi/llama", "llama", "tgi", upstream, DeploymentConfig(provider="tgi", model="llama")
+    )
+    return upstream, deployment
+
+
+def chat_call(**body):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    return Call("chat", {"model": "llama", "messages": messages, **body}, {}, "rid")
+
+
+def run(upstream, coro_fn):
+    async def main():
+        await upstream.start()
+        try:
+            return await coro_fn()
+        finally:
+            await upstream.close()
+
+    return asyncio.run(main())
+
+
+def test_request_building():
+    upstream, _ = setup("llama3")
+    body = upstream.request_body(chat_call(max_tokens=20, temperature=0.7, stop="END", seed=3))
+    assert body["inputs"] == (
+        "<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert body["parameters"] == {
+        "details": True, "decoder_input_details": True, "max_new_tokens": 20,
+        "temperature": 0.7, "do_sample": True, "seed": 3, "stop": ["END"],
+    }  # fmt: skip
+    greedy = upstream.request_body(chat_call(temperature=0))["parameters"]
+    assert "temperature" not in greedy and "do_sample" not in greedy
+    with pytest.raises(InvalidRequest):
+        upstream.request_body(chat_call(n=2))
+
+
+@respx.mock
+def test_generate_translated_to_chat_completion():
+    route = respx.post("http://tgi:8080/generate").respond(json={
+        "generated_text": "Hello!",
+        "details": {"finish_reason": "eos_token", "generated_tokens": 3, "prefill": [{}, {}, {}, {}]},
+    })  # fmt: skip
+    upstream, deployment = setup()
+    reply = run(upstream, lambda: upstream.send(chat_call(), deployment))
+    request = route.calls.last.request
+    assert request.headers["authorization"] == "Bearer hf-key"
+    assert request.headers["x-request-id"] == "rid"
+    assert orjson.loads(request.content)["inputs"].endswith("<|im_start|>assistant\n")
+    answer = reply.parsed()
+    assert answer["object"] == "chat.completion"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"] == {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}
+
+
+STREAM = (
+    b'data:{"token":{"id":1,"text":"Hel","logprob":-0.1,"special":false},"generated_text":null,"details":null}\n\n'
+    b'data:{"token":{"id":2,"text":"lo","logprob":-0.1,"special":false},"generated_text":null,"details":null}\n\n'
+    b'data:{"token":{"id":3,"text":"</s>","logprob":-0.1,"special":true},"generated_text":"Hello",'
+    b'"details":{"finish_reason":"length","generated_tokens":3,"seed":null}}\n\n'
+)
+
+
+@respx.mock
+def test_generate_stream_translated_to_chunks():
+    respx.post("http://tgi:8080/generate_stream").respond(
+        content=STREAM, headers={"content-type": "text/event-stream"}
+    )
+    upstream, deployment = setup()
+
+    async def collect():
+        reply = await upstream.send(chat_call(stream=True), deployment)
+        return [e async for e in reply.events]
+
+    events = run(upstream, collect)
+    payloads = [e.json() for e in events]
+    assert payloads[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(
+        p["choices"][0]["delta"].get("content", "") for p in payloads[:-2] if p and p["choices"]
+    )
+    assert text == "Hello"
+    assert payloads[-3]["choices"][0]["finish_reason"] == "length"
+    assert payloads[-2]["usage"]["completion_tokens"] == 3
+    assert events[-1].is_done
+
+
+@respx.mock
+def test_completions_and_errors():
+    respx.post("http://tgi:8080/generate").mock(side_effect=[
+        httpx.Response(200, json=[{"generated_text": " world", "details": {"finish_reason": "length", "generated_tokens": 1}}]),
+        httpx.Response(422, json={"error": "Input validation error: too long", "error_type": "validation"}),
+        httpx.ConnectError("refused"),
+    ])  # fmt: skip
+    upstream, deployment = setup()
+    call = Call("completions", {"model": "llama", "prompt": "Hello"}, {}, "rid")
+
+    async def main():
+        ok = await upstream.send(call, deployment)
+        with pytest.raises(Exception) as bad:
+            await upstream.send(call, deployment)
+        with pytest.raises(UpstreamUnavailable):
+            await upstream.send(call, deployment)
+        return ok, bad.value
+
+    ok, bad = run(upstream, main)
+    assert ok.parsed()["choices"][0]["text"] == " world"
+    assert bad.status == 400 and "too long" in bad.message
