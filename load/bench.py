@@ -157,6 +157,7 @@ def compare(targets: dict[str, int], mode: str, args) -> dict[str, dict]:
             "rps": median(runs[name], "rps"),
             "p50_ms": median(lat[name], "p50_ms"),
             "p99_ms": median(lat[name], "p99_ms"),
+            "ttfb_p50_ms": median(lat[name], "ttfb_p50_ms"),
             "failed": failed,
         }
     return out
@@ -209,12 +210,12 @@ def report(results: dict, args) -> None:
         direct = by_target["direct"]
         print(f"\n{mode}")
         print(f"  {'target':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}"
-              f"{'+p99 ms':>10}{'failed':>8}")  # fmt: skip
+              f"{'+p99 ms':>10}{'+ttfb p50':>11}{'failed':>8}")  # fmt: skip
         for name, r in by_target.items():
             print(
                 f"  {name:<14}{r['rps']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                 f"{r['p50_ms'] - direct['p50_ms']:>10.3f}{r['p99_ms'] - direct['p99_ms']:>10.3f}"
-                f"{r['failed']:>8}"
+                f"{r['ttfb_p50_ms'] - direct['ttfb_p50_ms']:>11.3f}{r['failed']:>8}"
             )
         mg = by_target["meshgate"]["rps"]
         if "litellm" in by_target and by_target["litellm"]["rps"]:

@@ -124,6 +124,8 @@ def _providers(raw: Any, src: Source) -> dict[str, Any]:
             raise src.error(path + ("type",), f"must be one of {choices}, not {kind!r}")
         missing: list[str] = []
         config = build(upstream.config_class(kind), settings, path, src, missing=missing)
+        if not missing and getattr(config, "base_url", None) == "":
+            raise src.error(path + ("base_url",), "must not be empty")
         out[name] = dataclasses.replace(config, missing_env=tuple(dict.fromkeys(missing)))
     return out
 

@@ -106,3 +106,14 @@ def test_default_proxy_yaml_is_valid():
 
     config = load_config(Path(__file__).parent.parent / "proxy.yaml")
     assert {m.name for m in config.models} >= {"demo", "gpt-4o-mini"}
+
+
+def test_example_configs_are_valid():
+    from pathlib import Path
+
+    from proxy.config import load_config
+
+    examples = sorted((Path(__file__).parent.parent / "config").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        load_config(path)

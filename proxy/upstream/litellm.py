@@ -8,6 +8,7 @@ Deployment models use litellm's names, e.g. `anthropic/claude-3-5-haiku-latest`.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from collections.abc import AsyncIterator
@@ -40,6 +41,12 @@ class Config(base.ProviderConfig):
     api_version: str | None = None
     drop_params: bool = True  # drop OpenAI parameters the provider does not take
     extra: dict[str, Any] = field(default_factory=dict)  # passed to litellm as keyword args
+
+    def __post_init__(self) -> None:
+        if importlib.util.find_spec("litellm") is None:
+            raise ValueError(
+                "type litellm needs the litellm extra: pip install 'meshgate[litellm]'"
+            )
 
 
 def import_litellm():

@@ -48,7 +48,9 @@ class Config(base.ProviderConfig):
     stream_usage: bool = True
 
     def __post_init__(self) -> None:
-        if not self.base_url.startswith(("http://", "https://")) and not self.missing_env:
+        # An empty base_url comes from an unset ${VAR}: the provider is then reported
+        # as not usable instead (config.py rejects an empty one written as such).
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, not {self.base_url!r}")
 
 
