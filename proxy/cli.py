@@ -56,6 +56,7 @@ def describe(config: Config) -> str:
         lines.append(f"  {spec.name}")
     s = config.server
     lines.append(f"server: {s.host}:{s.port}, {s.workers} worker(s)")
+    lines.append(f"state: {config.state.backend}")
     return "\n".join(lines)
 
 
@@ -66,6 +67,15 @@ def run(config: Config, args: argparse.Namespace) -> int:
     host = args.host or server.host
     port = args.port or server.port
     workers = args.workers or server.workers
+    stateful = config.shared_state_plugins()
+    if workers > 1 and stateful and not config.state.shared:
+        print(
+            f"meshgate: {workers} workers cannot share the memory state backend that "
+            f"{', '.join(stateful)} use(s): each worker would count on its own. Set "
+            "`state: {backend: redis, url: ...}` or run one worker.",
+            file=sys.stderr,
+        )
+        return 1
     hc = HypercornConfig()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.graceful_timeout = server.graceful_timeout_s

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy import upstream
 from proxy._schema import ConfigError, Source, build
+from proxy.state import StateConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
 
@@ -73,10 +74,17 @@ class PluginSpec:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
+    state: StateConfig = field(default_factory=StateConfig)
     providers: dict[str, Any] = field(default_factory=dict)
     models: list[ModelConfig] = field(default_factory=list)
     pipeline: list[PluginSpec] = field(default_factory=list)
     source: str = "<string>"
+
+    def shared_state_plugins(self) -> list[str]:
+        """Plugins whose counters must be shared by every worker."""
+        from proxy.pipeline import plugin_class
+
+        return [s.name for s in self.pipeline if getattr(plugin_class(s.name), "uses_state", False)]
 
     def missing_secrets(self) -> dict[str, tuple[str, ...]]:
         """Providers that name environment variables which are not set."""
@@ -96,17 +104,23 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
     data = src.data
     if not isinstance(data, dict):
         raise src.error((), "the config must be a mapping")
-    known = {"server", "providers", "models", "pipeline"}
+    known = {"server", "state", "providers", "models", "pipeline"}
     for key in data:
         if key not in known:
             raise src.error((key,), f"unknown key (expected one of: {', '.join(sorted(known))})")
     server = build(ServerConfig, data.get("server"), ("server",), src)
+    state = build(StateConfig, data.get("state"), ("state",), src)
     providers = _providers(data.get("providers") or {}, src)
     models = build(list[ModelConfig], data.get("models") or [], ("models",), src)
     _check_models(models, providers, src)
     pipeline = _pipeline(data.get("pipeline") or [], src)
     return Config(
-        server=server, providers=providers, models=models, pipeline=pipeline, source=filename
+        server=server,
+        state=state,
+        providers=providers,
+        models=models,
+        pipeline=pipeline,
+        source=filename,
     )
 
 

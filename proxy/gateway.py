@@ -27,6 +27,7 @@ from proxy.errors import GatewayError, InternalError, ModelNotFound
 from proxy.metrics import Metrics
 from proxy.pipeline import Call, Reply, build_chain, plugin_class
 from proxy.protocol import parse_request
+from proxy.state import create_state
 from proxy.sse import Event
 
 log = logging.getLogger("meshgate.gateway")
@@ -42,12 +43,16 @@ class Gateway:
         self.config = config
         self.catalog = Catalog(config)
         self.metrics = Metrics()
+        self.state = create_state(config.state)
+        self.admin_key: str | None = None  # set by the auth plugin
+        self.admin_routes: list = []  # (path, methods, handler) added by plugins
         self.plugins = [plugin_class(s.name)(s.config, self) for s in config.pipeline]
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
         self.started = False
 
     async def start(self) -> None:
+        await self.state.start()
         await self.catalog.start()
         for plugin in self.plugins:
             if hasattr(plugin, "start"):
@@ -65,6 +70,7 @@ class Gateway:
             if hasattr(plugin, "close"):
                 await plugin.close()
         await self.catalog.close()
+        await self.state.close()
 
     def ready(self) -> bool:
         return self.started and all(p.ready() for p in self.plugins if hasattr(p, "ready"))

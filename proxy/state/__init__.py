@@ -1,0 +1,96 @@
+"""State shared by plugins across requests, processes and replicas.
+
+Two backends with one contract: `memory` (one process, the default) and `redis`
+(any number of processes). Limits are checked and counted in one atomic step:
+
+- `rate`: GCRA (generic cell rate algorithm). A limit of L per period P lets
+  one unit through every P/L seconds with bursts up to L, and no burst at
+  window boundaries. A request of cost c moves the key's theoretical arrival
+  time (TAT) by c·P/L; settling later moves it back or on, so token
+  reservations are refunded exactly.
+- `concurrency`: a sorted set of leases, each expiring on its own, so a crashed
+  process cannot hold a slot forever.
+- `budget`: the amount spent so far (a field of a spend hash) must be below the limit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+LEASE_TTL_S = 900.0  # longest a concurrency slot is held without being released
+
+
+class StateUnavailable(Exception):
+    """The state backend did not answer (Redis down or slow)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateConfig:
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_s: float = 0.25  # a slower Redis counts as unavailable
+    max_connections: int = 64
+    prefix: str = "meshgate:"
+
+    @property
+    def shared(self) -> bool:
+        return self.backend == "redis"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit to check: `key` names its counter."""
+
+    kind: Literal["rate", "concurrency", "budget"]
+    key: str
+    limit: float
+    period_s: float = 60.0  # rate only
+    cost: float = 1.0  # rate only: requests (1) or tokens
+    field: str = ""  # budget only: the spend hash field
+
+
+@dataclass(slots=True)
+class Verdict:
+    allowed: bool
+    denied: int = -1  # index of the limit that refused
+    retry_after_s: float = 0.0
+    remaining: tuple[float, ...] = ()  # per limit (rate: units left now)
+    reset_s: tuple[float, ...] = ()  # per limit (rate: until fully replenished)
+
+
+class State:
+    """The contract both backends implement."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+        """Check every limit; if all pass, count them all (atomically) and take a lease."""
+        raise NotImplementedError
+
+    async def adjust(self, limit: Limit, delta: float) -> None:
+        """Move a rate limit by `delta` units (negative refunds part of a reservation)."""
+        raise NotImplementedError
+
+    async def release(self, keys: list[str], lease: str) -> None:
+        """Give back the concurrency slots `lease` holds under `keys`."""
+        raise NotImplementedError
+
+    async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
+        """Add amounts to spend hashes: (hash key, field, amount)."""
+        raise NotImplementedError
+
+    async def read_spend(self, key: str) -> dict[str, float]:
+        raise NotImplementedError
+
+
+def create_state(config: StateConfig) -> State:
+    if config.backend == "redis":
+        from proxy.state.redis import RedisState
+
+        return RedisState(config)
+    from proxy.state.memory import MemoryState
+
+    return MemoryState(config)

@@ -1,0 +1,91 @@
+"""The in-process state backend: dicts, atomic because nothing here awaits."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from proxy.state import LEASE_TTL_S, Limit, State, StateConfig, Verdict
+
+
+class MemoryState(State):
+    def __init__(self, config: StateConfig, clock=time.time) -> None:
+        self.clock = clock
+        self.tats: dict[str, float] = {}
+        self.leases: dict[str, dict[str, float]] = {}
+        self.spend: dict[str, dict[str, float]] = {}
+        self.spend_expiry: dict[str, float] = {}
+        self._ops = 0
+
+    async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+        now = self.clock()
+        self._sweep(now)
+        new_tats: dict[str, float] = {}
+        remaining: list[float] = []
+        resets: list[float] = []
+        for i, limit in enumerate(limits):
+            if limit.kind == "rate":
+                interval = limit.period_s / limit.limit
+                tat = max(new_tats.get(limit.key, self.tats.get(limit.key, now)), now)
+                new_tat = tat + limit.cost * interval
+                used = new_tat - now
+                if used > limit.period_s + 1e-9:
+                    return _deny(i, used - limit.period_s, len(limits))
+                new_tats[limit.key] = new_tat
+                remaining.append(math.floor((limit.period_s - used) / interval + 1e-9))
+                resets.append(used)
+            elif limit.kind == "concurrency":
+                held = self.leases.get(limit.key, {})
+                live = sum(1 for expiry in held.values() if expiry > now)
+                if live >= limit.limit:
+                    return _deny(i, 1.0, len(limits))
+                remaining.append(limit.limit - live - 1)
+                resets.append(0.0)
+            else:
+                spent = self.spend.get(limit.key, {}).get(limit.field, 0.0)
+                if spent >= limit.limit:
+                    return _deny(i, 0.0, len(limits))
+                remaining.append(limit.limit - spent)
+                resets.append(0.0)
+        self.tats.update(new_tats)
+        for limit in limits:
+            if limit.kind == "concurrency":
+                self.leases.setdefault(limit.key, {})[lease] = now + LEASE_TTL_S
+        return Verdict(True, remaining=tuple(remaining), reset_s=tuple(resets))
+
+    async def adjust(self, limit: Limit, delta: float) -> None:
+        now = self.clock()
+        tat = max(self.tats.get(limit.key, now), now)
+        self.tats[limit.key] = max(now, tat + delta * limit.period_s / limit.limit)
+
+    async def release(self, keys: list[str], lease: str) -> None:
+        for key in keys:
+            held = self.leases.get(key)
+            if held is not None:
+                held.pop(lease, None)
+                if not held:
+                    del self.leases[key]
+
+    async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
+        now = self.clock()
+        for key, field, amount in entries:
+            fields = self.spend.setdefault(key, {})
+            fields[field] = fields.get(field, 0.0) + amount
+            self.spend_expiry.setdefault(key, now + ttl_s)
+
+    async def read_spend(self, key: str) -> dict[str, float]:
+        return dict(self.spend.get(key, {}))
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired entries now and then, so memory stays bounded by live keys."""
+        self._ops += 1
+        if self._ops % 1024:
+            return
+        self.tats = {k: t for k, t in self.tats.items() if t > now}
+        for key in [k for k, e in self.spend_expiry.items() if e <= now]:
+            self.spend.pop(key, None)
+            del self.spend_expiry[key]
+
+
+def _deny(index: int, retry_after_s: float, n: int) -> Verdict:
+    return Verdict(False, denied=index, retry_after_s=max(0.0, retry_after_s))
