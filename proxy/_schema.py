@@ -11,6 +11,7 @@ reject it with its line.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import re
 import types
@@ -172,6 +173,8 @@ def _build(tp: Any, value: Any, path: tuple, src: Source, missing: list | None) 
         return float(value)
     if tp is str and isinstance(value, Interpolated):
         return str(value)
+    if tp is str and isinstance(value, datetime.date):  # YAML reads 2027-01-01 as a date
+        return value.isoformat()
     if tp in (str, int, float, bool):
         if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
             raise src.error(path, f"must be {tp.__name__}, not {_kind(value)}")

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import logs
+from proxy.admin import check_admin
 from proxy.config import Config, load_config
 from proxy.errors import GatewayError, InternalError, MethodNotAllowed, RouteNotFound
 from proxy.gateway import Gateway
@@ -80,6 +81,9 @@ def create_app(config: Config | None = None) -> Starlette:
             Route(f"{prefix}/models", Endpoint(gateway, "models"), methods=["GET"]),
             Route(f"{prefix}/models/{{model:path}}", Endpoint(gateway, "model"), methods=["GET"]),
         ]
+    for admin in gateway.admin_routes:
+        routes.append(Route(f"/admin/{admin.path}", _guarded(gateway, admin.handler),
+                            methods=list(admin.methods)))  # fmt: skip
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -87,6 +91,17 @@ def create_app(config: Config | None = None) -> Starlette:
     )
     app.state.gateway = gateway
     return app
+
+
+def _guarded(gateway: Gateway, handler):
+    async def endpoint(request: Request) -> Response:
+        try:
+            check_admin(request.headers, gateway.admin_key)
+            return Response(orjson.dumps(await handler(request)), media_type="application/json")
+        except GatewayError as exc:
+            return _render(exc)
+
+    return endpoint
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

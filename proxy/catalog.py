@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from proxy import upstream
 from proxy.config import Config, DeploymentConfig
 from proxy.errors import ModelNotFound
+from proxy.prices import Price, bundled_prices, price_of
 
 
 @dataclass(slots=True, eq=False)
@@ -19,6 +20,7 @@ class Deployment:
     provider: str
     upstream: upstream.Upstream
     config: DeploymentConfig
+    price: Price | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -43,10 +45,20 @@ class Catalog:
     def __init__(self, config: Config) -> None:
         self.upstreams = {name: upstream.create(name, p) for name, p in config.providers.items()}
         created = int(time.time())
+        table = {}
+        if any(d.price is None for m in config.models for d in m.deployments):
+            table = bundled_prices()
         self.models: dict[str, Model] = {}
         for m in config.models:
             deployments = [
-                Deployment(d.label, d.model, d.provider, self.upstreams[d.provider], d)
+                Deployment(
+                    d.label,
+                    d.model,
+                    d.provider,
+                    self.upstreams[d.provider],
+                    d,
+                    price_of(d.price, d.model, table),
+                )
                 for d in m.deployments
             ]
             self.models[m.name] = Model(m.name, deployments, m.owned_by, created)

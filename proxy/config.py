@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy import upstream
 from proxy._schema import ConfigError, Source, build
+from proxy.prices import PriceConfig
 from proxy.state import StateConfig
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config"]
@@ -45,6 +46,7 @@ class DeploymentConfig:
     provider: str
     model: str
     name: str = ""
+    price: PriceConfig | None = None  # else litellm's bundled price list, if installed
 
     @property
     def label(self) -> str:

@@ -13,6 +13,7 @@ from typing import Any
 from starlette.datastructures import Headers
 
 from proxy import logs
+from proxy.admin import AdminRoute
 from proxy.asgi import (
     ClientDisconnected,
     header_list,
@@ -27,8 +28,8 @@ from proxy.errors import GatewayError, InternalError, ModelNotFound
 from proxy.metrics import Metrics
 from proxy.pipeline import Call, Reply, build_chain, plugin_class
 from proxy.protocol import parse_request
-from proxy.state import create_state
 from proxy.sse import Event
+from proxy.state import create_state
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -45,7 +46,7 @@ class Gateway:
         self.metrics = Metrics()
         self.state = create_state(config.state)
         self.admin_key: str | None = None  # set by the auth plugin
-        self.admin_routes: list = []  # (path, methods, handler) added by plugins
+        self.admin_routes: list[AdminRoute] = []  # added by plugins
         self.plugins = [plugin_class(s.name)(s.config, self) for s in config.pipeline]
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes

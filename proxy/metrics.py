@@ -66,6 +66,18 @@ class Metrics:
             ["model", "deployment", "kind"],
             registry=r,
         )
+        self.state_errors = Counter(
+            "meshgate_state_errors",
+            "Decisions taken because the state backend was unavailable, by plugin.",
+            ["plugin", "decision"],
+            registry=r,
+        )
+        self.spend = Counter(
+            "meshgate_spend_usd",
+            "Cost of answered calls in USD, by key, team and model.",
+            ["key", "team", "model"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "meshgate_in_flight_requests",
             "Requests being served now.",

@@ -1,0 +1,322 @@
+"""quotas: requests, tokens, concurrency and spend limits, shared by all replicas.
+
+    state: {backend: redis, url: "${REDIS_URL}"}
+    pipeline:
+      - auth: {...}
+      - quotas:
+          on_state_error: allow            # or deny, when Redis is down or slow
+          limits:
+            - {per: key, rpm: 60, tpm: 100000, concurrent: 8}
+            - {per: team, teams: [research], budget_usd_day: 50, budget_usd_month: 1000}
+            - {per: model, models: ["gpt-4o"], tpm: 2000000}
+
+Each limit applies to the calls it matches (`keys`, `teams`, `users`, `models`
+globs) and counts them per `per` (each key, team, user, model, or all calls).
+Before a call, one atomic step checks every matching limit and counts the
+request, reserves its estimated tokens (prompt estimate plus `max_tokens`) and
+takes a concurrency slot; after it, the reservation is settled with the
+upstream's usage, the slot is given back and the cost is added to the spend of
+the key, team, user and model. Cost is usage times the deployment's price.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from proxy.admin import AdminRoute
+from proxy.errors import GatewayError, QuotaExceeded, RateLimited
+from proxy.pipeline import Call, Next, Reply
+from proxy.state import Limit, StateUnavailable
+
+log = logging.getLogger("meshgate.quotas")
+
+MODEL_CALLS = ("chat", "completions", "embeddings")
+DAY_S = 86400.0
+
+
+class QuotaStateUnavailable(GatewayError):
+    status = 503
+    type = "api_error"
+    code = "quota_state_unavailable"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LimitConfig:
+    per: Literal["key", "team", "user", "model", "global"] = "key"
+    keys: list[str] = field(default_factory=lambda: ["*"])
+    teams: list[str] = field(default_factory=lambda: ["*"])
+    users: list[str] = field(default_factory=lambda: ["*"])
+    models: list[str] = field(default_factory=lambda: ["*"])
+    rpm: int | None = None
+    tpm: int | None = None
+    concurrent: int | None = None
+    budget_usd_day: float | None = None
+    budget_usd_month: float | None = None
+
+    def __post_init__(self) -> None:
+        values = (self.rpm, self.tpm, self.concurrent, self.budget_usd_day, self.budget_usd_month)
+        if all(v is None for v in values):
+            raise ValueError(
+                "a limit needs rpm, tpm, concurrent, budget_usd_day or budget_usd_month"
+            )
+        if any(v is not None and v <= 0 for v in values):
+            raise ValueError("limits must be positive")
+
+    @property
+    def id(self) -> str:
+        """A stable name for this limit's counters, so reordering the list keeps them."""
+        return hashlib.sha1(repr(self).encode()).hexdigest()[:10]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QuotasConfig:
+    limits: list[LimitConfig] = field(default_factory=list)
+    on_state_error: Literal["allow", "deny"] = "allow"
+    # Tokens reserved for the answer when a request sets no max_tokens.
+    default_completion_tokens: int = 1024
+
+
+class _Plan:
+    """The limits one call is checked against, with what each one counts."""
+
+    __slots__ = ("budget", "concurrency", "lease", "limits", "requests", "tokens")
+
+    def __init__(self) -> None:
+        self.limits: list[Limit] = []
+        self.requests: list[int] = []  # indexes of rpm limits
+        self.tokens: list[int] = []  # indexes of tpm limits
+        self.concurrency: list[int] = []
+        self.budget: list[int] = []
+        self.lease = os.urandom(8).hex()
+
+
+class Quotas:
+    Config = QuotasConfig
+    uses_state = True
+
+    def __init__(self, config: QuotasConfig, gateway) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.state = gateway.state
+        self.metrics = gateway.metrics
+        gateway.admin_routes.append(AdminRoute("spend", ("GET",), self.spend_report))
+
+    async def __call__(self, call: Call, call_next: Next) -> Reply:
+        if call.endpoint not in MODEL_CALLS:
+            return await call_next(call)
+        estimate = self.estimate(call)
+        plan = self.plan(call, estimate)
+        headers: dict[str, str] = {}
+        counted = False
+        if plan.limits:
+            try:
+                verdict = await self.state.acquire(plan.limits, plan.lease)
+            except StateUnavailable as exc:
+                self.state_error("acquire", exc)
+            else:
+                if not verdict.allowed:
+                    raise self.refusal(plan, verdict)
+                counted = True
+                headers = self.headers(plan, verdict)
+        try:
+            reply = await call_next(call)
+        except BaseException:
+            if counted:
+                await self.settle(call, plan, estimate, usage={"total_tokens": 0})
+            raise
+        reply.headers.update(headers)
+
+        async def complete(reply: Reply) -> None:
+            usage = reply.get_usage()
+            if counted:
+                await self.settle(call, plan, estimate, usage)
+            await self.record_spend(call, reply, usage, estimate)
+
+        return reply.on_complete(complete)
+
+    def estimate(self, call: Call) -> int:
+        """Tokens to reserve: about four characters a token, plus the answer's limit."""
+        body = call.body
+        text = body.get("messages") or body.get("prompt") or body.get("input") or ""
+        prompt = len(str(text)) // 4 + 1
+        if call.endpoint == "embeddings":
+            return prompt
+        answer = body.get("max_completion_tokens") or body.get("max_tokens")
+        if not isinstance(answer, int) or answer <= 0:
+            answer = self.config.default_completion_tokens
+        return prompt + answer
+
+    def plan(self, call: Call, estimate: int) -> _Plan:
+        plan = _Plan()
+        identity = call.identity
+        subjects = {
+            "key": identity.name if identity else "anonymous",
+            "team": (identity.team if identity else None) or "none",
+            "user": (identity.user if identity else None) or "none",
+            "model": call.body["model"],
+            "global": "all",
+        }
+        day, month = _periods()
+        for lc in self.config.limits:
+            if not self.matches(lc, subjects):
+                continue
+            who = subjects[lc.per]
+            prefix = f"q:{lc.id}:{who}"
+            if lc.rpm:
+                plan.requests.append(len(plan.limits))
+                plan.limits.append(Limit("rate", prefix + ":r", lc.rpm, 60.0, 1.0))
+            if lc.tpm:
+                plan.tokens.append(len(plan.limits))
+                plan.limits.append(Limit("rate", prefix + ":t", lc.tpm, 60.0, float(estimate)))
+            if lc.concurrent:
+                plan.concurrency.append(len(plan.limits))
+                plan.limits.append(Limit("concurrency", prefix + ":c", lc.concurrent))
+            for budget, period in ((lc.budget_usd_day, day), (lc.budget_usd_month, month)):
+                if budget:
+                    plan.budget.append(len(plan.limits))
+                    plan.limits.append(Limit("budget", period, budget, field=f"{lc.per}:{who}"))
+        return plan
+
+    @staticmethod
+    def matches(lc: LimitConfig, subjects: dict[str, str]) -> bool:
+        return all(
+            any(fnmatchcase(subjects[kind], p) for p in patterns)
+            for kind, patterns in (
+                ("key", lc.keys), ("team", lc.teams), ("user", lc.users), ("model", lc.models),
+            )
+        )  # fmt: skip
+
+    def refusal(self, plan: _Plan, verdict) -> GatewayError:
+        i = verdict.denied
+        limit = plan.limits[i]
+        if i in plan.budget:
+            period = "daily" if limit.key.startswith("spend:d:") else "monthly"
+            return QuotaExceeded(
+                f"You exceeded your {period} budget of ${limit.limit:g} ({limit.field}). "
+                "It resets at the start of the next period."
+            )
+        retry = max(verdict.retry_after_s, 0.001)
+        if i in plan.concurrency:
+            message = f"Too many concurrent requests: the limit is {limit.limit:g}."
+        elif i in plan.tokens:
+            message = (
+                f"Rate limit reached for tokens per minute: limit {limit.limit:g}, "
+                f"this request reserves {limit.cost:g}. Please try again in {retry:.3g}s."
+            )
+        else:
+            message = (
+                f"Rate limit reached for requests per minute: limit {limit.limit:g}. "
+                f"Please try again in {retry:.3g}s."
+            )
+        headers = {}
+        if i in plan.requests:
+            headers = {"x-ratelimit-limit-requests": f"{limit.limit:g}",
+                       "x-ratelimit-remaining-requests": "0",
+                       "x-ratelimit-reset-requests": _duration(retry)}  # fmt: skip
+        return RateLimited(message, retry_after_s=retry, headers=headers)
+
+    def headers(self, plan: _Plan, verdict) -> dict[str, str]:
+        headers = {}
+        for kind, indexes in (("requests", plan.requests), ("tokens", plan.tokens)):
+            if not indexes:
+                continue
+            i = min(indexes, key=lambda j: verdict.remaining[j])  # the tightest limit
+            headers[f"x-ratelimit-limit-{kind}"] = f"{plan.limits[i].limit:g}"
+            headers[f"x-ratelimit-remaining-{kind}"] = f"{max(0, verdict.remaining[i]):g}"
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(verdict.reset_s[i])
+        return headers
+
+    async def settle(self, call: Call, plan: _Plan, estimate: int, usage: dict | None) -> None:
+        """Settle token reservations with the real usage and give back concurrency slots.
+
+        Without usage (an answer cut short) the reservation stands.
+        """
+        try:
+            total = usage.get("total_tokens") if usage else None
+            if isinstance(total, int):
+                for i in plan.tokens:
+                    await self.state.adjust(plan.limits[i], total - estimate)
+            if plan.concurrency:
+                await self.state.release([plan.limits[i].key for i in plan.concurrency], plan.lease)
+        except StateUnavailable as exc:
+            log.warning("could not settle quotas for %s: %s", call.request_id, exc)
+            self.metrics.state_errors.labels("quotas", "settle_skipped").inc()
+
+    async def record_spend(self, call: Call, reply: Reply, usage: dict | None, estimate: int):
+        deployment = reply.deployment
+        if deployment is None or deployment.price is None:
+            return
+        if usage is None and not reply.completed:
+            # Cut short with no usage: charge the reservation, not nothing.
+            usage = {"prompt_tokens": 0, "completion_tokens": estimate}
+        cost = deployment.price.cost(usage)
+        if cost <= 0:
+            return
+        identity = call.identity
+        key = identity.name if identity else "anonymous"
+        team = (identity.team if identity else None) or "none"
+        user = (identity.user if identity else None) or "none"
+        model = call.body["model"]
+        self.metrics.spend.labels(key, team, model).inc(cost)
+        fields = [f"key:{key}", f"team:{team}", f"user:{user}", f"model:{model}", "global:all"]
+        day, month = _periods()
+        entries = [(period, f, cost) for period in (day, month) for f in fields]
+        try:
+            await self.state.add_spend(entries, ttl_s=40 * DAY_S)
+        except StateUnavailable as exc:
+            log.warning("could not record spend of %s: %s", call.request_id, exc)
+            self.metrics.state_errors.labels("quotas", "spend_lost").inc()
+
+    def state_error(self, what: str, exc: StateUnavailable) -> None:
+        decision = self.config.on_state_error
+        self.metrics.state_errors.labels("quotas", decision).inc()
+        log.warning("quota state unavailable during %s; on_state_error=%s: %s", what, decision, exc)
+        if decision == "deny":
+            raise QuotaStateUnavailable(
+                "Rate limits cannot be checked right now; the request was refused. "
+                "Please try again shortly."
+            )
+
+    async def spend_report(self, request) -> dict:
+        day, month = _periods(request.query_params.get("date"))
+        try:
+            report = {}
+            for name, key in (("day", day), ("month", month)):
+                raw = await self.state.read_spend(key)
+                grouped: dict[str, dict[str, float]] = {
+                    "keys": {}, "teams": {}, "users": {}, "models": {}, "total": {}
+                }  # fmt: skip
+                for field_name, usd in raw.items():
+                    kind, _, who = field_name.partition(":")
+                    group = {"key": "keys", "team": "teams", "user": "users",
+                             "model": "models", "global": "total"}.get(kind)  # fmt: skip
+                    if group:
+                        grouped[group][who] = round(usd, 8)
+                report[name] = {"period": key.split(":", 2)[2], "usd": grouped}
+        except StateUnavailable as exc:
+            raise QuotaStateUnavailable(f"Spend cannot be read right now: {exc}") from None
+        return report
+
+
+def _periods(date: str | None = None) -> tuple[str, str]:
+    """The spend hashes of a UTC day (`YYYY-MM-DD`, default today) and its month."""
+    if date is None:
+        date = time.strftime("%Y-%m-%d", time.gmtime())
+    return f"spend:d:{date}", f"spend:m:{date[:7]}"
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1.5s, 6m0s."""
+    if seconds < 1:
+        return f"{math.ceil(seconds * 1000)}ms"
+    if seconds < 60:
+        return f"{round(seconds, 2):g}s"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{int(rest)}s"

@@ -1,0 +1,45 @@
+"""`/admin/*` endpoints: plugins register them, one guard checks the admin key.
+
+The admin key is set by the auth plugin (`admin_key`); without it the admin
+endpoints answer 403. It is separate from client keys and compared in
+constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.requests import Request
+
+from proxy.errors import AuthenticationFailed, PermissionDenied
+
+
+@dataclass(frozen=True, slots=True)
+class AdminRoute:
+    path: str  # under /admin/
+    methods: tuple[str, ...]
+    handler: Callable[[Request], Awaitable[Any]]  # returns a JSON-able value
+
+
+def bearer_token(headers) -> str | None:
+    """The caller's key from `Authorization: Bearer`, `api-key` or `x-api-key`."""
+    value = headers.get("authorization")
+    if value:
+        scheme, _, token = value.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else None
+    return headers.get("api-key") or headers.get("x-api-key")
+
+
+def check_admin(headers, admin_key: str | None) -> None:
+    """Refuse unless the request carries the admin key."""
+    if admin_key is None:
+        raise PermissionDenied(
+            "Admin endpoints are disabled: set `admin_key` in the auth plugin.",
+            code="admin_disabled",
+        )
+    token = bearer_token(headers) or ""
+    if not hmac.compare_digest(token.encode(), admin_key.encode()):
+        raise AuthenticationFailed("This endpoint needs the admin key.")

@@ -1,0 +1,300 @@
+"""The auth plugin end to end: keys, JWTs from a JWKS served over HTTP, admin key."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import os
+import threading
+import time
+
+import httpx
+import jwt
+import openai
+import orjson
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from tests.conftest import free_port, start_gateway
+
+ADMIN = "admin-key-0123456789abcdef"
+PLAIN = "sk-team-a-0123456789"
+HASHED = "sk-hashed-0123456789"
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+class JWKSServer:
+    """Serves a JWKS over HTTP on loopback; its keys can change and it can go down."""
+
+    def __init__(self) -> None:
+        self.jwks: dict = {"keys": []}
+        self.up = True
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if not server.up:
+                    self.send_response(503)
+                    self.end_headers()
+                    return
+                body = orjson.dumps(server.jwks)
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/jwks.json"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def add(self, kid: str, private_key) -> None:
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
+        self.jwks = {
+            "keys": [*self.jwks["keys"], {**jwk, "kid": kid, "alg": "RS256", "use": "sig"}]
+        }
+
+
+def rsa_key():
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def keys():
+    return {"k1": rsa_key(), "k2": rsa_key()}
+
+
+@pytest.fixture(scope="module")
+def jwks(keys):
+    server = JWKSServer()
+    server.add("k1", keys["k1"])
+    yield server
+    server.httpd.shutdown()
+    server.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstream, jwks):
+    tmp = tmp_path_factory.mktemp("auth")
+    env = dict(os.environ, TEAM_A_KEY=PLAIN, ADMIN_KEY=ADMIN)
+    server = start_gateway(tmp, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
+models:
+  - {{name: gpt-4o, deployments: [{{provider: up, model: gpt-4o}}]}}
+  - {{name: gpt-4o-mini, deployments: [{{provider: up, model: gpt-4o-mini}}]}}
+  - {{name: claude, deployments: [{{provider: up, model: claude}}]}}
+pipeline:
+  - auth:
+      admin_key: ${{ADMIN_KEY}}
+      keys:
+        - {{name: team-a, key: "${{TEAM_A_KEY}}", team: a, user: ann, models: ["gpt-4o*"]}}
+        - {{name: hashed, sha256: {hashlib.sha256(HASHED.encode()).hexdigest()}}}
+        - {{name: old, key: sk-expired-0123456789, expires: 2020-01-01}}
+      jwt:
+        algorithms: [RS256]
+        jwks_url: {jwks.url}
+        jwks_refresh_s: 1
+        issuer: https://issuer.test/
+        audience: meshgate
+        claims: {{team: org, models: llm_models}}
+  - quotas: {{}}
+""", env=env)  # fmt: skip
+    yield server
+    server.stop()
+
+
+_opened: list[openai.OpenAI] = []
+
+
+def client(gateway, key):
+    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key=key, max_retries=0)
+    _opened.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+def _close_clients():
+    yield
+    while _opened:
+        _opened.pop().close()
+
+
+def token(private_key, kid="k1", **claims):
+    now = int(time.time())
+    payload = {"sub": "svc-1", "iss": "https://issuer.test/", "aud": "meshgate",
+               "iat": now, "exp": now + 300, "org": "research", **claims}  # fmt: skip
+    return jwt.encode(payload, private_key, algorithm="RS256", headers={"kid": kid})
+
+
+def test_missing_and_wrong_keys_are_401(gateway):
+    r = httpx.post(
+        gateway.url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": MESSAGES}
+    )
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError) as info:
+        client(gateway, "sk-wrong-key").chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert info.value.code == "invalid_api_key"
+
+
+def test_key_in_every_header_the_sdks_use(gateway):
+    body = {"model": "gpt-4o", "messages": MESSAGES}
+    for headers in ({"authorization": f"Bearer {PLAIN}"}, {"api-key": PLAIN}, {"x-api-key": PLAIN}):
+        r = httpx.post(gateway.url + "/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200, headers
+
+
+def test_hashed_key_and_expired_key(gateway):
+    assert client(gateway, HASHED).chat.completions.create(model="claude", messages=MESSAGES)
+    with pytest.raises(openai.AuthenticationError) as info:
+        client(gateway, "sk-expired-0123456789").chat.completions.create(
+            model="claude", messages=MESSAGES
+        )
+    assert info.value.code == "expired_api_key"
+
+
+def test_allowed_models_restrict_calls_and_listing(gateway):
+    c = client(gateway, PLAIN)
+    assert c.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        c.chat.completions.create(model="claude", messages=MESSAGES)
+    assert info.value.code == "model_not_allowed"
+    assert [m.id for m in c.models.list()] == ["gpt-4o", "gpt-4o-mini"]
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("claude")
+    assert [m.id for m in client(gateway, HASHED).models.list()] == [
+        "gpt-4o",
+        "gpt-4o-mini",
+        "claude",
+    ]
+
+
+def test_jwt_from_jwks_maps_claims(gateway, keys):
+    c = client(gateway, token(keys["k1"], llm_models=["claude"]))
+    assert c.chat.completions.create(model="claude", messages=MESSAGES)
+    with pytest.raises(openai.PermissionDeniedError):
+        c.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    lines = [x for x in gateway.access_lines() if x["key"] == "svc-1"]
+    assert lines and lines[-1]["team"] == "research"
+
+
+@pytest.mark.parametrize(
+    ("claims", "code"),
+    [
+        ({"exp": int(time.time()) - 3600}, "token_expired"),
+        ({"aud": "someone-else"}, "invalid_api_key"),
+        ({"iss": "https://evil.test/"}, "invalid_api_key"),
+    ],
+)
+def test_bad_jwt_claims(gateway, keys, claims, code):
+    with pytest.raises(openai.AuthenticationError) as info:
+        client(gateway, token(keys["k1"], **claims)).models.list()
+    assert info.value.code == code
+
+
+def test_alg_none_and_hmac_confusion_rejected(gateway, keys):
+    now = int(time.time())
+    claims = {"sub": "x", "iss": "https://issuer.test/", "aud": "meshgate", "exp": now + 60}
+    unsigned = jwt.encode(claims, None, algorithm="none", headers={"kid": "k1"})
+    public_pem = (
+        keys["k1"]
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    header = b'{"alg":"HS256","kid":"k1","typ":"JWT"}'
+    import base64
+    import hmac as hmac_mod
+
+    def b64(data: bytes) -> bytes:
+        return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+    signing_input = b64(header) + b"." + b64(orjson.dumps(claims))
+    forged = signing_input + b"." + b64(hmac_mod.new(public_pem, signing_input, "sha256").digest())
+    for bad in (unsigned, forged.decode()):
+        with pytest.raises(openai.AuthenticationError):
+            client(gateway, bad).models.list()
+
+
+def test_jwks_rotation_and_outage(gateway, jwks, keys):
+    new = token(keys["k2"], kid="k2")
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, new).models.list()  # not published yet
+    jwks.add("k2", keys["k2"])
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            client(gateway, new).models.list()
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline, "the new key was never picked up"
+            time.sleep(0.3)
+    jwks.up = False
+    try:
+        time.sleep(1.5)  # at least one failed refresh
+        assert client(gateway, token(keys["k1"])).models.list()  # cached keys still work
+        assert "cannot refresh the JWKS" in gateway.output()
+    finally:
+        jwks.up = True
+
+
+def test_admin_key_guards_admin_endpoints(gateway):
+    assert httpx.get(gateway.url + "/admin/spend").status_code == 401
+    r = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {PLAIN}"})
+    assert r.status_code == 401
+    assert r.json()["error"]["message"] == "This endpoint needs the admin key."
+    ok = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"})
+    assert ok.status_code == 200 and set(ok.json()) == {"day", "month"}
+    # the admin key is not a client key
+    with pytest.raises(openai.AuthenticationError):
+        client(gateway, ADMIN).models.list()
+
+
+def test_no_secret_in_logs(gateway, keys):
+    out = gateway.output()
+    for secret in (
+        PLAIN,
+        HASHED,
+        ADMIN,
+        "sk-expired-0123456789",
+        hashlib.sha256(HASHED.encode()).hexdigest(),
+    ):
+        assert secret not in out
+
+
+def test_jwt_hs256_and_es256_pem(tmp_path):
+    """The other key sources, on the verifier directly."""
+    import asyncio
+
+    from plugins._jwt import JWTConfig, JWTVerifier
+    from proxy.errors import AuthenticationFailed
+
+    secret = "s" * 40
+    verifier = JWTVerifier(JWTConfig(algorithms=["HS256"], secret=secret))
+    good = jwt.encode(
+        {"sub": "a", "exp": int(time.time()) + 60, "team": "t"}, secret, algorithm="HS256"
+    )
+    identity = asyncio.run(verifier.verify(good))
+    assert (identity.name, identity.team, identity.models) == ("a", "t", ("*",))
+
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "ec.pem"
+    pem.write_bytes(ec_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))  # fmt: skip
+    verifier = JWTVerifier(JWTConfig(algorithms=["ES256"], public_key_file=str(pem)))
+    es = jwt.encode(
+        {"sub": "b", "exp": int(time.time()) + 60, "models": "gpt-4o claude"},
+        ec_key,
+        algorithm="ES256",
+    )
+    assert asyncio.run(verifier.verify(es)).models == ("gpt-4o", "claude")
+    with pytest.raises(AuthenticationFailed):
+        asyncio.run(verifier.verify(good))  # HS256 is not on this verifier's list
+    with pytest.raises(ValueError):
+        JWTConfig(algorithms=["HS256", "RS256"], secret=secret)
+    with pytest.raises(ValueError):
+        JWTConfig(algorithms=["none"], secret=secret)
