@@ -1,0 +1,259 @@
+"""The quotas plugin end to end, on a real redis-server shared by gateway processes."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import ROOT, start_gateway
+from tests.redis_server import RedisServer
+
+ADMIN = "admin-key-0123456789abcdef"
+MESSAGES = [{"role": "user", "content": "hi"}]
+KEYS = ["rpm", "tpm", "conc", "budget", "stream", "shared", "free"]
+
+
+def config(upstream_port: int, redis_url: str, *, prefix: str, on_state_error="allow", rpm_free=1000):
+    keys = "\n".join(
+        f"        - {{name: {k}, key: sk-{k}-0123456789, team: {'money' if k in ('budget', 'stream') else 'plain'}}}"
+        for k in KEYS
+    )
+    return f"""
+server: {{host: 127.0.0.1}}
+state: {{backend: redis, url: "{redis_url}", prefix: "{prefix}"}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
+models:
+  - name: m
+    deployments: [{{provider: up, model: m, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 2}}}}]
+  - name: pricey
+    deployments: [{{provider: up, model: pricey, price: {{input_usd_per_mtok: 1000000, output_usd_per_mtok: 1000000}}}}]
+pipeline:
+  - auth:
+      admin_key: {ADMIN}
+      keys:
+{keys}
+  - quotas:
+      on_state_error: {on_state_error}
+      limits:
+        - {{per: key, keys: [rpm], rpm: 3}}
+        - {{per: key, keys: [tpm], tpm: 1000}}
+        - {{per: key, keys: [conc], concurrent: 2}}
+        - {{per: team, teams: [money], budget_usd_day: 50}}
+        - {{per: key, keys: [shared], rpm: 40}}
+        - {{per: key, keys: [free], rpm: {rpm_free}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstream, redis_server):
+    server = start_gateway(
+        tmp_path_factory.mktemp("quotas"), config(upstream.port, redis_server.url, prefix="q1:")
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sdk(gateway):
+    opened = []
+
+    def make(key: str, url: str | None = None) -> openai.OpenAI:
+        c = openai.OpenAI(base_url=(url or gateway.url) + "/v1", api_key=f"sk-{key}-0123456789", max_retries=0)
+        opened.append(c)
+        return c
+
+    yield make
+    for c in opened:
+        c.close()
+
+
+def test_rpm_limit_headers_and_429(sdk):
+    c = sdk("rpm")
+    remaining = []
+    for _ in range(3):
+        raw = c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        remaining.append(raw.headers["x-ratelimit-remaining-requests"])
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert remaining == ["2", "1", "0"]
+    with pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model="m", messages=MESSAGES)
+    assert info.value.code == "rate_limit_exceeded"
+    retry_after = int(info.value.response.headers["retry-after"])
+    assert 1 <= retry_after <= 20  # a slot comes back every 20 s
+
+
+def test_tpm_reserves_then_settles_with_real_usage(sdk):
+    c = sdk("tpm")
+    raw = c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, max_tokens=600)
+    assert raw.headers["x-ratelimit-limit-tokens"] == "1000"
+    reserved_left = int(raw.headers["x-ratelimit-remaining-tokens"])
+    assert reserved_left < 400  # 600 for the answer plus the prompt estimate
+    # The real usage (about 20 tokens) was settled, so another 600 fits.
+    raw = c.chat.completions.with_raw_response.create(model="m", messages=MESSAGES, max_tokens=600)
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) > 300
+
+    async def two_at_once():
+        a = openai.AsyncOpenAI(base_url=c.base_url, api_key=c.api_key, max_retries=0)
+        slow = {"fake": {"latency_ms": 300}}
+
+        async def one():
+            try:
+                await a.chat.completions.create(model="m", messages=MESSAGES, max_tokens=600, extra_body=slow)
+                return "ok"
+            except openai.RateLimitError:
+                return "429"
+
+        try:
+            return sorted(await asyncio.gather(one(), one()))
+        finally:
+            await a.close()
+
+    # Two reservations of 600 cannot both fit, however the calls interleave.
+    assert asyncio.run(two_at_once()) == ["429", "ok"]
+
+
+def test_concurrency_limit(sdk, gateway):
+    results = []
+
+    def call():
+        c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-conc-0123456789", max_retries=0)
+        try:
+            c.chat.completions.create(model="m", messages=MESSAGES, extra_body={"fake": {"latency_ms": 500}})
+            results.append("ok")
+        except openai.RateLimitError:
+            results.append("429")
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == ["429", "429", "ok", "ok"]
+    # the slots came back
+    assert sdk("conc").chat.completions.create(model="m", messages=MESSAGES)
+
+
+def test_budget_fed_by_cost_then_insufficient_quota(sdk, gateway):
+    c = sdk("budget")
+    spent = 0
+    for _ in range(3):  # each call costs about $20 at $1 a token
+        c.chat.completions.create(model="pricey", messages=MESSAGES)
+    with pytest.raises(openai.RateLimitError) as info:
+        c.chat.completions.create(model="pricey", messages=MESSAGES)
+    assert info.value.code == "insufficient_quota"
+    assert info.value.response.headers["x-should-retry"] == "false"
+    # the same team's other key shares the budget
+    with pytest.raises(openai.RateLimitError):
+        sdk("stream").chat.completions.create(model="m", messages=MESSAGES)
+    report = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    spent = report["day"]["usd"]["teams"]["money"]
+    assert spent >= 50
+    assert report["day"]["usd"]["keys"]["budget"] == pytest.approx(spent)
+    assert report["month"]["usd"]["models"]["pricey"] >= spent
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'meshgate_spend_usd_total{key="budget",model="pricey",team="money"}' in metrics
+
+
+def test_stream_usage_feeds_spend_and_tokens(sdk, gateway):
+    c = sdk("free")
+    before = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
+    assert all(ch.usage is None for ch in chunks)  # the client did not ask for usage
+    after = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    was = before["day"]["usd"]["keys"].get("free", 0)
+    # 16 completion tokens at $2/M plus the prompt at $1/M
+    assert after["day"]["usd"]["keys"]["free"] - was == pytest.approx(16 * 2e-6 + 1e-6 * 8, abs=1e-5)
+
+
+def test_two_gateways_on_one_redis_admit_exactly_the_limit(tmp_path, upstream, redis_server, gateway):
+    other = start_gateway(tmp_path, config(upstream.port, redis_server.url, prefix="q1:"))
+    try:
+        async def hammer():
+            clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="sk-shared-0123456789", max_retries=0)
+                       for g in (gateway, other)]  # fmt: skip
+
+            async def one(i):
+                try:
+                    await clients[i % 2].chat.completions.create(model="m", messages=MESSAGES)
+                    return 1
+                except openai.RateLimitError:
+                    return 0
+
+            try:
+                started = time.monotonic()
+                admitted = sum(await asyncio.gather(*(one(i) for i in range(100))))
+                return admitted, time.monotonic() - started
+            finally:
+                for c in clients:
+                    await c.close()
+
+        admitted, elapsed = asyncio.run(hammer())
+        # 40 a minute is one slot every 1.5 s: exactly 40 unless the burst outlasted that.
+        assert 40 <= admitted <= 40 + math.floor(elapsed / 1.5)
+    finally:
+        other.stop()
+
+
+def test_redis_outage_follows_on_state_error_and_recovers(tmp_path, upstream):
+    redis = RedisServer(tmp_path).start()
+    allow = start_gateway(tmp_path, config(upstream.port, redis.url, prefix="o:", rpm_free=2))
+    deny = start_gateway(tmp_path, config(upstream.port, redis.url, prefix="o:", on_state_error="deny", rpm_free=2))
+    clients = {name: openai.OpenAI(base_url=g.url + "/v1", api_key="sk-free-0123456789", max_retries=0)
+               for name, g in (("allow", allow), ("deny", deny))}  # fmt: skip
+    try:
+        assert clients["allow"].chat.completions.create(model="m", messages=MESSAGES)
+        redis.stop()
+        assert clients["allow"].chat.completions.create(model="m", messages=MESSAGES)
+        with pytest.raises(openai.InternalServerError) as info:
+            clients["deny"].chat.completions.create(model="m", messages=MESSAGES)
+        assert info.value.status_code == 503 and info.value.code == "quota_state_unavailable"
+        assert 'meshgate_state_errors_total{decision="allow",plugin="quotas"} 1.0' in httpx.get(allow.url + "/metrics").text
+        assert "quota state unavailable" in allow.output()
+        assert allow.proc.poll() is None and deny.proc.poll() is None  # nothing crashed
+
+        redis = RedisServer(tmp_path, port=redis.port).start()  # back, empty
+        assert clients["deny"].chat.completions.create(model="m", messages=MESSAGES)
+        assert clients["deny"].chat.completions.create(model="m", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError):  # counting resumed: rpm 2
+            clients["deny"].chat.completions.create(model="m", messages=MESSAGES)
+    finally:
+        for c in clients.values():
+            c.close()
+        allow.stop()
+        deny.stop()
+        redis.stop()
+
+
+def test_memory_backend_refuses_several_workers(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "mem.yaml"
+    path.write_text("""
+providers: {sim: {type: simulated}}
+models: [{name: m, deployments: [{provider: sim, model: m}]}]
+pipeline:
+  - quotas: {limits: [{rpm: 10}]}
+""")
+    result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--workers", "2"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60, env=dict(os.environ))  # fmt: skip
+    assert result.returncode == 1
+    assert "cannot share the memory state backend" in result.stderr and "redis" in result.stderr
