@@ -3,6 +3,7 @@
     python -m load.bench                      # one worker, default pipeline
     python -m load.bench --against litellm    # also LiteLLM's proxy on the same upstream
     python -m load.bench --workers 2          # also compare 2 workers with 1
+    python -m load.bench --pipeline quotas    # also auth + quotas on Redis
 
 Starts the fake upstream (load/fake_upstream.py) and the gateway as separate
 processes, runs load/loadgen.py against each in alternating rounds, and prints
@@ -72,16 +73,32 @@ def fake_upstream(port: int, tokens: int):
     return process(cmd)
 
 
-def gateway(port: int, upstream_port: int, workers: int, tmp: Path):
+BENCH_KEY = "sk-bench-0123456789"
+
+QUOTAS = f"""
+pipeline:
+  - auth:
+      keys: [{{name: bench, key: {BENCH_KEY}, team: perf}}]
+  - quotas:
+      limits:
+        - {{per: key, rpm: 100000000, tpm: 1000000000, concurrent: 1000}}
+        - {{per: team, budget_usd_day: 1000000}}
+"""
+
+
+def gateway(port: int, upstream_port: int, workers: int, tmp: Path, redis_url: str | None = None):
     config = tmp / f"gateway-{port}.yaml"
+    extra = f'state: {{backend: redis, url: "{redis_url}"}}\n{QUOTAS}' if redis_url else ""
     config.write_text(
         f"""
 server: {{host: 127.0.0.1, port: {port}, workers: {workers}, access_log: false, log_level: warning}}
+{extra}
 providers:
   fake: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: sk-bench}}
 models:
   - name: bench
-    deployments: [{{provider: fake, model: bench}}]
+    deployments:
+      - {{provider: fake, model: bench, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 1}}}}
 """
     )
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
@@ -107,12 +124,19 @@ litellm_settings:
     return process(cmd, env=env, log=str(tmp / "litellm.log"))
 
 
+def redis_server(port: int, tmp: Path):
+    cmd = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+           "--appendonly", "no", "--dir", str(tmp)]  # fmt: skip
+    return process(cmd)
+
+
 def load(port: int, mode: str, concurrency: int, seconds: float) -> dict:
     cmd = [
         sys.executable, "-m", "load.loadgen",
         "--url", f"http://127.0.0.1:{port}/v1/chat/completions",
         "--body", orjson.dumps(BODIES[mode]).decode(),
         "--concurrency", str(concurrency), "--seconds", str(seconds),
+        "--header", f"authorization: Bearer {BENCH_KEY}",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT, text=True).stdout
     return orjson.loads(out)
@@ -171,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=16, help="tokens per fake answer")
     parser.add_argument("--against", choices=["litellm"], help="also run LiteLLM's proxy")
     parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
+    parser.add_argument(
+        "--pipeline", choices=["quotas"], help="also a gateway with auth + quotas on Redis"
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     results: dict = {"args": vars(args), "modes": {}}
@@ -189,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(litellm_proxy(ll, up, tmp))
                 wait_http(f"http://127.0.0.1:{ll}/health/liveliness", timeout_s=180)
                 targets["litellm"] = ll
+            if args.pipeline == "quotas":
+                rp, qp = free_port(), free_port()
+                stack.enter_context(redis_server(rp, tmp))
+                time.sleep(0.3)
+                stack.enter_context(gateway(qp, up, 1, tmp, f"redis://127.0.0.1:{rp}/0"))
+                wait_http(f"http://127.0.0.1:{qp}/ready")
+                targets["meshgate+quotas"] = qp
             if args.workers > 1:
                 gw_n = free_port()
                 stack.enter_context(gateway(gw_n, up, args.workers, tmp))
@@ -209,17 +243,22 @@ def report(results: dict, args) -> None:
     for mode, by_target in results["modes"].items():
         direct = by_target["direct"]
         print(f"\n{mode}")
-        print(f"  {'target':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}"
+        print(f"  {'target':<16}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}"
               f"{'+p99 ms':>10}{'+ttfb p50':>11}{'failed':>8}")  # fmt: skip
         for name, r in by_target.items():
             print(
-                f"  {name:<14}{r['rps']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+                f"  {name:<16}{r['rps']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                 f"{r['p50_ms'] - direct['p50_ms']:>10.3f}{r['p99_ms'] - direct['p99_ms']:>10.3f}"
                 f"{r['ttfb_p50_ms'] - direct['ttfb_p50_ms']:>11.3f}{r['failed']:>8}"
             )
         mg = by_target["meshgate"]["rps"]
         if "litellm" in by_target and by_target["litellm"]["rps"]:
             print(f"  meshgate / litellm throughput: {mg / by_target['litellm']['rps']:.1f}x")
+        if "meshgate+quotas" in by_target:
+            q = by_target["meshgate+quotas"]
+            loss = 1 - q["rps"] / mg
+            added = q["p50_ms"] - by_target["meshgate"]["p50_ms"]
+            print(f"  auth+quotas on Redis: {loss:.1%} fewer req/s, +{added:.3f} ms p50")
         name = f"meshgate-{args.workers}w"
         if name in by_target:
             ratio = by_target[name]["rps"] / mg

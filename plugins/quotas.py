@@ -22,11 +22,12 @@ the key, team, user and model. Cost is usage times the deployment's price.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fnmatch import fnmatchcase
 from typing import Literal
 
@@ -69,6 +70,15 @@ class LimitConfig:
         if any(v is not None and v <= 0 for v in values):
             raise ValueError("limits must be positive")
 
+    def matches(self, subjects: dict[str, str]) -> bool:
+        return all(
+            patterns == ["*"] or any(fnmatchcase(subjects[kind], p) for p in patterns)
+            for kind, patterns in (
+                ("key", self.keys), ("team", self.teams), ("user", self.users),
+                ("model", self.models),
+            )
+        )  # fmt: skip
+
     @property
     def id(self) -> str:
         """A stable name for this limit's counters, so reordering the list keeps them."""
@@ -88,13 +98,13 @@ class _Plan:
 
     __slots__ = ("budget", "concurrency", "lease", "limits", "requests", "tokens")
 
-    def __init__(self) -> None:
-        self.limits: list[Limit] = []
+    def __init__(self, lease: str) -> None:
+        self.limits: list[Limit] | tuple[Limit, ...] = ()
         self.requests: list[int] = []  # indexes of rpm limits
         self.tokens: list[int] = []  # indexes of tpm limits
         self.concurrency: list[int] = []
         self.budget: list[int] = []
-        self.lease = os.urandom(8).hex()
+        self.lease = lease  # names this call's concurrency slots
 
 
 class Quotas:
@@ -106,6 +116,9 @@ class Quotas:
         self.gateway = gateway
         self.state = gateway.state
         self.metrics = gateway.metrics
+        self._templates: dict[tuple, tuple] = {}
+        self._lease_prefix = os.urandom(6).hex() + ":"  # unique to this process
+        self._leases = itertools.count()
         gateway.admin_routes.append(AdminRoute("spend", ("GET",), self.spend_report))
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
@@ -144,8 +157,8 @@ class Quotas:
     def estimate(self, call: Call) -> int:
         """Tokens to reserve: about four characters a token, plus the answer's limit."""
         body = call.body
-        text = body.get("messages") or body.get("prompt") or body.get("input") or ""
-        prompt = len(str(text)) // 4 + 1
+        text = body.get("messages") or body.get("prompt") or body.get("input")
+        prompt = _characters(text) // 4 + 1
         if call.endpoint == "embeddings":
             return prompt
         answer = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -154,44 +167,55 @@ class Quotas:
         return prompt + answer
 
     def plan(self, call: Call, estimate: int) -> _Plan:
-        plan = _Plan()
         identity = call.identity
-        subjects = {
-            "key": identity.name if identity else "anonymous",
-            "team": (identity.team if identity else None) or "none",
-            "user": (identity.user if identity else None) or "none",
-            "model": call.body["model"],
-            "global": "all",
-        }
+        who = (
+            identity.name if identity else "anonymous",
+            (identity.team if identity else None) or "none",
+            (identity.user if identity else None) or "none",
+            call.body["model"],
+        )
         day, month = _periods()
-        for lc in self.config.limits:
-            if not self.matches(lc, subjects):
-                continue
-            who = subjects[lc.per]
-            prefix = f"q:{lc.id}:{who}"
-            if lc.rpm:
-                plan.requests.append(len(plan.limits))
-                plan.limits.append(Limit("rate", prefix + ":r", lc.rpm, 60.0, 1.0))
-            if lc.tpm:
-                plan.tokens.append(len(plan.limits))
-                plan.limits.append(Limit("rate", prefix + ":t", lc.tpm, 60.0, float(estimate)))
-            if lc.concurrent:
-                plan.concurrency.append(len(plan.limits))
-                plan.limits.append(Limit("concurrency", prefix + ":c", lc.concurrent))
-            for budget, period in ((lc.budget_usd_day, day), (lc.budget_usd_month, month)):
-                if budget:
-                    plan.budget.append(len(plan.limits))
-                    plan.limits.append(Limit("budget", period, budget, field=f"{lc.per}:{who}"))
+        template = self._templates.get((who, day))
+        if template is None:
+            template = self._template(who, day, month)
+        plan = _Plan(f"{self._lease_prefix}{next(self._leases)}")
+        plan.requests, plan.tokens, plan.concurrency, plan.budget, limits = template
+        if plan.tokens:
+            limits = list(limits)
+            for i in plan.tokens:
+                limits[i] = replace(limits[i], cost=float(estimate))
+        plan.limits = limits
         return plan
 
-    @staticmethod
-    def matches(lc: LimitConfig, subjects: dict[str, str]) -> bool:
-        return all(
-            any(fnmatchcase(subjects[kind], p) for p in patterns)
-            for kind, patterns in (
-                ("key", lc.keys), ("team", lc.teams), ("user", lc.users), ("model", lc.models),
-            )
-        )  # fmt: skip
+    def _template(self, who: tuple[str, str, str, str], day: str, month: str) -> tuple:
+        """Which limits a caller's calls count against, and their keys: built once per
+        caller, model and day."""
+        subjects = dict(zip(("key", "team", "user", "model"), who, strict=True))
+        subjects["global"] = "all"
+        requests, tokens, concurrency, budget, limits = [], [], [], [], []
+        for lc in self.config.limits:
+            if not lc.matches(subjects):
+                continue
+            subject = subjects[lc.per]
+            prefix = f"q:{lc.id}:{subject}"
+            if lc.rpm:
+                requests.append(len(limits))
+                limits.append(Limit("rate", prefix + ":r", lc.rpm, 60.0, 1.0))
+            if lc.tpm:
+                tokens.append(len(limits))
+                limits.append(Limit("rate", prefix + ":t", lc.tpm, 60.0, 0.0))
+            if lc.concurrent:
+                concurrency.append(len(limits))
+                limits.append(Limit("concurrency", prefix + ":c", lc.concurrent))
+            for amount, period in ((lc.budget_usd_day, day), (lc.budget_usd_month, month)):
+                if amount:
+                    budget.append(len(limits))
+                    limits.append(Limit("budget", period, amount, field=f"{lc.per}:{subject}"))
+        if len(self._templates) > 100_000:  # a new day, or very many callers
+            self._templates.clear()
+        template = (requests, tokens, concurrency, budget, tuple(limits))
+        self._templates[who, day] = template
+        return template
 
     def refusal(self, plan: _Plan, verdict) -> GatewayError:
         i = verdict.denied
@@ -305,10 +329,29 @@ class Quotas:
         return report
 
 
+def _characters(value) -> int:
+    """Characters of text in a prompt, messages or input, without serializing it."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_characters(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_characters(v) for v in value)
+    return 0
+
+
+_today: tuple[int, tuple[str, str]] = (-1, ("", ""))
+
+
 def _periods(date: str | None = None) -> tuple[str, str]:
     """The spend hashes of a UTC day (`YYYY-MM-DD`, default today) and its month."""
+    global _today
     if date is None:
-        date = time.strftime("%Y-%m-%d", time.gmtime())
+        day_number = int(time.time() // DAY_S)
+        if day_number != _today[0]:
+            date = time.strftime("%Y-%m-%d", time.gmtime(day_number * DAY_S))
+            _today = (day_number, (f"spend:d:{date}", f"spend:m:{date[:7]}"))
+        return _today[1]
     return f"spend:d:{date}", f"spend:m:{date[:7]}"
 
 

@@ -20,7 +20,9 @@ MESSAGES = [{"role": "user", "content": "hi"}]
 KEYS = ["rpm", "tpm", "conc", "budget", "stream", "shared", "free"]
 
 
-def config(upstream_port: int, redis_url: str, *, prefix: str, on_state_error="allow", rpm_free=1000):
+def config(
+    upstream_port: int, redis_url: str, *, prefix: str, on_state_error="allow", rpm_free=1000
+):
     keys = "\n".join(
         f"        - {{name: {k}, key: sk-{k}-0123456789, team: {'money' if k in ('budget', 'stream') else 'plain'}}}"
         for k in KEYS
@@ -73,7 +75,9 @@ def sdk(gateway):
     opened = []
 
     def make(key: str, url: str | None = None) -> openai.OpenAI:
-        c = openai.OpenAI(base_url=(url or gateway.url) + "/v1", api_key=f"sk-{key}-0123456789", max_retries=0)
+        c = openai.OpenAI(
+            base_url=(url or gateway.url) + "/v1", api_key=f"sk-{key}-0123456789", max_retries=0
+        )
         opened.append(c)
         return c
 
@@ -114,7 +118,9 @@ def test_tpm_reserves_then_settles_with_real_usage(sdk):
 
         async def one():
             try:
-                await a.chat.completions.create(model="m", messages=MESSAGES, max_tokens=600, extra_body=slow)
+                await a.chat.completions.create(
+                    model="m", messages=MESSAGES, max_tokens=600, extra_body=slow
+                )
                 return "ok"
             except openai.RateLimitError:
                 return "429"
@@ -134,7 +140,9 @@ def test_concurrency_limit(sdk, gateway):
     def call():
         c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-conc-0123456789", max_retries=0)
         try:
-            c.chat.completions.create(model="m", messages=MESSAGES, extra_body={"fake": {"latency_ms": 500}})
+            c.chat.completions.create(
+                model="m", messages=MESSAGES, extra_body={"fake": {"latency_ms": 500}}
+            )
             results.append("ok")
         except openai.RateLimitError:
             results.append("429")
@@ -163,7 +171,9 @@ def test_budget_fed_by_cost_then_insufficient_quota(sdk, gateway):
     # the same team's other key shares the budget
     with pytest.raises(openai.RateLimitError):
         sdk("stream").chat.completions.create(model="m", messages=MESSAGES)
-    report = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    report = httpx.get(
+        gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}
+    ).json()
     spent = report["day"]["usd"]["teams"]["money"]
     assert spent >= 50
     assert report["day"]["usd"]["keys"]["budget"] == pytest.approx(spent)
@@ -174,18 +184,27 @@ def test_budget_fed_by_cost_then_insufficient_quota(sdk, gateway):
 
 def test_stream_usage_feeds_spend_and_tokens(sdk, gateway):
     c = sdk("free")
-    before = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    before = httpx.get(
+        gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}
+    ).json()
     chunks = list(c.chat.completions.create(model="m", messages=MESSAGES, stream=True))
     assert all(ch.usage is None for ch in chunks)  # the client did not ask for usage
-    after = httpx.get(gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}).json()
+    after = httpx.get(
+        gateway.url + "/admin/spend", headers={"authorization": f"Bearer {ADMIN}"}
+    ).json()
     was = before["day"]["usd"]["keys"].get("free", 0)
     # 16 completion tokens at $2/M plus the prompt at $1/M
-    assert after["day"]["usd"]["keys"]["free"] - was == pytest.approx(16 * 2e-6 + 1e-6 * 8, abs=1e-5)
+    assert after["day"]["usd"]["keys"]["free"] - was == pytest.approx(
+        16 * 2e-6 + 1e-6 * 8, abs=1e-5
+    )
 
 
-def test_two_gateways_on_one_redis_admit_exactly_the_limit(tmp_path, upstream, redis_server, gateway):
+def test_two_gateways_on_one_redis_admit_exactly_the_limit(
+    tmp_path, upstream, redis_server, gateway
+):
     other = start_gateway(tmp_path, config(upstream.port, redis_server.url, prefix="q1:"))
     try:
+
         async def hammer():
             clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key="sk-shared-0123456789", max_retries=0)
                        for g in (gateway, other)]  # fmt: skip
@@ -215,7 +234,9 @@ def test_two_gateways_on_one_redis_admit_exactly_the_limit(tmp_path, upstream, r
 def test_redis_outage_follows_on_state_error_and_recovers(tmp_path, upstream):
     redis = RedisServer(tmp_path).start()
     allow = start_gateway(tmp_path, config(upstream.port, redis.url, prefix="o:", rpm_free=2))
-    deny = start_gateway(tmp_path, config(upstream.port, redis.url, prefix="o:", on_state_error="deny", rpm_free=2))
+    deny = start_gateway(
+        tmp_path, config(upstream.port, redis.url, prefix="o:", on_state_error="deny", rpm_free=2)
+    )
     clients = {name: openai.OpenAI(base_url=g.url + "/v1", api_key="sk-free-0123456789", max_retries=0)
                for name, g in (("allow", allow), ("deny", deny))}  # fmt: skip
     try:
@@ -225,7 +246,10 @@ def test_redis_outage_follows_on_state_error_and_recovers(tmp_path, upstream):
         with pytest.raises(openai.InternalServerError) as info:
             clients["deny"].chat.completions.create(model="m", messages=MESSAGES)
         assert info.value.status_code == 503 and info.value.code == "quota_state_unavailable"
-        assert 'meshgate_state_errors_total{decision="allow",plugin="quotas"} 1.0' in httpx.get(allow.url + "/metrics").text
+        assert (
+            'meshgate_state_errors_total{decision="allow",plugin="quotas"} 1.0'
+            in httpx.get(allow.url + "/metrics").text
+        )
         assert "quota state unavailable" in allow.output()
         assert allow.proc.poll() is None and deny.proc.poll() is None  # nothing crashed
 

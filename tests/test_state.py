@@ -54,6 +54,7 @@ def test_all_or_nothing_and_token_refund(make_state):
         first = await state.acquire([rpm, Limit("rate", "tpm:a", 1000, 60, cost=800)], "x")
         second = await state.acquire([rpm, tpm], "y")  # 800 more tokens do not fit
         await state.adjust(tpm, -700)  # the first call used 100 of its 800
+        await state.flush()
         third = await state.acquire([rpm, tpm], "z")
         await state.close()
         return first, second, third
@@ -73,6 +74,7 @@ def test_concurrency_leases(make_state):
         b = await state.acquire([slots], "b")
         c = await state.acquire([slots], "c")
         await state.release(["conc:k"], "a")
+        await state.flush()
         d = await state.acquire([slots], "d")
         await state.close()
         return a, b, c, d
@@ -86,8 +88,10 @@ def test_budget_and_spend(make_state):
         budget = Limit("budget", "spend:d", 1.0, field="key:k")
         ok = await state.acquire([budget], "a")
         await state.add_spend([("spend:d", "key:k", 0.6), ("spend:d", "team:t", 0.6)], 86400)
+        await state.flush()
         still = await state.acquire([budget], "b")
         await state.add_spend([("spend:d", "key:k", 0.5)], 86400)
+        await state.flush()
         over = await state.acquire([budget], "c")
         spent = await state.read_spend("spend:d")
         await state.close()
@@ -110,3 +114,37 @@ def test_redis_down_raises_state_unavailable():
 
     with pytest.raises(StateUnavailable):
         run(main())
+
+
+def test_concurrent_checks_are_batched_and_each_all_or_nothing(make_state):
+    async def main():
+        state = make_state()
+        await state.start()
+        rpm = Limit("rate", "rpm:batch", 10, 60)
+        verdicts = await asyncio.gather(*(state.acquire([rpm], f"l{i}") for i in range(25)))
+        await state.close()
+        return verdicts
+
+    verdicts = run(main())
+    assert sum(v.allowed for v in verdicts) == 10
+    assert sorted(v.remaining[0] for v in verdicts if v.allowed) == list(range(10))
+
+
+def test_after_call_work_survives_a_redis_outage(tmp_path):
+    async def main():
+        server = RedisServer(tmp_path).start()
+        state = create_state(StateConfig(backend="redis", url=server.url, timeout_s=0.2))
+        await state.start()
+        await state.acquire([Limit("rate", "r", 100, 60)], "a")
+        server.stop()
+        await state.add_spend([("spend:d", "key:k", 1.5)], 86400)
+        with pytest.raises(StateUnavailable):
+            await state.acquire([Limit("rate", "r", 100, 60)], "b")
+        server.start()  # same port, empty
+        await state.add_spend([("spend:d", "key:k", 1.0)], 86400)
+        spent = await state.read_spend("spend:d")
+        await state.close()
+        server.stop()
+        return spent
+
+    assert run(main()) == {"key:k": 2.5}

@@ -85,6 +85,9 @@ class State:
     async def read_spend(self, key: str) -> dict[str, float]:
         raise NotImplementedError
 
+    async def flush(self) -> None:
+        """Make after-call work (adjust, release, add_spend) visible to every process now."""
+
 
 def create_state(config: StateConfig) -> State:
     if config.backend == "redis":

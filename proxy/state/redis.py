@@ -1,9 +1,26 @@
-"""The Redis state backend: one pool, and one Lua script per check-and-count,
-so each is a single atomic round trip that every gateway process agrees on.
-Time is the Redis server's, so processes on different hosts share one clock."""
+"""The Redis state backend: every process agrees through one Lua script.
+
+One script call checks and counts a batch of requests, each all-or-nothing and
+atomically, using the Redis server's clock (so hosts share one time). Two
+things keep the round trips few:
+
+- Group commit: checks made in the same event-loop tick go in one call, sent at
+  once; up to MAX_IN_FLIGHT calls overlap, so requests do not all wait on one
+  round trip while the CPU idles. At concurrency 1 a batch is one request.
+- After-call work (refunding reserved tokens, giving back concurrency slots,
+  adding spend) is summed in memory and rides along with the next batch, or a
+  flush every `flush_interval_s` when idle. If Redis is down it is kept, not
+  dropped, and flushed when Redis is back, and on shutdown.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -11,66 +28,96 @@ from redis.exceptions import RedisError
 
 from proxy.state import LEASE_TTL_S, Limit, State, StateConfig, StateUnavailable, Verdict
 
-# KEYS: one per limit. ARGV: lease, lease_ttl, then per limit: kind, limit, period, cost, field.
-ACQUIRE = """
+log = logging.getLogger("meshgate.state")
+
+FLUSH_INTERVAL_S = 0.05
+MAX_IN_FLIGHT = 4  # batches sent and not yet answered
+
+# ARGV[1] is the batch as JSON: lease_ttl, spend_ttl, req (per request: lease and
+# its limits as [kind, key, limit, period, cost, field]), adj ([key, seconds of
+# TAT]), rel ([key, lease]) and spend ([key, field, amount]). The answer is JSON:
+# per request [allowed, denied limit (1-based), retry_after, values...].
+SCRIPT = """
+local batch = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local lease, lease_ttl = ARGV[1], tonumber(ARGV[2])
-local n = #KEYS
-local new_tats, out = {}, {}
-for i = 1, n do
-  local a = 2 + (i - 1) * 5
-  local kind, limit = ARGV[a + 1], tonumber(ARGV[a + 2])
-  local period, cost, field = tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), ARGV[a + 5]
-  local key = KEYS[i]
-  if kind == 'rate' then
-    local interval = period / limit
-    local tat = new_tats[key] or tonumber(redis.call('GET', key) or now)
-    if tat < now then tat = now end
-    local new_tat = tat + cost * interval
-    local used = new_tat - now
-    if used > period + 1e-9 then
-      return {0, i, tostring(used - period)}
+local function set_tat(key, tat)
+  if tat <= now then redis.call('DEL', key) return end
+  redis.call('SET', key, string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
+end
+for _, adj in ipairs(batch.adj) do
+  local tat = tonumber(redis.call('GET', adj[1]) or now)
+  if tat < now then tat = now end
+  set_tat(adj[1], tat + adj[2])
+end
+for _, rel in ipairs(batch.rel) do redis.call('ZREM', rel[1], rel[2]) end
+for _, sp in ipairs(batch.spend) do
+  redis.call('HINCRBYFLOAT', sp[1], sp[2], string.format('%.10f', sp[3]))
+  if redis.call('TTL', sp[1]) < 0 then redis.call('EXPIRE', sp[1], batch.spend_ttl) end
+end
+local out = {}
+for r, req in ipairs(batch.req) do
+  local lease, limits = req[1], req[2]
+  local tats, values, denied, retry = {}, {}, 0, 0
+  for i, l in ipairs(limits) do
+    local kind, key, limit, period, cost, field = l[1], l[2], l[3], l[4], l[5], l[6]
+    if kind == 'rate' then
+      local interval = period / limit
+      local tat = tats[key] or tonumber(redis.call('GET', key) or now)
+      if tat < now then tat = now end
+      local new_tat = tat + cost * interval
+      local used = new_tat - now
+      if used > period + 1e-9 then denied, retry = i, used - period break end
+      tats[key] = new_tat
+      values[#values + 1] = math.floor((period - used) / interval + 1e-9)
+      values[#values + 1] = used
+    elseif kind == 'concurrency' then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+      local live = redis.call('ZCARD', key)
+      if live >= limit then denied, retry = i, 1 break end
+      values[#values + 1] = limit - live - 1
+      values[#values + 1] = 0
+    else
+      local spent = tonumber(redis.call('HGET', key, field) or '0')
+      if spent >= limit then denied = i break end
+      values[#values + 1] = limit - spent
+      values[#values + 1] = 0
     end
-    new_tats[key] = new_tat
-    out[#out + 1] = tostring(math.floor((period - used) / interval + 1e-9))
-    out[#out + 1] = tostring(used)
-  elseif kind == 'concurrency' then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    local live = redis.call('ZCARD', key)
-    if live >= limit then return {0, i, '1'} end
-    out[#out + 1] = tostring(limit - live - 1)
-    out[#out + 1] = '0'
+  end
+  if denied > 0 then
+    out[r] = {0, denied, retry}
   else
-    local spent = tonumber(redis.call('HGET', key, field) or '0')
-    if spent >= limit then return {0, i, '0'} end
-    out[#out + 1] = tostring(limit - spent)
-    out[#out + 1] = '0'
+    for key, tat in pairs(tats) do set_tat(key, tat) end
+    for _, l in ipairs(limits) do
+      if l[1] == 'concurrency' then
+        redis.call('ZADD', l[2], now + batch.lease_ttl, lease)
+        redis.call('PEXPIRE', l[2], math.ceil(batch.lease_ttl * 1000))
+      end
+    end
+    out[r] = {1, 0, 0, values}
   end
 end
-for key, tat in pairs(new_tats) do
-  redis.call('SET', key, tostring(tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
-end
-for i = 1, n do
-  if ARGV[2 + (i - 1) * 5 + 1] == 'concurrency' then
-    redis.call('ZADD', KEYS[i], now + lease_ttl, lease)
-    redis.call('PEXPIRE', KEYS[i], math.ceil(lease_ttl * 1000))
-  end
-end
-return {1, 0, '0', unpack(out)}
+return cjson.encode(out)
 """
 
-# KEYS: the rate key. ARGV: delta in seconds of TAT.
-ADJUST = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < now then tat = now end
-tat = tat + tonumber(ARGV[1])
-if tat <= now then redis.call('DEL', KEYS[1]) return 0 end
-redis.call('SET', KEYS[1], tostring(tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
-return 1
-"""
+
+class _Pending:
+    """After-call work not yet sent, summed so it stays small."""
+
+    def __init__(self) -> None:
+        self.adjust: dict[str, float] = defaultdict(float)  # key -> seconds of TAT
+        self.release: list[tuple[str, str]] = []
+        self.spend: dict[tuple[str, str], float] = defaultdict(float)
+
+    def __bool__(self) -> bool:
+        return bool(self.adjust or self.release or self.spend)
+
+    def merge(self, other: _Pending) -> None:
+        for key, seconds in other.adjust.items():
+            self.adjust[key] += seconds
+        self.release.extend(other.release)
+        for key, amount in other.spend.items():
+            self.spend[key] += amount
 
 
 class RedisState(State):
@@ -85,55 +132,130 @@ class RedisState(State):
             retry=Retry(NoBackoff(), 1),
             decode_responses=True,
         )
-        self._acquire = self.redis.register_script(ACQUIRE)
-        self._adjust = self.redis.register_script(ADJUST)
+        self._script = self.redis.register_script(SCRIPT)
+        self._queue: list[tuple[list[Limit], str, asyncio.Future]] = []
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task] = set()
+        self._pending = _Pending()
+        self._spend_ttl = 40 * 86400
+        self._flusher: asyncio.Task | None = None
 
-    async def close(self) -> None:
-        await self.redis.aclose()
-
-    async def ping(self) -> None:
+    async def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_forever())
         try:
             await self.redis.ping()
         except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
+            log.warning("redis at %s is not reachable yet: %s", _where(self.config.url), exc)
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        with contextlib.suppress(StateUnavailable):
+            await self.flush()
+        if self._pending:
+            log.warning("redis unreachable at shutdown: unsent spend and refunds are lost")
+        await self.redis.aclose()
 
     async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
-        args: list = [lease, LEASE_TTL_S]
-        for limit in limits:
-            args += [limit.kind, limit.limit, limit.period_s, limit.cost, limit.field]
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((limits, lease, future))
+        if len(self._queue) == 1 and self._in_flight < MAX_IN_FLIGHT:
+            loop.call_soon(self._send_queued)
+        return await future
+
+    def _send_queued(self) -> None:
+        """Send what this loop tick queued as one batch, without waiting for the last one."""
+        if not self._queue or self._in_flight >= MAX_IN_FLIGHT:
+            return
+        batch, self._queue = self._queue, []
+        self._in_flight += 1
+        task = asyncio.ensure_future(self._send(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch) -> None:
         try:
-            result = await self._acquire(keys=[self.prefix + x.key for x in limits], args=args)
+            results = await self._call(batch)
+        except StateUnavailable as exc:
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(StateUnavailable(str(exc)))
+        else:
+            for (_, _, future), verdict in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(verdict)
+        finally:
+            self._in_flight -= 1
+            if self._queue:
+                self._send_queued()
+
+    async def _call(self, batch) -> list[Verdict]:
+        pending, self._pending = self._pending, _Pending()
+        p = self.prefix
+        payload = {
+            "lease_ttl": LEASE_TTL_S,
+            "spend_ttl": self._spend_ttl,
+            "req": [
+                [lease, [[x.kind, p + x.key, x.limit, x.period_s, x.cost, x.field] for x in limits]]
+                for limits, lease, _ in batch
+            ],
+            "adj": [[p + key, seconds] for key, seconds in pending.adjust.items()],
+            "rel": [[p + key, lease] for key, lease in pending.release],
+            "spend": [[p + key, f, amount] for (key, f), amount in pending.spend.items()],
+        }
+        try:
+            raw = await self._script(keys=[], args=[orjson.dumps(payload)])
         except (RedisError, OSError) as exc:
+            pending.merge(self._pending)  # keep what was not sent
+            self._pending = pending
             raise StateUnavailable(f"redis: {exc}") from exc
-        allowed, index, retry = int(result[0]), int(result[1]), float(result[2])
-        if not allowed:
-            return Verdict(False, denied=index - 1, retry_after_s=retry)
-        values = [float(v) for v in result[3:]]
-        return Verdict(True, remaining=tuple(values[0::2]), reset_s=tuple(values[1::2]))
+        return [_verdict(r) for r in orjson.loads(raw)]
+
+    async def flush(self) -> None:
+        """Send the after-call work now (tests, shutdown); the flusher does it when idle."""
+        if self._pending:
+            await self._call([])
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            if self._pending and not self._in_flight:
+                try:
+                    await self.flush()
+                except StateUnavailable as exc:
+                    log.debug("flush deferred: %s", exc)
 
     async def adjust(self, limit: Limit, delta: float) -> None:
-        seconds = delta * limit.period_s / limit.limit
-        await self._run(self._adjust(keys=[self.prefix + limit.key], args=[seconds]))
+        self._pending.adjust[limit.key] += delta * limit.period_s / limit.limit
 
     async def release(self, keys: list[str], lease: str) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.zrem(self.prefix + key, lease)
-            await self._run(pipe.execute())
+        self._pending.release.extend((key, lease) for key in keys)
 
     async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, field, amount in entries:
-                pipe.hincrbyfloat(self.prefix + key, field, amount)
-                pipe.expire(self.prefix + key, int(ttl_s), nx=True)
-            await self._run(pipe.execute())
+        self._spend_ttl = int(ttl_s)
+        for key, field, amount in entries:
+            self._pending.spend[key, field] += amount
 
     async def read_spend(self, key: str) -> dict[str, float]:
-        raw = await self._run(self.redis.hgetall(self.prefix + key))
-        return {k: float(v) for k, v in raw.items()}
-
-    async def _run(self, awaitable):
         try:
-            return await awaitable
+            await self.flush()
+            raw = await self.redis.hgetall(self.prefix + key)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis: {exc}") from exc
+        return {k: float(v) for k, v in raw.items()}
+
+
+def _verdict(result: list) -> Verdict:
+    if not result[0]:
+        return Verdict(False, denied=int(result[1]) - 1, retry_after_s=float(result[2]))
+    values = result[3] if isinstance(result[3], list) else []  # cjson encodes {} for []
+    return Verdict(True, remaining=tuple(values[0::2]), reset_s=tuple(values[1::2]))
+
+
+def _where(url: str) -> str:
+    """The URL without its password, for logs."""
+    _, sep, tail = url.rpartition("@")
+    return f"{url.split('://')[0]}://***@{tail}" if sep else url
