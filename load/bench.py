@@ -86,9 +86,15 @@ pipeline:
 """
 
 
-def gateway(port: int, upstream_port: int, workers: int, tmp: Path, redis_url: str | None = None):
+def gateway(port: int, upstream_port: int, workers: int, tmp: Path, state: str | None = None):
+    """The gateway; with `state` ("memory" or a Redis URL), with auth and quotas on it."""
     config = tmp / f"gateway-{port}.yaml"
-    extra = f'state: {{backend: redis, url: "{redis_url}"}}\n{QUOTAS}' if redis_url else ""
+    extra = ""
+    if state == "memory":
+        extra = QUOTAS
+    elif state:
+        extra = f'state: {{backend: redis, url: "{state}"}}\n{QUOTAS}'
+
     config.write_text(
         f"""
 server: {{host: 127.0.0.1, port: {port}, workers: {workers}, access_log: false, log_level: warning}}
@@ -196,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", choices=["litellm"], help="also run LiteLLM's proxy")
     parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
     parser.add_argument(
-        "--pipeline", choices=["quotas"], help="also a gateway with auth + quotas on Redis"
+        "--pipeline",
+        choices=["quotas", "quotas-memory"],
+        help="also a gateway with auth + quotas, on Redis or on the memory backend",
     )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -216,11 +224,15 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(litellm_proxy(ll, up, tmp))
                 wait_http(f"http://127.0.0.1:{ll}/health/liveliness", timeout_s=180)
                 targets["litellm"] = ll
-            if args.pipeline == "quotas":
-                rp, qp = free_port(), free_port()
-                stack.enter_context(redis_server(rp, tmp))
-                time.sleep(0.3)
-                stack.enter_context(gateway(qp, up, 1, tmp, f"redis://127.0.0.1:{rp}/0"))
+            if args.pipeline:
+                qp = free_port()
+                state = "memory"
+                if args.pipeline == "quotas":
+                    rp = free_port()
+                    stack.enter_context(redis_server(rp, tmp))
+                    time.sleep(0.3)
+                    state = f"redis://127.0.0.1:{rp}/0"
+                stack.enter_context(gateway(qp, up, 1, tmp, state))
                 wait_http(f"http://127.0.0.1:{qp}/ready")
                 targets["meshgate+quotas"] = qp
             if args.workers > 1:
@@ -258,7 +270,8 @@ def report(results: dict, args) -> None:
             q = by_target["meshgate+quotas"]
             loss = 1 - q["rps"] / mg
             added = q["p50_ms"] - by_target["meshgate"]["p50_ms"]
-            print(f"  auth+quotas on Redis: {loss:.1%} fewer req/s, +{added:.3f} ms p50")
+            where = "Redis" if args.pipeline == "quotas" else "the memory backend"
+            print(f"  auth+quotas on {where}: {loss:.1%} fewer req/s, +{added:.3f} ms p50")
         name = f"meshgate-{args.workers}w"
         if name in by_target:
             ratio = by_target[name]["rps"] / mg

@@ -104,6 +104,7 @@ class Auth:
         if len(self.keys) != len(config.keys):
             raise ValueError("two auth keys have the same value")
         self.jwt = JWTVerifier(config.jwt) if config.jwt is not None else None
+        self._allowed: dict[tuple[tuple[str, ...], str], bool] = {}  # (patterns, model)
         if config.admin_key is not None:
             gateway.admin_key = config.admin_key
 
@@ -119,10 +120,16 @@ class Auth:
         return self.jwt is None or self.jwt.ready()
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
-        call.identity = await self.authenticate(call.headers)
+        call.identity = identity = await self.authenticate(call.headers)
         if call.endpoint in MODEL_CALLS:
             model = call.body["model"]
-            if not any(fnmatchcase(model, p) for p in call.identity.models):
+            allowed = self._allowed.get((identity.models, model))
+            if allowed is None:
+                allowed = any(fnmatchcase(model, p) for p in identity.models)
+                if len(self._allowed) > 100_000:
+                    self._allowed.clear()
+                self._allowed[identity.models, model] = allowed
+            if not allowed:
                 raise PermissionDenied(
                     f"The API key '{call.identity.name}' may not use the model `{model}`.",
                     param="model",

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
@@ -96,7 +96,7 @@ class QuotasConfig:
 class _Plan:
     """The limits one call is checked against, with what each one counts."""
 
-    __slots__ = ("budget", "concurrency", "lease", "limits", "requests", "tokens")
+    __slots__ = ("budget", "concurrency", "lease", "limits", "requests", "spend", "tokens")
 
     def __init__(self, lease: str) -> None:
         self.limits: list[Limit] | tuple[Limit, ...] = ()
@@ -104,6 +104,7 @@ class _Plan:
         self.tokens: list[int] = []  # indexes of tpm limits
         self.concurrency: list[int] = []
         self.budget: list[int] = []
+        self.spend: tuple = ((), None)  # where the cost is added up, and its metric
         self.lease = lease  # names this call's concurrency slots
 
 
@@ -150,7 +151,7 @@ class Quotas:
             usage = reply.get_usage()
             if counted:
                 await self.settle(call, plan, estimate, usage)
-            await self.record_spend(call, reply, usage, estimate)
+            await self.record_spend(call, plan, reply, usage, estimate)
 
         return reply.on_complete(complete)
 
@@ -179,11 +180,12 @@ class Quotas:
         if template is None:
             template = self._template(who, day, month)
         plan = _Plan(f"{self._lease_prefix}{next(self._leases)}")
-        plan.requests, plan.tokens, plan.concurrency, plan.budget, limits = template
+        plan.requests, plan.tokens, plan.concurrency, plan.budget, limits, plan.spend = template
         if plan.tokens:
             limits = list(limits)
             for i in plan.tokens:
-                limits[i] = replace(limits[i], cost=float(estimate))
+                limit = limits[i]
+                limits[i] = Limit("rate", limit.key, limit.limit, 60.0, float(estimate))
         plan.limits = limits
         return plan
 
@@ -213,7 +215,13 @@ class Quotas:
                     limits.append(Limit("budget", period, amount, field=f"{lc.per}:{subject}"))
         if len(self._templates) > 100_000:  # a new day, or very many callers
             self._templates.clear()
-        template = (requests, tokens, concurrency, budget, tuple(limits))
+        key, team, user, model = who
+        fields = (f"key:{key}", f"team:{team}", f"user:{user}", f"model:{model}", "global:all")
+        spend = (
+            tuple((period, f) for period in (day, month) for f in fields),
+            self.metrics.spend.labels(key, team, model),
+        )
+        template = (requests, tokens, concurrency, budget, tuple(limits), spend)
         self._templates[who, day] = template
         return template
 
@@ -273,7 +281,9 @@ class Quotas:
             log.warning("could not settle quotas for %s: %s", call.request_id, exc)
             self.metrics.state_errors.labels("quotas", "settle_skipped").inc()
 
-    async def record_spend(self, call: Call, reply: Reply, usage: dict | None, estimate: int):
+    async def record_spend(
+        self, call: Call, plan: _Plan, reply: Reply, usage: dict | None, estimate: int
+    ) -> None:
         deployment = reply.deployment
         if deployment is None or deployment.price is None:
             return
@@ -283,15 +293,9 @@ class Quotas:
         cost = deployment.price.cost(usage)
         if cost <= 0:
             return
-        identity = call.identity
-        key = identity.name if identity else "anonymous"
-        team = (identity.team if identity else None) or "none"
-        user = (identity.user if identity else None) or "none"
-        model = call.body["model"]
-        self.metrics.spend.labels(key, team, model).inc(cost)
-        fields = [f"key:{key}", f"team:{team}", f"user:{user}", f"model:{model}", "global:all"]
-        day, month = _periods()
-        entries = [(period, f, cost) for period in (day, month) for f in fields]
+        where, metric = plan.spend
+        metric.inc(cost)
+        entries = [(period, f, cost) for period, f in where]
         try:
             await self.state.add_spend(entries, ttl_s=40 * DAY_S)
         except StateUnavailable as exc:

@@ -298,3 +298,26 @@ def test_jwt_hs256_and_es256_pem(tmp_path):
         JWTConfig(algorithms=["HS256", "RS256"], secret=secret)
     with pytest.raises(ValueError):
         JWTConfig(algorithms=["none"], secret=secret)
+
+
+def test_jwks_file_and_not_before(tmp_path):
+    import asyncio
+
+    from plugins._jwt import JWTConfig, JWTVerifier
+    from proxy.errors import AuthenticationFailed
+
+    key = rsa_key()
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    path = tmp_path / "jwks.json"
+    path.write_bytes(orjson.dumps({"keys": [{**jwk, "kid": "f1"}]}))
+    verifier = JWTVerifier(JWTConfig(algorithms=["RS256"], jwks_file=str(path), leeway_s=0))
+    now = int(time.time())
+    good = jwt.encode({"sub": "f", "exp": now + 60}, key, algorithm="RS256", headers={"kid": "f1"})
+    assert asyncio.run(verifier.verify(good)).name == "f"
+    early = jwt.encode({"sub": "f", "exp": now + 600, "nbf": now + 300}, key, algorithm="RS256",
+                       headers={"kid": "f1"})  # fmt: skip
+    with pytest.raises(AuthenticationFailed):
+        asyncio.run(verifier.verify(early))
+    no_exp = jwt.encode({"sub": "f"}, key, algorithm="RS256", headers={"kid": "f1"})
+    with pytest.raises(AuthenticationFailed):
+        asyncio.run(verifier.verify(no_exp))
