@@ -51,10 +51,12 @@ for _, adj in ipairs(batch.adj) do
   set_tat(adj[1], tat + adj[2])
 end
 for _, rel in ipairs(batch.rel) do redis.call('ZREM', rel[1], rel[2]) end
+local spend_keys = {}
 for _, sp in ipairs(batch.spend) do
   redis.call('HINCRBYFLOAT', sp[1], sp[2], string.format('%.10f', sp[3]))
-  if redis.call('TTL', sp[1]) < 0 then redis.call('EXPIRE', sp[1], batch.spend_ttl) end
+  spend_keys[sp[1]] = true
 end
+for key in pairs(spend_keys) do redis.call('EXPIRE', key, batch.spend_ttl, 'NX') end
 local out = {}
 for r, req in ipairs(batch.req) do
   local lease, limits = req[1], req[2]
@@ -72,8 +74,11 @@ for r, req in ipairs(batch.req) do
       values[#values + 1] = math.floor((period - used) / interval + 1e-9)
       values[#values + 1] = used
     elseif kind == 'concurrency' then
-      redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
       local live = redis.call('ZCARD', key)
+      if live >= limit then  -- drop leases whose holders died, then count again
+        redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+        live = redis.call('ZCARD', key)
+      end
       if live >= limit then denied, retry = i, 1 break end
       values[#values + 1] = limit - live - 1
       values[#values + 1] = 0
