@@ -87,7 +87,6 @@ class AuthConfig:
 
 @dataclass(slots=True)
 class _Key:
-    digest: bytes
     identity: Identity
     expires: float | None
 
@@ -100,7 +99,7 @@ class Auth:
         for k in config.keys:
             identity = Identity(k.name, k.team, k.user, tuple(k.models), dict(k.metadata))
             expires = expiry_of(k.expires) if k.expires else None
-            self.keys[k.digest()] = _Key(k.digest(), identity, expires)
+            self.keys[k.digest()] = _Key(identity, expires)
         if len(self.keys) != len(config.keys):
             raise ValueError("two auth keys have the same value")
         self.jwt = JWTVerifier(config.jwt) if config.jwt is not None else None

@@ -6,8 +6,6 @@ forwards each event's bytes untouched; `Event.json()` parses on demand.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
-
 import orjson
 
 DONE = b"data: [DONE]\n\n"
@@ -90,16 +88,3 @@ class EventSplitter:
     def pending(self) -> bytes:
         """Bytes received after the last complete event (a torn event when the stream ended)."""
         return self._buffer
-
-
-async def split(chunks: AsyncIterator[bytes]) -> AsyncIterator[Event]:
-    splitter = EventSplitter()
-    async for chunk in chunks:
-        for event in splitter.feed(chunk):
-            yield event
-    if splitter.pending.strip():
-        raise EOFError("the upstream stream ended inside an event")
-
-
-def encode_all(events: Iterable[Event]) -> bytes:
-    return b"".join(e.raw for e in events)

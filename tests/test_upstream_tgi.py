@@ -132,3 +132,10 @@ def test_completions_and_errors():
     ok, bad = run(upstream, main)
     assert ok.parsed()["choices"][0]["text"] == " world"
     assert bad.status == 400 and "too long" in bad.message
+
+
+def test_embeddings_are_not_served_by_tgi():
+    upstream, _ = setup()
+    with pytest.raises(InvalidRequest) as info:
+        upstream.check_ready("embeddings")
+    assert "does not serve /v1/embeddings" in info.value.message

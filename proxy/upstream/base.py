@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.errors import ProviderNotConfigured
+from proxy.errors import InvalidRequest, ProviderNotConfigured
 
 if TYPE_CHECKING:
     from proxy.catalog import Deployment
@@ -66,8 +66,6 @@ class Upstream:
                 f"provider '{self.name}' cannot be called: environment variable {names} is not set"
             )
         if endpoint not in self.endpoints:
-            from proxy.errors import InvalidRequest
-
             raise InvalidRequest(
                 f"provider '{self.name}' ({self.config.type}) does not serve /v1/{_path(endpoint)}"
             )
