@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import subprocess
 import threading
 import time
 
@@ -281,3 +282,25 @@ pipeline:
                             capture_output=True, text=True, cwd=ROOT, timeout=60, env=dict(os.environ))  # fmt: skip
     assert result.returncode == 1
     assert "cannot share the memory state backend" in result.stderr and "redis" in result.stderr
+
+
+def test_slow_redis_counts_as_unavailable(tmp_path, upstream):
+    redis = RedisServer(tmp_path, None, "--enable-debug-command", "yes").start()
+    gateway = start_gateway(
+        tmp_path, config(upstream.port, redis.url, prefix="slow:", on_state_error="deny")
+    )
+    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-free-0123456789", max_retries=0)
+    try:
+        assert c.chat.completions.create(model="m", messages=MESSAGES)
+        stall = subprocess.Popen(["redis-cli", "-p", str(redis.port), "DEBUG", "SLEEP", "1.5"])
+        time.sleep(0.2)
+        with pytest.raises(openai.InternalServerError) as info:
+            c.chat.completions.create(model="m", messages=MESSAGES)
+        assert info.value.code == "quota_state_unavailable"
+        assert stall.poll() is None  # refused while Redis was still asleep, not after
+        stall.wait(5)
+        assert c.chat.completions.create(model="m", messages=MESSAGES)  # back to normal
+    finally:
+        c.close()
+        gateway.stop()
+        redis.stop()
