@@ -78,6 +78,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.task: asyncio.Future | None = None  # the request being handled
+        self.corked: list[bytes] | None = None
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -120,7 +121,19 @@ class Connection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if self.closed:
             raise ConnectionResetError
-        self.transport.write(data)
+        if self.corked is not None:
+            self.corked.append(data)
+        else:
+            self.transport.write(data)
+
+    def cork(self) -> None:
+        """Gather writes until uncork(): one syscall for an answer with no delays in it."""
+        self.corked = []
+
+    def uncork(self) -> None:
+        data, self.corked = self.corked, None
+        if data:
+            self.write(b"".join(data))
 
     def respond(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
         head = [b"HTTP/1.1 %d %s" % (status, REASONS.get(status, b"Error"))]
@@ -218,6 +231,9 @@ class FakeUpstream:
             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
         )
         self.stats.open_streams += 1
+        instant = not (knobs["ttft_ms"] or knobs["token_delay_ms"] or knobs["abort_after"])
+        if instant:
+            conn.cork()
         try:
             if knobs["ttft_ms"]:
                 await asyncio.sleep(knobs["ttft_ms"] / 1000)
@@ -291,6 +307,8 @@ class FakeUpstream:
             raise
         finally:
             self.stats.open_streams -= 1
+            if instant and not conn.closed:
+                conn.uncork()
 
 
 def _chunk(conn: Connection, data: bytes) -> None:
