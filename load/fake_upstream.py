@@ -19,6 +19,10 @@ through the gateway, so tests script faults that way):
     abort_after      streams: drop the connection after this many events
     error_event      streams: send an error event as the first event (0/1)
     echo             add an `echo` field: the request body and headers as received (0/1)
+    fail_times       fail the first N requests that carry the same fail_key, then answer
+    fail_key         names the counter fail_times counts on (default "default")
+    fail_mode        how injected failures look: status (error_status), error_event (a
+                     stream that opens with an error event) or abort (connection dropped)
 
 GET /_stats returns request counts, so tests can tell what reached the upstream.
 """
@@ -45,6 +49,9 @@ KNOBS = {
     "abort_after": int,
     "error_event": int,
     "echo": int,
+    "fail_times": int,
+    "fail_key": str,
+    "fail_mode": str,
 }
 DEFAULTS = {
     "latency_ms": 0.0,
@@ -58,6 +65,9 @@ DEFAULTS = {
     "abort_after": 0,
     "error_event": 0,
     "echo": 0,
+    "fail_times": 0,
+    "fail_key": "default",
+    "fail_mode": "status",
 }
 REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many Requests"}
 
@@ -148,6 +158,7 @@ class FakeUpstream:
     def __init__(self, defaults: dict) -> None:
         self.defaults = defaults
         self.stats = Stats()
+        self.failed: dict[str, int] = {}  # fail_key -> failures injected so far
 
     def knobs(self, headers: dict, body: dict) -> dict:
         knobs = dict(self.defaults)
@@ -175,7 +186,17 @@ class FakeUpstream:
         except orjson.JSONDecodeError:
             return conn.respond(400, _error("invalid JSON", "invalid_request_error", None))
         knobs = self.knobs(headers, body)
-        if knobs["error_rate"] and random.random() < knobs["error_rate"]:
+        inject = bool(knobs["error_rate"]) and random.random() < knobs["error_rate"]
+        if knobs["fail_times"] and self.failed.get(knobs["fail_key"], 0) < knobs["fail_times"]:
+            self.failed[knobs["fail_key"]] = self.failed.get(knobs["fail_key"], 0) + 1
+            inject = True
+        if inject and knobs["fail_mode"] == "abort":
+            conn.transport.abort()
+            return None
+        if inject and knobs["fail_mode"] == "error_event" and body.get("stream"):
+            knobs["error_event"] = 1
+            inject = False
+        if inject:
             extra = {}
             if knobs["retry_after"]:
                 extra["retry-after"] = f"{knobs['retry_after']:g}"

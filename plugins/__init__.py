@@ -2,6 +2,7 @@
 
 BUILTIN = {
     "auth": "plugins.auth:Auth",
+    "fallback": "plugins.fallback:Fallback",
     "params": "plugins.params:Params",
     "quotas": "plugins.quotas:Quotas",
 }

@@ -67,8 +67,8 @@ class Server:
         return self.proc.returncode
 
 
-def start_fake_upstream(tmp: Path, *knobs: str) -> Server:
-    port = free_port()
+def start_fake_upstream(tmp: Path, *knobs: str, port: int | None = None) -> Server:
+    port = port or free_port()
     args = [sys.executable, "-m", "load.fake_upstream", "--port", str(port), *knobs]
     return Server(args, port, tmp / f"fake-{port}.log", "/health")
 

@@ -1,0 +1,290 @@
+"""fallback: retries, fallback models and circuit breakers, invisible to the client.
+
+    pipeline:
+      - auth: {...}
+      - quotas: {...}
+      - fallback:
+          attempts: 3              # tries per model, spread over its deployments
+          backoff_s: 0.25          # first wait before retrying a deployment; doubles, with jitter
+          deadline_s: 120          # the whole request, every attempt included
+          models:
+            gpt-4o:
+              fallbacks: [gpt-4o-mini]        # when gpt-4o keeps failing
+              context_window: [gpt-4o-long]   # when the prompt is too long for it
+              content_policy: [claude]        # when its provider refuses the content
+          breaker: {failures: 5, window_s: 60, cooldown_s: 30}
+
+Only upstream failures are retried: 429s from the provider, 5xx, timeouts and
+broken connections. The gateway's own refusals (auth, quotas) and the client's
+mistakes are not, which is why fallback goes after auth and quotas. A stream
+is retried only until its first event: the plugin waits for that event before
+the answer is committed to the client, so a stream that fails at once, or
+opens with an error event, falls over like any request. After the first byte
+has reached the client it never is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Literal
+
+from proxy.errors import (
+    GatewayError,
+    ProviderNotConfigured,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.pipeline import Call, Next, Reply
+from proxy.sse import Event
+
+log = logging.getLogger("meshgate.fallback")
+
+MODEL_CALLS = ("chat", "completions", "embeddings")
+Failure = Literal["rate_limit", "server_error", "timeout", "unavailable"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelFallbacks:
+    fallbacks: list[str] = field(default_factory=list)
+    context_window: list[str] = field(default_factory=list)
+    content_policy: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerConfig:
+    failures: int = 5  # failures within window_s that open the breaker
+    window_s: float = 60.0
+    cooldown_s: float = 30.0  # open this long, then one probe decides
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackConfig:
+    attempts: int = 3
+    backoff_s: float = 0.25
+    backoff_max_s: float = 8.0
+    max_retry_after_s: float = 30.0  # a longer Retry-After moves on instead of waiting
+    deadline_s: float = 120.0
+    retry_on: list[Literal["rate_limit", "server_error", "timeout", "unavailable"]] = field(
+        default_factory=lambda: ["rate_limit", "server_error", "timeout", "unavailable"]
+    )
+    models: dict[str, ModelFallbacks] = field(default_factory=dict)
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("attempts must be at least 1")
+        if min(self.backoff_s, self.deadline_s) <= 0:
+            raise ValueError("backoff_s and deadline_s must be positive")
+
+
+class Breaker:
+    """Per-deployment circuit breaker: closed, open for a cooldown, then half-open
+    for one probe whose outcome closes or reopens it."""
+
+    def __init__(self, config: BreakerConfig, clock=time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.failures: dict[str, deque[float]] = {}
+        self.open_until: dict[str, float] = {}
+        self.probing: set[str] = set()
+
+    def allows(self, name: str) -> bool:
+        until = self.open_until.get(name)
+        if until is None:
+            return True
+        if self.clock() < until or name in self.probing:
+            return False
+        self.probing.add(name)  # half-open: this caller is the probe
+        return True
+
+    def is_open(self, name: str) -> bool:
+        until = self.open_until.get(name)
+        return until is not None and (self.clock() < until or name in self.probing)
+
+    def success(self, name: str) -> None:
+        if name in self.open_until:
+            log.info("circuit breaker for %s closed", name)
+        self.open_until.pop(name, None)
+        self.probing.discard(name)
+        self.failures.pop(name, None)
+
+    def failure(self, name: str) -> None:
+        now = self.clock()
+        if name in self.probing:  # the probe failed: open again
+            self.probing.discard(name)
+            self.open_until[name] = now + self.config.cooldown_s
+            return
+        recent = self.failures.setdefault(name, deque())
+        recent.append(now)
+        while recent and recent[0] < now - self.config.window_s:
+            recent.popleft()
+        if len(recent) >= self.config.failures and name not in self.open_until:
+            self.open_until[name] = now + self.config.cooldown_s
+            recent.clear()
+            log.warning("circuit breaker for %s opened for %gs", name, self.config.cooldown_s)
+
+
+class Fallback:
+    Config = FallbackConfig
+
+    def __init__(self, config: FallbackConfig, gateway) -> None:
+        self.config = config
+        self.catalog = gateway.catalog
+        self.breaker = Breaker(config.breaker)
+        self.retry_on = set(config.retry_on)
+        for name, fallbacks in config.models.items():
+            for target in (name, *fallbacks.fallbacks, *fallbacks.context_window,
+                           *fallbacks.content_policy):  # fmt: skip
+                if self.catalog.find(target) is None:
+                    raise ValueError(f"fallback names model '{target}', which is not in models:")
+
+    async def __call__(self, call: Call, call_next: Next) -> Reply:
+        if call.endpoint not in MODEL_CALLS or call.model is None:
+            return await call_next(call)
+        requested = call.model.name
+        deadline = time.monotonic() + self.config.deadline_s
+        queue = [requested]
+        tried: set[str] = set()
+        while True:
+            name = queue.pop(0)
+            tried.add(name)
+            try:
+                return await self._model(call, call_next, name, deadline)
+            except GatewayError as exc:
+                more = self._fallbacks(requested, exc)
+                queue = [m for m in (more or []) if m not in tried]
+                if more is None or not queue or time.monotonic() >= deadline:
+                    raise
+                log.info("request %s falls back from %s to %s: %s",
+                         call.request_id, name, queue[0], exc.message)  # fmt: skip
+
+    async def _model(self, call: Call, call_next: Next, name: str, deadline: float) -> Reply:
+        """Try one model: up to `attempts` calls over its deployments, skipping open breakers."""
+        model = self.catalog.get(name)
+        call.model = model
+        order = list(model.deployments)
+        if call.deployment in order:  # a routing plugin's choice goes first
+            i = order.index(call.deployment)
+            order = order[i:] + order[:i]
+        last: GatewayError | None = None
+        previous = None
+        for attempt in range(self.config.attempts):
+            candidates = [d for d in order if not self.breaker.is_open(d.name)]
+            if not candidates:
+                raise last or UpstreamUnavailable(
+                    f"every deployment of '{name}' is failing (circuit breaker open)"
+                )
+            deployment = candidates[attempt % len(candidates)]
+            if deployment is previous:
+                await self._wait(attempt, last, deadline)
+            if time.monotonic() >= deadline:
+                break
+            self.breaker.allows(deployment.name)  # marks the probe of a half-open breaker
+            call.deployment = previous = deployment
+            try:
+                async with asyncio.timeout(deadline - time.monotonic()):
+                    reply = await self._attempt(call, call_next)
+            except TimeoutError:
+                self.breaker.failure(deployment.name)
+                raise UpstreamTimeout(
+                    "the request's deadline passed before an upstream answered"
+                ) from None
+            except GatewayError as exc:
+                kind = classify(exc)
+                if kind is None:
+                    raise
+                self.breaker.failure(deployment.name)
+                if kind not in self.retry_on:
+                    raise
+                last = exc
+                continue
+            self.breaker.success(deployment.name)
+            return reply
+        raise last or UpstreamTimeout("the request's deadline passed before an upstream answered")
+
+    async def _attempt(self, call: Call, call_next: Next) -> Reply:
+        reply = await call_next(call)
+        if not reply.streamed:
+            return reply
+        return await first_event_or_raise(reply)
+
+    async def _wait(self, attempt: int, error: GatewayError | None, deadline: float) -> None:
+        retry_after = _retry_after(error) if error is not None else None
+        if retry_after is not None and retry_after <= self.config.max_retry_after_s:
+            delay = retry_after
+        else:
+            ceiling = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (attempt - 1))
+            delay = random.uniform(ceiling / 2, ceiling)  # jitter, never zero
+        delay = min(delay, max(0.0, deadline - time.monotonic()))
+        if delay:
+            await asyncio.sleep(delay)
+
+    def _fallbacks(self, model: str, error: GatewayError) -> list[str] | None:
+        """Models to try next after `error`, or None when the error is final."""
+        fallbacks = self.config.models.get(model)
+        code = getattr(error, "code", None)
+        if code == "context_length_exceeded":
+            return fallbacks.context_window if fallbacks else None
+        if code in ("content_policy_violation", "content_filter"):
+            return fallbacks.content_policy if fallbacks else None
+        if classify(error) is None:
+            return None
+        return fallbacks.fallbacks if fallbacks else []
+
+
+def classify(error: GatewayError) -> Failure | None:
+    """What kind of upstream failure `error` is, or None when it is not one."""
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, (UpstreamUnavailable, ProviderNotConfigured)):
+        return "unavailable"
+    if isinstance(error, UpstreamStatus):
+        if error.status == 429:
+            return "rate_limit"
+        if error.status >= 500:
+            return "server_error"
+    return None
+
+
+async def first_event_or_raise(reply: Reply) -> Reply:
+    """Wait for a stream's first event; raise if it fails or opens with an error."""
+    events = reply.events
+    try:
+        first = await anext(events)
+    except StopAsyncIteration:
+        await events.aclose()
+        raise UpstreamUnavailable("the upstream ended the stream before any event") from None
+    except BaseException:
+        await events.aclose()
+        raise
+    data = first.json() if b"{" in first.raw[:7] else None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        await events.aclose()
+        error = data["error"]
+        raise UpstreamStatus(502, str(error.get("message") or "upstream stream error"),
+                             code=error.get("code"))  # fmt: skip
+    reply.events = _prepend(first, events)
+    return reply
+
+
+async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    async with aclosing(rest):
+        yield first
+        async for event in rest:
+            yield event
+
+
+def _retry_after(error: GatewayError) -> float | None:
+    value = error.headers.get("retry-after")
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,204 @@
+"""The fallback plugin end to end: fake upstream processes with injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from plugins.fallback import Breaker, BreakerConfig
+from tests.conftest import free_port, start_fake_upstream, start_gateway, upstream_stats
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture(scope="module")
+def dead_port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstream, dead_port):
+    server = start_gateway(tmp_path_factory.mktemp("fallback"), f"""
+server: {{host: 127.0.0.1}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
+  dead: {{type: openai, base_url: "http://127.0.0.1:{dead_port}/v1", timeouts: {{connect_s: 1}}}}
+models:
+  - {{name: primary, deployments: [{{provider: up, model: primary-v1}}]}}
+  - {{name: backup, deployments: [{{provider: up, model: backup-v1}}]}}
+  - {{name: long, deployments: [{{provider: up, model: long-context-v1}}]}}
+  - {{name: gone, deployments: [{{provider: dead, model: gone-v1}}]}}
+  - name: pair
+    deployments: [{{provider: dead, model: pair-dead, name: pair-a}}, {{provider: up, model: pair-up, name: pair-b}}]
+pipeline:
+  - fallback:
+      attempts: 3
+      backoff_s: 0.05
+      deadline_s: 10
+      models:
+        primary: {{fallbacks: [backup], context_window: [long]}}
+        gone: {{fallbacks: [backup]}}
+      breaker: {{failures: 3, window_s: 30, cooldown_s: 1}}
+""")  # fmt: skip
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sdk(gateway):
+    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    yield c
+    c.close()
+
+
+def script(**knobs):
+    return {"fake": {"fail_key": uuid.uuid4().hex, **knobs}}
+
+
+def attempts_of(gateway, request_id: str) -> dict:
+    time.sleep(0.1)
+    return next(x for x in gateway.access_lines() if x["request_id"] == request_id)
+
+
+def test_retries_a_500_invisibly(sdk, gateway, upstream):
+    before = upstream_stats(upstream)["requests"]
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="primary", messages=MESSAGES, extra_body=script(fail_times=2, error_status=500)
+    )
+    assert raw.parse().model == "primary-v1"
+    assert upstream_stats(upstream)["requests"] - before == 3
+    assert attempts_of(gateway, raw.headers["x-request-id"])["attempts"] == 3
+
+
+def test_honours_retry_after(sdk, gateway):
+    started = time.monotonic()
+    raw = sdk.chat.completions.with_raw_response.create(
+        model="primary", messages=MESSAGES,
+        extra_body=script(fail_times=1, error_status=429, retry_after=1),
+    )  # fmt: skip
+    waited = time.monotonic() - started
+    assert raw.parse().model == "primary-v1"
+    assert waited >= 1.0  # it waited as the upstream asked, not its own 50 ms backoff
+
+
+def test_falls_back_to_the_next_model_in_order(sdk, gateway):
+    raw = sdk.chat.completions.with_raw_response.create(model="gone", messages=MESSAGES)
+    assert raw.parse().model == "backup-v1"
+    line = attempts_of(gateway, raw.headers["x-request-id"])
+    assert line["model"] == "backup" and line["attempts"] == 4  # 3 on gone, then backup
+
+
+def test_context_window_error_goes_to_the_larger_model(sdk):
+    answer = sdk.chat.completions.create(
+        model="primary", messages=MESSAGES,
+        extra_body=script(fail_times=1, error_status=400, error_code="context_length_exceeded"),
+    )  # fmt: skip
+    assert answer.model == "long-context-v1"
+
+
+def test_client_errors_are_not_retried(sdk, upstream):
+    before = upstream_stats(upstream)["requests"]
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(
+            model="primary", messages=MESSAGES, extra_body=script(fail_times=5, error_status=400)
+        )
+    assert upstream_stats(upstream)["requests"] - before == 1
+
+
+def test_stream_failing_before_its_first_event_is_retried(sdk):
+    for mode in ("error_event", "abort"):
+        stream = sdk.chat.completions.create(
+            model="primary", messages=MESSAGES, stream=True,
+            extra_body=script(fail_times=1, fail_mode=mode),
+        )  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == " ".join(["tok"] * 16), mode
+
+
+def test_no_retry_once_a_stream_has_started(gateway, upstream):
+    before = upstream_stats(upstream)["requests"]
+    body = {"model": "primary", "messages": MESSAGES, "stream": True, "fake": {"abort_after": 3}}
+    r = httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10)
+    events = r.content.split(b"\n\n")
+    assert r.status_code == 200
+    assert orjson.loads(events[-2][6:])["error"]["type"] == "upstream_error"
+    assert upstream_stats(upstream)["requests"] - before == 1
+
+
+def test_breaker_opens_skips_and_recovers(tmp_path, sdk, gateway, dead_port):
+    def deployment():
+        raw = sdk.chat.completions.with_raw_response.create(model="pair", messages=MESSAGES)
+        line = attempts_of(gateway, raw.headers["x-request-id"])
+        return raw.headers["x-meshgate-deployment"], line.get("attempts", 1)
+
+    for _ in range(3):  # pair-a refuses the connection; the third failure opens its breaker
+        assert deployment() == ("pair-b", 2)
+    assert deployment() == ("pair-b", 1)  # pair-a is skipped while open
+    revived = start_fake_upstream(tmp_path, port=dead_port)
+    try:
+        time.sleep(1.2)  # the cooldown passes; the next call probes pair-a
+        assert deployment() == ("pair-a", 1)
+        assert deployment() == ("pair-a", 1)  # closed again
+    finally:
+        revived.stop()
+
+
+def test_deadline_bounds_the_whole_request(tmp_path, upstream):
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
+models:
+  - {{name: m, deployments: [{{provider: up, model: m}}]}}
+pipeline:
+  - fallback: {{attempts: 5, backoff_s: 0.05, deadline_s: 0.5}}
+""")  # fmt: skip
+    try:
+        r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                       json={"model": "m", "messages": MESSAGES, "fake": {"latency_ms": 2000}})  # fmt: skip
+        assert r.status_code == 504
+        assert r.json()["error"]["code"] == "upstream_timeout"
+    finally:
+        gateway.stop()
+
+
+def test_breaker_unit():
+    now = [0.0]
+    breaker = Breaker(BreakerConfig(failures=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
+    breaker.failure("d")
+    now[0] = 11  # the first failure left the window
+    breaker.failure("d")
+    assert breaker.allows("d")
+    breaker.failure("d")
+    assert breaker.is_open("d") and not breaker.allows("d")
+    now[0] = 17
+    assert breaker.allows("d") and not breaker.allows("d")  # one probe only
+    breaker.failure("d")  # the probe failed
+    assert breaker.is_open("d")
+    now[0] = 23
+    assert breaker.allows("d")
+    breaker.success("d")
+    assert not breaker.is_open("d")
+
+
+def test_async_concurrent_fallbacks(gateway):
+    async def main():
+        c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        try:
+            answers = await asyncio.gather(*(
+                c.chat.completions.create(model="primary", messages=MESSAGES,
+                                          extra_body=script(fail_times=1, error_status=503))
+                for _ in range(10)
+            ))  # fmt: skip
+        finally:
+            await c.close()
+        return answers
+
+    # Ten failures at once open primary's breaker, so some go to backup: none fail.
+    assert {a.model for a in asyncio.run(main())} <= {"primary-v1", "backup-v1"}
