@@ -104,7 +104,7 @@ class _Plan:
         self.tokens: list[int] = []  # indexes of tpm limits
         self.concurrency: list[int] = []
         self.budget: list[int] = []
-        self.spend: tuple = ((), None)  # where the cost is added up, and its metric
+        self.spend: tuple[tuple[str, str], ...] = ()  # where the cost is added up
         self.lease = lease  # names this call's concurrency slots
 
 
@@ -217,10 +217,7 @@ class Quotas:
             self._templates.clear()
         key, team, user, model = who
         fields = (f"key:{key}", f"team:{team}", f"user:{user}", f"model:{model}", "global:all")
-        spend = (
-            tuple((period, f) for period in (day, month) for f in fields),
-            self.metrics.spend.labels(key, team, model),
-        )
+        spend = tuple((period, f) for period in (day, month) for f in fields)
         template = (requests, tokens, concurrency, budget, tuple(limits), spend)
         self._templates[who, day] = template
         return template
@@ -287,15 +284,13 @@ class Quotas:
         deployment = reply.deployment
         if deployment is None or deployment.price is None:
             return
-        if usage is None and not reply.completed:
+        cost = reply.compute_cost()
+        if cost is None and not reply.completed:
             # Cut short with no usage: charge the reservation, not nothing.
-            usage = {"prompt_tokens": 0, "completion_tokens": estimate}
-        cost = deployment.price.cost(usage)
-        if cost <= 0:
+            cost = deployment.price.cost({"prompt_tokens": 0, "completion_tokens": estimate})
+        if not cost:
             return
-        where, metric = plan.spend
-        metric.inc(cost)
-        entries = [(period, f, cost) for period, f in where]
+        entries = [(period, f, cost) for period, f in plan.spend]
         try:
             await self.state.add_spend(entries, ttl_s=40 * DAY_S)
         except StateUnavailable as exc:

@@ -210,6 +210,8 @@ class Gateway:
             headers["x-accel-buffering"] = "no"  # tell nginx in front not to buffer
         if reply.deployment is not None:
             headers["x-meshgate-deployment"] = reply.deployment.name
+            if not stream and reply.compute_cost() is not None:
+                headers["x-meshgate-cost-usd"] = f"{reply.cost:.8f}"
         if reply.headers:
             headers.update(reply.headers)
         return headers
@@ -239,6 +241,12 @@ class Gateway:
             if isinstance(completion, int):
                 m.tokens.labels(model, deployment, "completion").inc(completion)
         identity = call.identity if call is not None else None
+        cost = reply.compute_cost() if reply is not None else None
+        if cost:
+            m.cost.labels(
+                identity.name if identity else "", (identity.team or "") if identity else "",
+                model, deployment,
+            ).inc(cost)  # fmt: skip
         fields: dict[str, Any] = {
             "request_id": request_id,
             "endpoint": endpoint,
@@ -252,6 +260,7 @@ class Gateway:
             "overhead_ms": round(overhead * 1000, 3),
             "prompt_tokens": prompt,
             "completion_tokens": completion,
+            "cost_usd": round(cost, 8) if cost is not None else None,
         }
         if outcome.ttft_s is not None:
             fields["ttft_ms"] = round(outcome.ttft_s * 1000, 2)

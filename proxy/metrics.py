@@ -72,10 +72,10 @@ class Metrics:
             ["plugin", "decision"],
             registry=r,
         )
-        self.spend = Counter(
-            "meshgate_spend_usd",
-            "Cost of answered calls in USD, by key, team and model.",
-            ["key", "team", "model"],
+        self.cost = Counter(
+            "meshgate_cost_usd",
+            "Cost of answered calls in USD (usage times the deployment's price).",
+            ["key", "team", "model", "deployment"],
             registry=r,
         )
         self.in_flight = Gauge(

@@ -84,6 +84,7 @@ class Reply:
         "_hooks",
         "body",
         "completed",
+        "cost",
         "deployment",
         "events",
         "headers",
@@ -108,6 +109,7 @@ class Reply:
         self.headers = headers if headers is not None else {}
         self.usage = usage
         self.deployment: Deployment | None = None
+        self.cost: float | None = None  # USD, set by the gateway once usage is known
         self.completed = False
         self._hooks: list[Hook] = []
 
@@ -134,6 +136,14 @@ class Reply:
                 usage = None
             self.usage = usage if isinstance(usage, dict) else None
         return self.usage
+
+    def compute_cost(self) -> float | None:
+        """Usage times the answering deployment's price; None when either is unknown."""
+        if self.cost is None and self.deployment is not None and self.deployment.price:
+            usage = self.get_usage()
+            if usage:
+                self.cost = self.deployment.price.cost(usage)
+        return self.cost
 
     def on_complete(self, hook: Hook) -> Reply:
         """Run `hook(reply)` once the answer has been delivered or abandoned."""

@@ -180,7 +180,10 @@ def test_budget_fed_by_cost_then_insufficient_quota(sdk, gateway):
     assert report["day"]["usd"]["keys"]["budget"] == pytest.approx(spent)
     assert report["month"]["usd"]["models"]["pricey"] >= spent
     metrics = httpx.get(gateway.url + "/metrics").text
-    assert 'meshgate_spend_usd_total{key="budget",model="pricey",team="money"}' in metrics
+    assert (
+        'meshgate_cost_usd_total{deployment="up/pricey",key="budget",model="pricey",team="money"}'
+        in metrics
+    )
 
 
 def test_stream_usage_feeds_spend_and_tokens(sdk, gateway):
@@ -304,3 +307,15 @@ def test_slow_redis_counts_as_unavailable(tmp_path, upstream):
         c.close()
         gateway.stop()
         redis.stop()
+
+
+def test_cost_header_metric_and_access_log(sdk, gateway):
+    raw = sdk("free").chat.completions.with_raw_response.create(model="m", messages=MESSAGES)
+    usage = raw.parse().usage
+    expected = usage.prompt_tokens * 1e-6 + usage.completion_tokens * 2e-6
+    assert float(raw.headers["x-meshgate-cost-usd"]) == pytest.approx(expected)
+    time.sleep(0.1)
+    line = next(x for x in gateway.access_lines() if x["request_id"] == raw.headers["x-request-id"])
+    assert line["cost_usd"] == pytest.approx(expected)
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'meshgate_cost_usd_total{deployment="up/m",key="free",model="m",team="plain"}' in metrics
