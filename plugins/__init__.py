@@ -5,4 +5,5 @@ BUILTIN = {
     "fallback": "plugins.fallback:Fallback",
     "params": "plugins.params:Params",
     "quotas": "plugins.quotas:Quotas",
+    "routing": "plugins.routing:Routing",
 }

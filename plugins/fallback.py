@@ -139,6 +139,7 @@ class Fallback:
         self.config = config
         self.catalog = gateway.catalog
         self.breaker = Breaker(config.breaker)
+        gateway.breakers = self.breaker  # routing skips deployments whose breaker is open
         self.retry_on = set(config.retry_on)
         for name, fallbacks in config.models.items():
             for target in (name, *fallbacks.fallbacks, *fallbacks.context_window,
@@ -170,10 +171,14 @@ class Fallback:
         """Try one model: up to `attempts` calls over its deployments, skipping open breakers."""
         model = self.catalog.get(name)
         call.model = model
-        order = list(model.deployments)
-        if call.deployment in order:  # a routing plugin's choice goes first
-            i = order.index(call.deployment)
-            order = order[i:] + order[:i]
+        ranked = call.state.get("ranked")  # a routing plugin's order, best first
+        if ranked and all(d in model.deployments for d in ranked):
+            order = list(ranked)
+        else:
+            order = list(model.deployments)
+            if call.deployment in order:
+                i = order.index(call.deployment)
+                order = order[i:] + order[:i]
         last: GatewayError | None = None
         previous = None
         for attempt in range(self.config.attempts):
@@ -182,7 +187,10 @@ class Fallback:
                 raise last or UpstreamUnavailable(
                     f"every deployment of '{name}' is failing (circuit breaker open)"
                 )
-            deployment = candidates[attempt % len(candidates)]
+            deployment = candidates[0]
+            if previous is not None:  # the next one after the deployment that failed
+                after = order.index(previous) + 1
+                deployment = next(d for d in order[after:] + order[:after] if d in candidates)
             if deployment is previous:
                 await self._wait(attempt, last, deadline)
             if time.monotonic() >= deadline:

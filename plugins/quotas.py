@@ -110,7 +110,10 @@ class _Plan:
 
 class Quotas:
     Config = QuotasConfig
-    uses_state = True
+
+    @staticmethod
+    def uses_state(config: QuotasConfig, gateway_config) -> bool:
+        return bool(config.limits)
 
     def __init__(self, config: QuotasConfig, gateway) -> None:
         self.config = config

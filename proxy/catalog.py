@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from proxy import upstream
 from proxy.config import Config, DeploymentConfig
 from proxy.errors import ModelNotFound
-from proxy.prices import Price, bundled_prices, price_of
+from proxy.prices import Price, bundled_prices, lookup, price_of
 
 
 @dataclass(slots=True, eq=False)
@@ -21,6 +21,15 @@ class Deployment:
     upstream: upstream.Upstream
     config: DeploymentConfig
     price: Price | None = None
+    context_window: int | None = None
+    in_flight: int = 0  # upstream calls under way from this process
+    latency_s: float | None = None  # moving average: time to first event, or whole call
+    samples: int = 0
+
+    def observe(self, seconds: float, alpha: float = 0.2) -> None:
+        self.samples += 1
+        previous = self.latency_s
+        self.latency_s = seconds if previous is None else previous + alpha * (seconds - previous)
 
 
 @dataclass(slots=True, eq=False)
@@ -46,9 +55,14 @@ class Catalog:
         self.upstreams = {name: upstream.create(name, p) for name, p in config.providers.items()}
         created = int(time.time())
         table = {}
-        if any(d.price is None for m in config.models for d in m.deployments):
+        if any(
+            d.price is None or d.context_window is None
+            for m in config.models
+            for d in m.deployments
+        ):
             table = bundled_prices()
         self.models: dict[str, Model] = {}
+        self.aliases: dict[str, str] = {}
         for m in config.models:
             deployments = [
                 Deployment(
@@ -58,16 +72,21 @@ class Catalog:
                     self.upstreams[d.provider],
                     d,
                     price_of(d.price, d.model, table),
+                    _window(d, table),
                 )
                 for d in m.deployments
             ]
             self.models[m.name] = Model(m.name, deployments, m.owned_by, created)
+            self.aliases.update(dict.fromkeys(m.aliases, m.name))
 
     def find(self, name: str) -> Model | None:
-        return self.models.get(name)
+        model = self.models.get(name)
+        if model is None and name in self.aliases:
+            model = self.models[self.aliases[name]]
+        return model
 
     def get(self, name: str) -> Model:
-        model = self.models.get(name)
+        model = self.find(name)
         if model is None:
             raise ModelNotFound(name)
         return model
@@ -79,3 +98,10 @@ class Catalog:
     async def close(self) -> None:
         for u in self.upstreams.values():
             await u.close()
+
+
+def _window(config: DeploymentConfig, table: dict) -> int | None:
+    if config.context_window is not None:
+        return config.context_window
+    bundled = lookup(config.model, table)
+    return bundled.context_window if bundled else None

@@ -47,6 +47,19 @@ class DeploymentConfig:
     model: str
     name: str = ""
     price: PriceConfig | None = None  # else litellm's bundled price list, if installed
+    weight: float = 1.0  # share of traffic under the weighted strategy
+    context_window: int | None = None  # prompt tokens it takes; else the bundled price list's
+    rpm: int | None = None  # caps the routing plugin keeps this deployment under
+    tpm: int | None = None
+    max_in_flight: int | None = None  # prefix-affinity spills over past this
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError("weight cannot be negative")
+        for name in ("context_window", "rpm", "tpm", "max_in_flight"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1")
 
     @property
     def label(self) -> str:
@@ -58,6 +71,7 @@ class ModelConfig:
     name: str
     deployments: list[DeploymentConfig]
     owned_by: str = "meshgate"
+    aliases: list[str] = field(default_factory=list)  # other names clients may use
 
     def __post_init__(self) -> None:
         if not self.deployments:
@@ -86,7 +100,12 @@ class Config:
         """Plugins whose counters must be shared by every worker."""
         from proxy.pipeline import plugin_class
 
-        return [s.name for s in self.pipeline if getattr(plugin_class(s.name), "uses_state", False)]
+        stateful = []
+        for spec in self.pipeline:
+            uses_state = getattr(plugin_class(spec.name), "uses_state", None)
+            if uses_state is not None and uses_state(spec.config, self):
+                stateful.append(spec.name)
+        return stateful
 
     def missing_secrets(self) -> dict[str, tuple[str, ...]]:
         """Providers that name environment variables which are not set."""
@@ -149,12 +168,14 @@ def _providers(raw: Any, src: Source) -> dict[str, Any]:
 def _check_models(models: list[ModelConfig], providers: dict, src: Source) -> None:
     seen: dict[str, int] = {}
     for i, model in enumerate(models):
-        if model.name in seen:
-            raise src.error(
-                ("models", i, "name"),
-                f"duplicate model '{model.name}' (first at models[{seen[model.name]}])",
-            )
-        seen[model.name] = i
+        for name, path in [(model.name, ("models", i, "name"))] + [
+            (alias, ("models", i, "aliases", j)) for j, alias in enumerate(model.aliases)
+        ]:
+            if name in seen:
+                raise src.error(
+                    path, f"duplicate model name '{name}' (first at models[{seen[name]}])"
+                )
+            seen[name] = i
         for j, dep in enumerate(model.deployments):
             if dep.provider not in providers:
                 raise src.error(

@@ -47,6 +47,7 @@ class Gateway:
         self.state = create_state(config.state)
         self.admin_key: str | None = None  # set by the auth plugin
         self.admin_routes: list[AdminRoute] = []  # added by plugins
+        self.breakers = None  # per-deployment circuit breakers, kept by the fallback plugin
         self.plugins = [plugin_class(s.name)(s.config, self) for s in config.pipeline]
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
@@ -89,8 +90,19 @@ class Gateway:
         deployment = call.deployment or call.model.deployments[0]
         call.deployment = deployment
         call.attempts += 1
-        reply = await deployment.upstream.send(call, deployment)
+        deployment.in_flight += 1
+        started = time.perf_counter()
+        try:
+            reply = await deployment.upstream.send(call, deployment)
+        except BaseException:
+            deployment.in_flight -= 1
+            raise
         reply.deployment = deployment
+        if reply.events is None:
+            deployment.in_flight -= 1
+            deployment.observe(time.perf_counter() - started)
+        else:
+            reply.events = _tracked(reply.events, deployment, started)
         return reply
 
     def list_models(self, call: Call) -> dict:
@@ -269,6 +281,21 @@ class Gateway:
         if call is not None and call.attempts > 1:
             fields["attempts"] = call.attempts
         logs.access_line(fields)
+
+
+async def _tracked(events, deployment, started: float):
+    """Count a stream as in flight on its deployment until it is closed, however that
+    happens, and time its first event."""
+    try:
+        first = True
+        async for event in events:
+            if first:
+                deployment.observe(time.perf_counter() - started)
+                first = False
+            yield event
+    finally:
+        deployment.in_flight -= 1
+        await events.aclose()
 
 
 class _Outcome:

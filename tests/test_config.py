@@ -63,7 +63,7 @@ def test_missing_provider_and_duplicate_model():
     message = error_of(BASE.replace("provider: up", "provider: nowhere"))
     assert "models[0].deployments[0].provider: no provider named 'nowhere'" in message
     message = error_of(BASE + "  - name: m\n    deployments: [{provider: up, model: y}]\n")
-    assert "test.yaml:7: models[1].name: duplicate model 'm'" in message
+    assert "test.yaml:7: models[1].name: duplicate model name 'm'" in message
 
 
 def test_bad_provider_type_and_top_level_key():

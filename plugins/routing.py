@@ -1,0 +1,269 @@
+"""routing: which deployment (or, by rules, which model) serves each call.
+
+    pipeline:
+      - auth: {...}
+      - quotas: {...}
+      - routing:
+          strategy: least-busy               # for every model not listed below
+          models:
+            gpt-4o: {strategy: cost}
+            local-llama: {strategy: prefix-affinity}
+            auto:                            # a model that routes to other models
+              strategy: complexity
+              rules:
+                - {model: gpt-4o, min_prompt_chars: 4000}
+                - {model: gpt-4o, contains_code: true}
+                - {model: gpt-4o, keywords: ["prove", "step by step"]}
+                - {model: gpt-4o-mini}       # no condition: the default
+      - fallback: {...}
+
+Strategies choose among a model's deployments, skipping those whose circuit
+breaker (kept by the fallback plugin) is open and those at their `rpm`/`tpm`
+caps:
+
+- `weighted`: at random, by each deployment's `weight`;
+- `least-busy`: the fewest calls in flight from this process;
+- `latency`: the lowest moving average of time to first token (streams) or
+  duration, trying each deployment first and exploring now and then so a
+  recovered deployment gets traffic again;
+- `cost`: the cheapest deployment whose context window fits the prompt (a
+  prompt too long for a deployment never goes there);
+- `prefix-affinity`: calls sharing a conversation prefix go to the same
+  deployment (rendezvous hashing, so adding or removing a replica moves only
+  its share), so a local vLLM or TGI reuses its KV cache; when that deployment
+  has `max_in_flight` calls under way, the call spills to the least busy;
+- `complexity`: rules pick another model for the call, whose own strategy then
+  picks the deployment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+import orjson
+
+from proxy.catalog import Deployment, Model
+from proxy.errors import InvalidRequest, RateLimited
+from proxy.pipeline import Call, Next, Reply
+from proxy.state import Limit, StateUnavailable
+
+MODEL_CALLS = ("chat", "completions", "embeddings")
+Strategy = Literal["weighted", "least-busy", "latency", "cost", "prefix-affinity", "complexity"]
+CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|#include|\bimport |;\s*$|=>", re.MULTILINE)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Rule:
+    model: str
+    min_prompt_chars: int | None = None
+    contains_code: bool | None = None
+    keywords: list[str] = field(default_factory=list)
+
+    def matches(self, text: str) -> bool:
+        if self.min_prompt_chars is not None and len(text) < self.min_prompt_chars:
+            return False
+        if self.contains_code is not None and bool(CODE.search(text)) != self.contains_code:
+            return False
+        lowered = text.lower()
+        return not self.keywords or any(k.lower() in lowered for k in self.keywords)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRouting:
+    strategy: Strategy = "least-busy"
+    rules: list[Rule] = field(default_factory=list)  # complexity only
+    prefix_chars: int = 2048  # prefix-affinity: how much of the conversation keys it
+
+    def __post_init__(self) -> None:
+        if (self.strategy == "complexity") != bool(self.rules):
+            raise ValueError("rules go with strategy complexity, and it needs them")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RoutingConfig:
+    strategy: Strategy = "least-busy"
+    models: dict[str, ModelRouting] = field(default_factory=dict)
+    explore: float = 0.05  # latency: share of calls sent to a random deployment
+
+    def __post_init__(self) -> None:
+        if self.strategy == "complexity":
+            raise ValueError("complexity is set per model, with its rules")
+        if not 0 <= self.explore <= 1:
+            raise ValueError("explore must be between 0 and 1")
+
+
+class Routing:
+    Config = RoutingConfig
+
+    @staticmethod
+    def uses_state(config: RoutingConfig, gateway_config) -> bool:
+        """Per-deployment rpm/tpm caps are counted in the state backend."""
+        return any(d.rpm or d.tpm for m in gateway_config.models for d in m.deployments)
+
+    def __init__(self, config: RoutingConfig, gateway) -> None:
+        self.config = config
+        self.gateway = gateway
+        self.default = ModelRouting(strategy=config.strategy)
+        for name, routing in config.models.items():
+            if gateway.catalog.find(name) is None:
+                raise ValueError(f"routing names model '{name}', which is not in models:")
+            for rule in routing.rules:
+                if gateway.catalog.find(rule.model) is None:
+                    raise ValueError(
+                        f"a rule of '{name}' names model '{rule.model}', not in models:"
+                    )
+
+    async def __call__(self, call: Call, call_next: Next) -> Reply:
+        if call.endpoint not in MODEL_CALLS or call.model is None:
+            return await call_next(call)
+        routing = self.config.models.get(call.model.name, self.default)
+        if routing.strategy == "complexity":
+            text = prompt_text(call.body)
+            target = next(
+                (r.model for r in routing.rules if r.matches(text)), routing.rules[-1].model
+            )
+            call.model = self.gateway.catalog.get(target)
+            routing = self.config.models.get(call.model.name, self.default)
+        ranked = self.rank(call, call.model, routing)
+        deployment, reserved = await self.admit(call, ranked)
+        call.deployment = deployment
+        i = ranked.index(deployment)
+        call.state["ranked"] = ranked[i:] + ranked[:i]  # fallback tries them in this order
+        reply = await call_next(call)
+        if reserved is not None:
+            reply.on_complete(lambda r: self.settle(reserved, r))
+        return reply
+
+    def rank(self, call: Call, model: Model, routing: ModelRouting) -> list[Deployment]:
+        """The model's deployments, best first, by its strategy."""
+        breakers = getattr(self.gateway, "breakers", None)
+        candidates = [
+            d for d in model.deployments if breakers is None or not breakers.is_open(d.name)
+        ] or list(model.deployments)
+        if len(candidates) == 1:
+            return candidates
+        strategy = routing.strategy
+        if strategy == "weighted":
+            return weighted_order(candidates)
+        if strategy == "latency":
+            if random.random() < self.config.explore:
+                return random.sample(candidates, len(candidates))
+            unknown = [d for d in candidates if d.samples == 0]
+            known = sorted((d for d in candidates if d.samples), key=lambda d: d.latency_s)
+            return unknown + known
+        if strategy == "cost":
+            return self.by_cost(call, candidates)
+        if strategy == "prefix-affinity":
+            key = conversation_prefix(call.body, routing.prefix_chars)
+            order = sorted(candidates, key=lambda d: _score(key, d.name), reverse=True)
+            first = order[0]
+            cap = first.config.max_in_flight
+            if cap is not None and first.in_flight >= cap:
+                return sorted(order, key=lambda d: d.in_flight)
+            return order
+        return sorted(random.sample(candidates, len(candidates)), key=lambda d: d.in_flight)
+
+    def by_cost(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
+        needed = len(prompt_text(call.body)) // 4 + 1
+        fitting = [d for d in candidates if d.context_window is None or needed <= d.context_window]
+        if not fitting:
+            largest = max(d.context_window or 0 for d in candidates)
+            raise InvalidRequest(
+                f"The prompt (about {needed} tokens) is longer than any deployment of "
+                f"'{call.model.name}' accepts ({largest} tokens).",
+                code="context_length_exceeded",
+            )
+
+        def price(d: Deployment) -> float:
+            p = d.price
+            return p.input_per_token + p.output_per_token if p else float("inf")
+
+        return sorted(fitting, key=price)
+
+    async def admit(self, call: Call, ranked: list[Deployment]):
+        """The first ranked deployment under its rpm/tpm caps, with what was counted."""
+        tokens = len(prompt_text(call.body)) // 4 + 1 + (call.body.get("max_tokens") or 256)
+        for deployment in ranked:
+            limits = self.caps(deployment, tokens)
+            if not limits:
+                return deployment, None
+            try:
+                verdict = await self.gateway.state.acquire(limits, call.request_id)
+            except StateUnavailable:
+                return deployment, None  # caps are advisory when the state is down
+            if verdict.allowed:
+                return deployment, (limits, tokens)
+        raise RateLimited(
+            f"Every deployment of '{call.model.name}' is at its rate cap.",
+            retry_after_s=1.0,
+        )
+
+    @staticmethod
+    def caps(deployment: Deployment, tokens: int) -> list[Limit]:
+        c = deployment.config
+        limits = []
+        if c.rpm:
+            limits.append(Limit("rate", f"cap:{deployment.name}:r", c.rpm, 60.0, 1.0))
+        if c.tpm:
+            limits.append(Limit("rate", f"cap:{deployment.name}:t", c.tpm, 60.0, float(tokens)))
+        return limits
+
+    async def settle(self, reserved, reply: Reply) -> None:
+        limits, tokens = reserved
+        usage = reply.get_usage()
+        total = usage.get("total_tokens") if usage else None
+        if not isinstance(total, int):
+            return
+        for limit in limits:
+            if limit.key.endswith(":t"):
+                try:
+                    await self.gateway.state.adjust(limit, total - tokens)
+                except StateUnavailable:
+                    return
+
+
+def weighted_order(candidates: list[Deployment]) -> list[Deployment]:
+    """A random order in which each deployment comes first in proportion to its weight."""
+    remaining = list(candidates)
+    order = []
+    while remaining:
+        weights = [d.config.weight for d in remaining]
+        if not any(weights):
+            order.extend(remaining)
+            break
+        pick = random.choices(remaining, weights)[0]
+        order.append(pick)
+        remaining.remove(pick)
+    return order
+
+
+def prompt_text(body: dict) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
+        return "\n".join(parts)
+    prompt = body.get("prompt") or body.get("input") or ""
+    return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
+
+
+def conversation_prefix(body: dict, chars: int) -> bytes:
+    """What a conversation's calls share: every message but the newest, or the start
+    of a single prompt."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > 1:
+        return orjson.dumps(messages[:-1])[:chars]
+    return prompt_text(body).encode()[:chars]
+
+
+def _score(key: bytes, name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(key + name.encode(), digest_size=8).digest(), "big")
