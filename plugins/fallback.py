@@ -26,6 +26,7 @@ has reached the client it never is.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -44,6 +45,7 @@ from proxy.errors import (
 )
 from proxy.pipeline import Call, Next, Reply
 from proxy.sse import Event
+from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.fallback")
 
@@ -77,6 +79,7 @@ class FallbackConfig:
     )
     models: dict[str, ModelFallbacks] = field(default_factory=dict)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    breaker_sync_s: float = 1.0  # with Redis: how often each replica reads the shared breakers
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -95,8 +98,11 @@ class Breaker:
         self.failures: dict[str, deque[float]] = {}
         self.open_until: dict[str, float] = {}
         self.probing: set[str] = set()
+        self.remote_until: dict[str, float] = {}  # opened by any replica, as last synced
 
     def allows(self, name: str) -> bool:
+        if self.clock() < self.remote_until.get(name, 0.0):
+            return False
         until = self.open_until.get(name)
         if until is None:
             return True
@@ -106,13 +112,20 @@ class Breaker:
         return True
 
     def is_open(self, name: str) -> bool:
+        if self.clock() < self.remote_until.get(name, 0.0):
+            return True
         until = self.open_until.get(name)
         return until is not None and (self.clock() < until or name in self.probing)
+
+    def was_troubled(self, name: str) -> bool:
+        """Open, probing or opened elsewhere: a success here should close it everywhere."""
+        return name in self.open_until or name in self.remote_until
 
     def success(self, name: str) -> None:
         if name in self.open_until:
             log.info("circuit breaker for %s closed", name)
         self.open_until.pop(name, None)
+        self.remote_until.pop(name, None)
         self.probing.discard(name)
         self.failures.pop(name, None)
 
@@ -140,12 +153,58 @@ class Fallback:
         self.catalog = gateway.catalog
         self.breaker = Breaker(config.breaker)
         gateway.breakers = self.breaker  # routing skips deployments whose breaker is open
+        self.state = gateway.state
+        self.names = [d.name for m in self.catalog.models.values() for d in m.deployments]
+        self._sync: asyncio.Task | None = None
         self.retry_on = set(config.retry_on)
         for name, fallbacks in config.models.items():
             for target in (name, *fallbacks.fallbacks, *fallbacks.context_window,
                            *fallbacks.content_policy):  # fmt: skip
                 if self.catalog.find(target) is None:
                     raise ValueError(f"fallback names model '{target}', which is not in models:")
+
+    async def start(self) -> None:
+        if self.state.config.shared:
+            self._sync = asyncio.create_task(self._sync_forever())
+
+    async def close(self) -> None:
+        if self._sync is not None:
+            self._sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sync
+
+    async def _sync_forever(self) -> None:
+        """Keep this replica's view of breakers opened by any replica fresh."""
+        while True:
+            try:
+                remaining = await self.state.breakers_open(self.names)
+            except StateUnavailable as exc:
+                log.debug("breaker sync skipped: %s", exc)
+            else:
+                now = self.breaker.clock()
+                self.breaker.remote_until = {n: now + s for n, s in (remaining or {}).items()}
+            await asyncio.sleep(self.config.breaker_sync_s)
+
+    async def _failed(self, name: str) -> None:
+        self.breaker.failure(name)
+        if not self.state.config.shared:
+            return
+        b = self.config.breaker
+        try:
+            if await self.state.breaker_failure(name, b.failures, b.window_s, b.cooldown_s):
+                self.breaker.remote_until[name] = self.breaker.clock() + b.cooldown_s
+                log.warning("circuit breaker for %s opened for every replica", name)
+        except StateUnavailable as exc:
+            log.warning("could not share a failure of %s: %s", name, exc)
+
+    async def _succeeded(self, name: str) -> None:
+        troubled = self.breaker.was_troubled(name)
+        self.breaker.success(name)
+        if troubled and self.state.config.shared:
+            try:
+                await self.state.breaker_close(name)
+            except StateUnavailable as exc:
+                log.warning("could not share the recovery of %s: %s", name, exc)
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         if call.endpoint not in MODEL_CALLS or call.model is None:
@@ -201,7 +260,7 @@ class Fallback:
                 async with asyncio.timeout(deadline - time.monotonic()):
                     reply = await self._attempt(call, call_next)
             except TimeoutError:
-                self.breaker.failure(deployment.name)
+                await self._failed(deployment.name)
                 raise UpstreamTimeout(
                     "the request's deadline passed before an upstream answered"
                 ) from None
@@ -209,12 +268,12 @@ class Fallback:
                 kind = classify(exc)
                 if kind is None:
                     raise
-                self.breaker.failure(deployment.name)
+                await self._failed(deployment.name)
                 if kind not in self.retry_on:
                     raise
                 last = exc
                 continue
-            self.breaker.success(deployment.name)
+            await self._succeeded(deployment.name)
             return reply
         raise last or UpstreamTimeout("the request's deadline passed before an upstream answered")
 

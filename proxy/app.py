@@ -49,7 +49,11 @@ def create_app(config: Config | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
-        await gateway.start()
+        try:
+            await gateway.start()
+        except BaseException:
+            await gateway.close()
+            raise
         log.info("serving %d models from %s", len(gateway.catalog.models), config.source)
         try:
             yield

@@ -202,3 +202,41 @@ def test_async_concurrent_fallbacks(gateway):
 
     # Ten failures at once open primary's breaker, so some go to backup: none fail.
     assert {a.model for a in asyncio.run(main())} <= {"primary-v1", "backup-v1"}
+
+
+def test_breaker_state_is_shared_through_redis(tmp_path, upstream):
+    from tests.redis_server import RedisServer
+
+    redis = RedisServer(tmp_path).start()
+    dead = free_port()
+    config = f"""
+server: {{host: 127.0.0.1}}
+state: {{backend: redis, url: "{redis.url}"}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
+  dead: {{type: openai, base_url: "http://127.0.0.1:{dead}/v1", timeouts: {{connect_s: 1}}}}
+models:
+  - name: pair
+    deployments: [{{provider: dead, model: x, name: shared-a}}, {{provider: up, model: y, name: shared-b}}]
+pipeline:
+  - fallback:
+      attempts: 2
+      breaker_sync_s: 0.1
+      breaker: {{failures: 3, window_s: 30, cooldown_s: 30}}
+"""  # fmt: skip
+    first, second = start_gateway(tmp_path, config), start_gateway(tmp_path, config)
+    try:
+        def attempts(gateway):
+            r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                           json={"model": "pair", "messages": MESSAGES})  # fmt: skip
+            assert r.headers["x-meshgate-deployment"] == "shared-b"
+            return attempts_of(gateway, r.headers["x-request-id"]).get("attempts", 1)
+
+        assert [attempts(first) for _ in range(3)] == [2, 2, 2]  # the third failure opens it
+        time.sleep(0.5)  # a few syncs
+        assert attempts(second) == 1  # the other replica never tried shared-a
+        assert "opened for every replica" in first.output()
+    finally:
+        first.stop()
+        second.stop()
+        redis.stop()

@@ -88,6 +88,19 @@ class State:
     async def flush(self) -> None:
         """Make after-call work (adjust, release, add_spend) visible to every process now."""
 
+    async def breaker_failure(self, name: str, failures: int, window_s: float, cooldown_s: float):
+        """Count a failure of `name` for every process; True when that opened its breaker.
+        None when breakers are not shared (one process)."""
+        return None
+
+    async def breaker_close(self, name: str) -> None:
+        """Close `name`'s breaker for every process."""
+
+    async def breakers_open(self, names: list[str]) -> dict[str, float] | None:
+        """Seconds each open breaker among `names` stays open, for every process;
+        None when breakers are not shared."""
+        return None
+
 
 def create_state(config: StateConfig) -> State:
     if config.backend == "redis":

@@ -10,6 +10,7 @@ from proxy.state import LEASE_TTL_S, Limit, State, StateConfig, Verdict
 
 class MemoryState(State):
     def __init__(self, config: StateConfig, clock=time.time) -> None:
+        self.config = config
         self.clock = clock
         self.tats: dict[str, float] = {}
         self.leases: dict[str, dict[str, float]] = {}

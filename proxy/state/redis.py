@@ -106,6 +106,19 @@ return cjson.encode(out)
 """
 
 
+# KEYS: failures counter, open flag. ARGV: failures, window_ms, cooldown_ms.
+BREAKER_FAILURE = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n >= tonumber(ARGV[1]) and redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], '1', 'PX', ARGV[3])
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
 class _Pending:
     """After-call work not yet sent, summed so it stays small."""
 
@@ -138,6 +151,7 @@ class RedisState(State):
             decode_responses=True,
         )
         self._script = self.redis.register_script(SCRIPT)
+        self._breaker_failure = self.redis.register_script(BREAKER_FAILURE)
         self._queue: list[tuple[list[Limit], str, asyncio.Future]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
@@ -244,6 +258,30 @@ class RedisState(State):
         for key, field, amount in entries:
             self._pending.spend[key, field] += amount
 
+    async def breaker_failure(self, name, failures, window_s, cooldown_s):
+        args = [failures, int(window_s * 1000), int(cooldown_s * 1000)]
+        try:
+            opened = await self._breaker_failure(keys=_breaker_keys(self.prefix, name), args=args)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+        return bool(opened)
+
+    async def breaker_close(self, name: str) -> None:
+        try:
+            await self.redis.delete(*_breaker_keys(self.prefix, name))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+
+    async def breakers_open(self, names: list[str]) -> dict[str, float] | None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.pttl(_breaker_keys(self.prefix, name)[1])
+                remaining = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+        return {n: ms / 1000 for n, ms in zip(names, remaining, strict=True) if ms > 0}
+
     async def read_spend(self, key: str) -> dict[str, float]:
         try:
             await self.flush()
@@ -251,6 +289,10 @@ class RedisState(State):
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis: {exc}") from exc
         return {k: float(v) for k, v in raw.items()}
+
+
+def _breaker_keys(prefix: str, name: str) -> list[str]:
+    return [f"{prefix}breaker:{name}:failures", f"{prefix}breaker:{name}:open"]
 
 
 def _verdict(result: list) -> Verdict:
