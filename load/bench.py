@@ -68,9 +68,9 @@ def process(args: list[str], env: dict | None = None, log: str = "/dev/null"):
             proc.kill()
 
 
-def fake_upstream(port: int, tokens: int):
+def fake_upstream(port: int, tokens: int, *knobs: str):
     cmd = [sys.executable, "-m", "load.fake_upstream", "--port", str(port), "--tokens", str(tokens)]
-    return process(cmd)
+    return process([*cmd, *knobs])
 
 
 BENCH_KEY = "sk-bench-0123456789"
@@ -86,25 +86,49 @@ pipeline:
 """
 
 
-def gateway(port: int, upstream_port: int, workers: int, tmp: Path, state: str | None = None):
-    """The gateway; with `state` ("memory" or a Redis URL), with auth and quotas on it."""
+ROUTING = """
+  - routing: {strategy: least-busy}
+  - fallback: {attempts: 3, backoff_s: 0.25}
+"""
+
+
+def gateway(
+    port: int,
+    upstream_ports: list[int],
+    workers: int,
+    tmp: Path,
+    state: str | None = None,
+    routing: bool = False,
+):
+    """The gateway over one deployment per upstream port. With `state` ("memory" or a
+    Redis URL), with auth and quotas on it; with `routing`, routing and fallback."""
     config = tmp / f"gateway-{port}.yaml"
     extra = ""
     if state == "memory":
         extra = QUOTAS
     elif state:
         extra = f'state: {{backend: redis, url: "{state}"}}\n{QUOTAS}'
-
+    if routing:
+        extra = "pipeline:" + ROUTING
+    providers = "".join(
+        f'  up{i}: {{type: openai, base_url: "http://127.0.0.1:{p}/v1", api_key: sk-bench}}\n'
+        for i, p in enumerate(upstream_ports)
+    )
+    deployments = "".join(
+        f"      - {{provider: up{i}, model: bench, name: d{i}, "
+        "price: {input_usd_per_mtok: 1, output_usd_per_mtok: 1}}\n"
+        for i in range(len(upstream_ports))
+    )
     config.write_text(
         f"""
 server: {{host: 127.0.0.1, port: {port}, workers: {workers}, access_log: false, log_level: warning}}
 {extra}
 providers:
-  fake: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: sk-bench}}
+{providers}
 models:
   - name: bench
     deployments:
-      - {{provider: fake, model: bench, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 1}}}}
+{deployments}
 """
     )
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
@@ -182,8 +206,12 @@ def compare(targets: dict[str, int], mode: str, args) -> dict[str, dict]:
             lat[name].append(load(port, mode, 1, args.seconds / 2))
     out = {}
     for name in targets:
-        failed = sum(r["requests"] - r["statuses"].get("200", 0) + r["errors"] for r in runs[name])
+        failed = sum(
+            r["requests"] - r["statuses"].get("200", 0) + r["errors"]
+            for r in runs[name] + lat[name]
+        )
         out[name] = {
+            "requests": sum(r["requests"] + r["errors"] for r in runs[name] + lat[name]),
             "rps": median(runs[name], "rps"),
             "p50_ms": median(lat[name], "p50_ms"),
             "p99_ms": median(lat[name], "p99_ms"),
@@ -206,6 +234,14 @@ def main(argv: list[str] | None = None) -> int:
         choices=["quotas", "quotas-memory"],
         help="also a gateway with auth + quotas, on Redis or on the memory backend",
     )
+    parser.add_argument(
+        "--routing", action="store_true", help="also routing + fallback over two deployments"
+    )
+    parser.add_argument(
+        "--faults",
+        action="store_true",
+        help="also routing + fallback over three upstreams, one failing 30%% of requests",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     results: dict = {"args": vars(args), "modes": {}}
@@ -216,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         with stack:
             stack.enter_context(fake_upstream(up, args.tokens))
             wait_http(f"http://127.0.0.1:{up}/health")
-            gw_proc = stack.enter_context(gateway(gw, up, 1, tmp))
+            gw_proc = stack.enter_context(gateway(gw, [up], 1, tmp))
             wait_http(f"http://127.0.0.1:{gw}/ready")
             targets = {"direct": up, "meshgate": gw}
             if args.against == "litellm":
@@ -224,6 +260,20 @@ def main(argv: list[str] | None = None) -> int:
                 stack.enter_context(litellm_proxy(ll, up, tmp))
                 wait_http(f"http://127.0.0.1:{ll}/health/liveliness", timeout_s=180)
                 targets["litellm"] = ll
+            if args.routing:
+                rp = free_port()
+                stack.enter_context(gateway(rp, [up, up], 1, tmp, routing=True))
+                wait_http(f"http://127.0.0.1:{rp}/ready")
+                targets["meshgate+routing"] = rp
+            if args.faults:
+                good, flaky, fp = free_port(), free_port(), free_port()
+                stack.enter_context(fake_upstream(good, args.tokens))
+                stack.enter_context(fake_upstream(flaky, args.tokens, "--error-rate", "0.3"))
+                wait_http(f"http://127.0.0.1:{good}/health")
+                wait_http(f"http://127.0.0.1:{flaky}/health")
+                stack.enter_context(gateway(fp, [up, good, flaky], 1, tmp, routing=True))
+                wait_http(f"http://127.0.0.1:{fp}/ready")
+                targets["meshgate+faults"] = fp
             if args.pipeline:
                 qp = free_port()
                 state = "memory"
@@ -232,12 +282,12 @@ def main(argv: list[str] | None = None) -> int:
                     stack.enter_context(redis_server(rp, tmp))
                     time.sleep(0.3)
                     state = f"redis://127.0.0.1:{rp}/0"
-                stack.enter_context(gateway(qp, up, 1, tmp, state))
+                stack.enter_context(gateway(qp, [up], 1, tmp, state))
                 wait_http(f"http://127.0.0.1:{qp}/ready")
                 targets["meshgate+quotas"] = qp
             if args.workers > 1:
                 gw_n = free_port()
-                stack.enter_context(gateway(gw_n, up, args.workers, tmp))
+                stack.enter_context(gateway(gw_n, [up], args.workers, tmp))
                 wait_http(f"http://127.0.0.1:{gw_n}/ready")
                 targets[f"meshgate-{args.workers}w"] = gw_n
             for mode in BODIES:
@@ -272,6 +322,18 @@ def report(results: dict, args) -> None:
             added = q["p50_ms"] - by_target["meshgate"]["p50_ms"]
             where = "Redis" if args.pipeline == "quotas" else "the memory backend"
             print(f"  auth+quotas on {where}: {loss:.1%} fewer req/s, +{added:.3f} ms p50")
+        if "meshgate+routing" in by_target:
+            r = by_target["meshgate+routing"]
+            print(f"  routing+fallback, no faults: {1 - r['rps'] / mg:.1%} fewer req/s")
+        if "meshgate+faults" in by_target:
+            f = by_target["meshgate+faults"]
+            ok = f["requests"] - f["failed"]
+            base = by_target.get("meshgate+routing", by_target["meshgate"])
+            print(
+                f"  one upstream of three failing 30%: {ok / f['requests']:.4%} of "
+                f"{f['requests']} calls succeeded; p99 at concurrency 1 "
+                f"+{f['p99_ms'] - base['p99_ms']:.3f} ms over no faults"
+            )
         name = f"meshgate-{args.workers}w"
         if name in by_target:
             ratio = by_target[name]["rps"] / mg

@@ -31,8 +31,6 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,7 +42,6 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.pipeline import Call, Next, Reply
-from proxy.sse import Event
 from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.fallback")
@@ -323,30 +320,22 @@ def classify(error: GatewayError) -> Failure | None:
 
 async def first_event_or_raise(reply: Reply) -> Reply:
     """Wait for a stream's first event; raise if it fails or opens with an error."""
-    events = reply.events
     try:
-        first = await anext(events)
-    except StopAsyncIteration:
-        await events.aclose()
-        raise UpstreamUnavailable("the upstream ended the stream before any event") from None
+        first = await reply.peek()
     except BaseException:
-        await events.aclose()
+        await reply.events.aclose()
         raise
+    if first is None:
+        await reply.events.aclose()
+        raise UpstreamUnavailable("the upstream ended the stream before any event")
     data = first.json() if b"{" in first.raw[:7] else None
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        await events.aclose()
+        await reply.events.aclose()
         error = data["error"]
-        raise UpstreamStatus(502, str(error.get("message") or "upstream stream error"),
-                             code=error.get("code"))  # fmt: skip
-    reply.events = _prepend(first, events)
+        raise UpstreamStatus(
+            502, str(error.get("message") or "upstream stream error"), code=error.get("code")
+        )
     return reply
-
-
-async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    async with aclosing(rest):
-        yield first
-        async for event in rest:
-            yield event
 
 
 def _retry_after(error: GatewayError) -> float | None:

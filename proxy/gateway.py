@@ -169,8 +169,7 @@ class Gateway:
                 await reply.finish(outcome.completed)
 
     async def _send_stream(self, send, call, reply, wants_usage, started, outcome) -> None:
-        events = reply.events
-        event = await anext(events, None)  # an error before the first event is an ordinary error
+        event = await reply.next_event()  # an error before the first event is an ordinary error
         await send(
             {
                 "type": "http.response.start",
@@ -188,10 +187,10 @@ class Gateway:
                 if isinstance(usage, dict):
                     reply.usage = usage
                 if not wants_usage and not data.get("choices"):
-                    event = await anext(events, None)
+                    event = await reply.next_event()
                     continue
             await send({"type": "http.response.body", "body": event.raw, "more_body": True})
-            event = await anext(events, None)
+            event = await reply.next_event()
         await send({"type": "http.response.body", "body": b""})
         outcome.completed = True
 

@@ -81,6 +81,7 @@ class Reply:
     """
 
     __slots__ = (
+        "_first",
         "_hooks",
         "body",
         "completed",
@@ -112,6 +113,7 @@ class Reply:
         self.cost: float | None = None  # USD, set by the gateway once usage is known
         self.completed = False
         self._hooks: list[Hook] = []
+        self._first: tuple[Event | None] | None = None  # the peeked first event, if any
 
     @property
     def streamed(self) -> bool:
@@ -154,8 +156,27 @@ class Reply:
         """Replace the stream with `wrapper(stream)`, e.g. to watch or rewrite events."""
         if self.events is None:
             raise TypeError("a buffered reply has no events")
+        if self._first is not None:  # the wrapper must see the peeked event too
+            (first,), self._first = self._first, None
+            self.events = _prepend(first, self.events) if first is not None else self.events
         self.events = wrapper(self.events)
         return self
+
+    async def peek(self) -> Event | None:
+        """The stream's first event, awaited without consuming it (None if it is empty).
+
+        Exceptions from the upstream propagate, so a caller can retry before
+        anything reached the client."""
+        if self._first is None:
+            self._first = (await anext(self.events, None),)
+        return self._first[0]
+
+    async def next_event(self) -> Event | None:
+        """The next event to send (a peeked one first), or None at the end."""
+        if self._first is not None:
+            (first,), self._first = self._first, None
+            return first
+        return await anext(self.events, None)
 
     async def finish(self, completed: bool) -> None:
         """Called once by the gateway after sending; runs the completion hooks."""
@@ -213,3 +234,12 @@ def plugin_class(name: str) -> type:
     if cls is None:
         raise ImportError(f"module '{module_name}' has no '{attr}'")
     return cls
+
+
+async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:
+    try:
+        yield first
+        async for event in rest:
+            yield event
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

@@ -226,6 +226,7 @@ pipeline:
 """  # fmt: skip
     first, second = start_gateway(tmp_path, config), start_gateway(tmp_path, config)
     try:
+
         def attempts(gateway):
             r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
                            json={"model": "pair", "messages": MESSAGES})  # fmt: skip

@@ -134,3 +134,26 @@ def test_reply_usage_from_buffered_body():
     assert reply.get_usage() == {"prompt_tokens": 3, "completion_tokens": 4}
     with pytest.raises(ValueError):
         Reply()
+
+
+def test_peek_then_wrap_keeps_every_event_in_order():
+    async def events():
+        for n in range(3):
+            yield Event.of({"n": n})
+
+    async def main():
+        reply = Reply(events=events())
+        first = await reply.peek()
+        assert first.json() == {"n": 0} and await reply.peek() is first
+
+        async def double(stream):
+            async for event in stream:
+                yield Event.of({"n": event.json()["n"] * 2})
+
+        reply.wrap_events(double)
+        out = []
+        while (event := await reply.next_event()) is not None:
+            out.append(event.json()["n"])
+        return out
+
+    assert run(main()) == [0, 2, 4]
