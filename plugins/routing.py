@@ -165,7 +165,7 @@ class Routing:
             if cap is not None and first.in_flight >= cap:
                 return sorted(order, key=lambda d: d.in_flight)
             return order
-        return sorted(random.sample(candidates, len(candidates)), key=lambda d: d.in_flight)
+        return sorted(candidates, key=lambda d: (d.in_flight, random.random()))
 
     def by_cost(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
         needed = len(prompt_text(call.body)) // 4 + 1
