@@ -34,6 +34,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import httpx
+
 from proxy.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -65,6 +67,17 @@ class BreakerConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class HealthChecksConfig:
+    providers: list[str]  # openai-type servers are asked for /models, tgi for /health
+    interval_s: float = 10.0
+    timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if min(self.interval_s, self.timeout_s) <= 0:
+            raise ValueError("interval_s and timeout_s must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FallbackConfig:
     attempts: int = 3
     backoff_s: float = 0.25
@@ -77,6 +90,7 @@ class FallbackConfig:
     models: dict[str, ModelFallbacks] = field(default_factory=dict)
     breaker: BreakerConfig = field(default_factory=BreakerConfig)
     breaker_sync_s: float = 1.0  # with Redis: how often each replica reads the shared breakers
+    health_checks: HealthChecksConfig | None = None
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -96,9 +110,10 @@ class Breaker:
         self.open_until: dict[str, float] = {}
         self.probing: set[str] = set()
         self.remote_until: dict[str, float] = {}  # opened by any replica, as last synced
+        self.down: set[str] = set()  # failing their active health check
 
     def allows(self, name: str) -> bool:
-        if self.clock() < self.remote_until.get(name, 0.0):
+        if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
             return False
         until = self.open_until.get(name)
         if until is None:
@@ -109,7 +124,7 @@ class Breaker:
         return True
 
     def is_open(self, name: str) -> bool:
-        if self.clock() < self.remote_until.get(name, 0.0):
+        if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
             return True
         until = self.open_until.get(name)
         return until is not None and (self.clock() < until or name in self.probing)
@@ -153,6 +168,15 @@ class Fallback:
         self.state = gateway.state
         self.names = [d.name for m in self.catalog.models.values() for d in m.deployments]
         self._sync: asyncio.Task | None = None
+        self._checks: asyncio.Task | None = None
+        self.probes: dict[str, tuple[str, list[str]]] = {}  # provider -> (url, deployments)
+        if config.health_checks is not None:
+            for provider in config.health_checks.providers:
+                self.probes[provider] = (
+                    health_url(gateway.config.providers.get(provider), provider),
+                    [d.name for m in self.catalog.models.values() for d in m.deployments
+                     if d.provider == provider],
+                )  # fmt: skip
         self.retry_on = set(config.retry_on)
         for name, fallbacks in config.models.items():
             for target in (name, *fallbacks.fallbacks, *fallbacks.context_window,
@@ -163,12 +187,39 @@ class Fallback:
     async def start(self) -> None:
         if self.state.config.shared:
             self._sync = asyncio.create_task(self._sync_forever())
+        if self.probes:
+            self._checks = asyncio.create_task(self._check_forever())
 
     async def close(self) -> None:
-        if self._sync is not None:
-            self._sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sync
+        for task in (self._sync, self._checks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _check_forever(self) -> None:
+        """Probe local backends; while a probe fails its deployments are skipped."""
+        checks = self.config.health_checks
+        async with httpx.AsyncClient(timeout=checks.timeout_s) as client:
+            while True:
+                await asyncio.gather(*(self._check(client, p) for p in self.probes))
+                await asyncio.sleep(checks.interval_s)
+
+    async def _check(self, client: httpx.AsyncClient, provider: str) -> None:
+        url, deployments = self.probes[provider]
+        try:
+            healthy = (await client.get(url)).status_code < 400
+        except httpx.HTTPError:
+            healthy = False
+        was_down = bool(deployments) and deployments[0] in self.breaker.down
+        if healthy:
+            self.breaker.down.difference_update(deployments)
+            if was_down:
+                log.info("provider %s passes its health check again", provider)
+        else:
+            self.breaker.down.update(deployments)
+            if not was_down:
+                log.warning("provider %s fails its health check (%s)", provider, url)
 
     async def _sync_forever(self) -> None:
         """Keep this replica's view of breakers opened by any replica fresh."""
@@ -302,6 +353,16 @@ class Fallback:
         if classify(error) is None:
             return None
         return fallbacks.fallbacks if fallbacks else []
+
+
+def health_url(config, provider: str) -> str:
+    if config is None:
+        raise ValueError(f"health_checks names provider '{provider}', which is not in providers:")
+    if config.type == "openai":
+        return config.base_url.rstrip("/") + "/models"
+    if config.type == "tgi":
+        return config.base_url.rstrip("/") + "/health"
+    raise ValueError(f"health checks need an openai or tgi provider, not {config.type}")
 
 
 def classify(error: GatewayError) -> Failure | None:

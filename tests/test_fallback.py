@@ -241,3 +241,40 @@ pipeline:
         first.stop()
         second.stop()
         redis.stop()
+
+
+def test_health_checks_take_a_backend_out_and_back(tmp_path):
+    a, b = start_fake_upstream(tmp_path), start_fake_upstream(tmp_path)
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  a: {{type: openai, base_url: "http://127.0.0.1:{a.port}/v1"}}
+  b: {{type: openai, base_url: "http://127.0.0.1:{b.port}/v1"}}
+models:
+  - name: local
+    deployments: [{{provider: a, model: m, name: replica-a}}, {{provider: b, model: m, name: replica-b}}]
+pipeline:
+  - routing: {{strategy: least-busy}}
+  - fallback:
+      health_checks: {{providers: [a, b], interval_s: 0.1, timeout_s: 0.5}}
+""")  # fmt: skip
+
+    def answered_by():
+        r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                       json={"model": "local", "messages": MESSAGES})  # fmt: skip
+        line = attempts_of(gateway, r.headers["x-request-id"])
+        return r.headers["x-meshgate-deployment"], line.get("attempts", 1)
+
+    try:
+        assert {answered_by()[0] for _ in range(12)} == {"replica-a", "replica-b"}
+        a.stop()
+        time.sleep(0.4)  # a few failed probes
+        assert {answered_by() for _ in range(6)} == {("replica-b", 1)}  # a is never tried
+        assert "provider a fails its health check" in gateway.output()
+        a = start_fake_upstream(tmp_path, port=a.port)
+        time.sleep(0.4)
+        assert "replica-a" in {answered_by()[0] for _ in range(12)}
+    finally:
+        gateway.stop()
+        a.stop()
+        b.stop()
