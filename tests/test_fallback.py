@@ -278,3 +278,41 @@ pipeline:
         gateway.stop()
         a.stop()
         b.stop()
+
+
+def test_timeouts_fall_over_and_fallbacks_go_in_order(tmp_path, upstream):
+    dead = free_port()
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  slow: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1", timeouts: {{read_s: 0.3}}}}
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
+  dead: {{type: openai, base_url: "http://127.0.0.1:{dead}/v1", timeouts: {{connect_s: 1}}}}
+models:
+  - name: timed
+    deployments: [{{provider: slow, model: t, name: timed-slow}}, {{provider: up, model: t, name: timed-ok}}]
+  - {{name: first, deployments: [{{provider: dead, model: f}}]}}
+  - {{name: second, deployments: [{{provider: dead, model: s}}]}}
+  - {{name: third, deployments: [{{provider: up, model: third-v1}}]}}
+pipeline:
+  - fallback:
+      attempts: 2
+      backoff_s: 0.05
+      models:
+        first: {{fallbacks: [second, third]}}
+""")  # fmt: skip
+    try:
+        # timed-slow gives up after its 0.3 s read timeout; timed-ok (default timeouts)
+        # waits out the scripted second and answers
+        r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10, json={
+            "model": "timed", "messages": MESSAGES, "fake": {"latency_ms": 1000}})  # fmt: skip
+        assert r.status_code == 200
+        assert r.headers["x-meshgate-deployment"] == "timed-ok"
+        assert attempts_of(gateway, r.headers["x-request-id"])["attempts"] == 2
+        r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                       json={"model": "first", "messages": MESSAGES})  # fmt: skip
+        assert r.json()["model"] == "third-v1"
+        line = attempts_of(gateway, r.headers["x-request-id"])
+        assert line["model"] == "third" and line["attempts"] == 5  # 2 + 2 + 1
+    finally:
+        gateway.stop()
