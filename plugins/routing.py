@@ -186,11 +186,13 @@ class Routing:
 
     async def admit(self, call: Call, ranked: list[Deployment]):
         """The first ranked deployment under its rpm/tpm caps, with what was counted."""
-        tokens = len(prompt_text(call.body)) // 4 + 1 + (call.body.get("max_tokens") or 256)
+        tokens = 0
         for deployment in ranked:
-            limits = self.caps(deployment, tokens)
-            if not limits:
+            if not (deployment.config.rpm or deployment.config.tpm):
                 return deployment, None
+            if not tokens:
+                tokens = len(prompt_text(call.body)) // 4 + 1 + (call.body.get("max_tokens") or 256)
+            limits = self.caps(deployment, tokens)
             try:
                 verdict = await self.gateway.state.acquire(limits, call.request_id)
             except StateUnavailable:
