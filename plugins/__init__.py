@@ -2,6 +2,7 @@
 
 BUILTIN = {
     "auth": "plugins.auth:Auth",
+    "cache": "plugins.cache:Cache",
     "fallback": "plugins.fallback:Fallback",
     "params": "plugins.params:Params",
     "quotas": "plugins.quotas:Quotas",

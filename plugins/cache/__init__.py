@@ -1,0 +1,202 @@
+"""cache: answers to repeated requests, served without calling the upstream.
+
+    pipeline:
+      - auth: {...}
+      - cache: {backend: redis, ttl_s: 3600}
+      - quotas: {...}
+
+The key is a hash of the canonical request (endpoint, model, whether it
+streams, and every field that can change the answer) inside the caller's
+namespace: their team, else their key. One tenant's answers are never served
+to another unless `shared_namespace` says so. A buffered answer is stored as
+its bytes and a stream as its events' bytes, captured as they pass (no chunk
+waits) and stored only when the stream ended cleanly, so a hit replays exactly
+what the upstream sent, as valid SSE for streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import orjson
+
+from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
+from proxy.admin import AdminRoute
+from proxy.errors import InvalidRequest
+from proxy.pipeline import Call, Next, Reply
+from proxy.sse import EventSplitter
+from proxy.state import StateUnavailable
+
+log = logging.getLogger("meshgate.cache")
+
+MODEL_CALLS = ("chat", "completions", "embeddings")
+# Fields that do not change the answer, left out of the key.
+NOT_IN_KEY = frozenset({"stream_options", "user", "store", "metadata", "service_tier"})
+BODY, EVENTS = b"B", b"E"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    backend: Literal["memory", "redis"] = "memory"
+    url: str | None = None  # Redis; default: state.url
+    ttl_s: float = 3600.0
+    max_ttl_s: float = 86400.0  # the most an x-meshgate-cache-ttl header may ask for
+    max_entries: int = 10_000  # memory backend
+    max_bytes: int = 256 * 1024 * 1024  # memory backend
+    compress_min_bytes: int = 2048
+    allow_temperature: bool = False  # also cache answers sampled with temperature > 0
+    shared_namespace: str | None = None  # every tenant shares this namespace instead
+
+    def __post_init__(self) -> None:
+        if min(self.ttl_s, self.max_ttl_s) <= 0 or self.max_entries < 1:
+            raise ValueError("ttl_s, max_ttl_s and max_entries must be positive")
+
+
+class Cache:
+    Config = CacheConfig
+
+    def __init__(self, config: CacheConfig, gateway) -> None:
+        self.config = config
+        if config.backend == "redis":
+            state = gateway.config.state
+            self.store = RedisStore(
+                config.url or state.url, state.prefix + "cache:", state.timeout_s
+            )
+        else:
+            self.store = MemoryStore(config.max_entries, config.max_bytes)
+        self.metrics = gateway.metrics.cache
+        gateway.admin_routes.append(AdminRoute("cache/stats", ("GET",), self.stats))
+        gateway.admin_routes.append(AdminRoute("cache", ("DELETE",), self.clear))
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    async def __call__(self, call: Call, call_next: Next) -> Reply:
+        if call.endpoint not in MODEL_CALLS or call.model is None:
+            return await call_next(call)
+        control = call.headers.get("cache-control", "").lower()
+        if "no-store" in control or not self.cacheable(call.body):
+            reply = await call_next(call)
+            reply.headers["x-meshgate-cache"] = "bypass"
+            self.metrics.lookups.labels("exact", "bypass").inc()
+            return reply
+        key = self.key(call)
+        if "no-cache" not in control:
+            hit = await self.lookup(key)
+            if hit is not None:
+                return hit
+        reply = await call_next(call)
+        reply.headers["x-meshgate-cache"] = "miss"
+        if reply.status == 200:
+            self.capture(call, key, reply)
+        return reply
+
+    def cacheable(self, body: dict) -> bool:
+        temperature = body.get("temperature")
+        if not self.config.allow_temperature and isinstance(temperature, (int, float)):
+            if temperature > 0:
+                return False
+        n = body.get("n")
+        return not (isinstance(n, int) and n > 1)
+
+    def key(self, call: Call) -> str:
+        identity = call.identity
+        namespace = self.config.shared_namespace or (
+            (identity.team or identity.name) if identity else "anonymous"
+        )
+        canonical = {k: v for k, v in call.body.items() if k not in NOT_IN_KEY}
+        canonical["stream"] = call.stream
+        digest = hashlib.sha256(
+            call.endpoint.encode() + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        return f"{namespace}:{call.model.name}:{digest}"
+
+    async def lookup(self, key: str) -> Reply | None:
+        started = time.perf_counter()
+        try:
+            stored = await self.store.get(key)
+        except StateUnavailable as exc:
+            log.warning("cache lookup failed, serving a miss: %s", exc)
+            return None
+        finally:
+            self.metrics.latency.observe(time.perf_counter() - started)
+        if stored is None:
+            self.metrics.lookups.labels("exact", "miss").inc()
+            return None
+        self.metrics.lookups.labels("exact", "hit").inc()
+        value = unpack(stored)
+        if value[:1] == BODY:
+            reply = Reply(body=value[1:])
+        else:
+            reply = Reply(events=_replay(value[1:]))
+        reply.headers["x-meshgate-cache"] = "hit-exact"
+        return reply
+
+    def capture(self, call: Call, key: str, reply: Reply) -> None:
+        """Store the answer once it has been delivered whole, without delaying it."""
+        ttl = self.ttl(call)
+        if not reply.streamed:
+            body = reply.body
+            if b'"tool_calls"' not in body:
+                reply.on_complete(
+                    lambda r: self.put(key, BODY + body, ttl) if r.completed else None
+                )
+            return
+        captured: list[bytes] = []
+
+        async def tap(events):
+            async for event in events:
+                captured.append(event.raw)
+                yield event
+
+        async def store(r: Reply) -> None:
+            data = b"".join(captured)
+            clean = r.completed and captured and captured[-1].startswith(b"data: [DONE]")
+            if clean and b'"tool_calls"' not in data and b'data: {"error"' not in data:
+                await self.put(key, EVENTS + data, ttl)
+
+        reply.wrap_events(tap).on_complete(store)
+
+    def ttl(self, call: Call) -> float:
+        asked = call.headers.get("x-meshgate-cache-ttl")
+        if asked is None:
+            return self.config.ttl_s
+        try:
+            seconds = float(asked)
+        except ValueError:
+            raise InvalidRequest("x-meshgate-cache-ttl must be a number of seconds") from None
+        return max(1.0, min(seconds, self.config.max_ttl_s))
+
+    async def put(self, key: str, value: bytes, ttl: float) -> None:
+        try:
+            await self.store.set(key, pack(value, self.config.compress_min_bytes), ttl)
+        except StateUnavailable as exc:
+            log.warning("cache store failed: %s", exc)
+            return
+        self.metrics.stores.labels("exact").inc()
+
+    async def stats(self, request) -> dict:
+        entries, size = await self.store.size()
+        lookups = {}
+        for metric in self.metrics.lookups.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_total"):
+                    kind, result = sample.labels["kind"], sample.labels["result"]
+                    lookups.setdefault(kind, {})[result] = int(sample.value)
+        return {"backend": self.config.backend, "entries": entries, "bytes": size,
+                "lookups": lookups}  # fmt: skip
+
+    async def clear(self, request) -> dict:
+        namespace = request.query_params.get("namespace") or "*"
+        model = request.query_params.get("model") or "*"
+        deleted = await self.store.delete(f"{namespace}:{model}:*")
+        return {"deleted": deleted}
+
+
+async def _replay(data: bytes):
+    for event in EventSplitter().feed(data):
+        yield event

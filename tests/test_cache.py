@@ -1,0 +1,178 @@
+"""The exact cache end to end: hits, tenant isolation, streams, controls, admin."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import start_gateway, upstream_stats
+from tests.redis_server import RedisServer
+
+ADMIN = "admin-key-0123456789abcdef"
+KEYS = {"a1": "a", "a2": "a", "b1": "b"}  # key name -> team
+
+
+def config(upstream_port: int, backend: str = "memory", redis_url: str = "") -> str:
+    keys = "\n".join(
+        f"        - {{name: {k}, key: sk-{k}-0123456789, team: {t}}}" for k, t in KEYS.items()
+    )
+    state = f'state: {{backend: redis, url: "{redis_url}"}}' if redis_url else ""
+    return f"""
+server: {{host: 127.0.0.1}}
+{state}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
+models:
+  - {{name: m, deployments: [{{provider: up, model: m}}]}}
+pipeline:
+  - auth:
+      admin_key: {ADMIN}
+      keys:
+{keys}
+  - cache: {{backend: {backend}, ttl_s: 60}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstream):
+    server = start_gateway(tmp_path_factory.mktemp("cache"), config(upstream.port))
+    yield server
+    server.stop()
+
+
+def ask(gateway, key="a1", content=None, headers=None, **extra):
+    body = {"model": "m", "messages": [{"role": "user", "content": content or "q"}], **extra}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10,
+                      headers={"authorization": f"Bearer sk-{key}-0123456789", **(headers or {})})  # fmt: skip
+
+
+def unique() -> str:
+    return uuid.uuid4().hex
+
+
+def test_second_identical_request_is_a_hit(gateway, upstream):
+    q = unique()
+    first = ask(gateway, content=q)
+    before = upstream_stats(upstream)["requests"]
+    second = ask(gateway, content=q)
+    assert first.headers["x-meshgate-cache"] == "miss"
+    assert second.headers["x-meshgate-cache"] == "hit-exact"
+    assert second.content == first.content  # byte for byte
+    assert upstream_stats(upstream)["requests"] == before  # the upstream was not called
+
+
+def test_tenants_are_isolated_and_teams_share(gateway):
+    q = unique()
+    assert ask(gateway, "a1", q).headers["x-meshgate-cache"] == "miss"
+    assert ask(gateway, "a2", q).headers["x-meshgate-cache"] == "hit-exact"  # same team
+    assert ask(gateway, "b1", q).headers["x-meshgate-cache"] == "miss"  # another team
+
+
+def test_parameters_that_change_the_answer_never_collide(gateway):
+    q = unique()
+    ask(gateway, content=q, max_tokens=5)
+    for extra in ({"max_tokens": 6}, {"seed": 1}, {"stop": ["x"]}, {"response_format": {"type": "json_object"}},
+                  {"tools": [{"type": "function", "function": {"name": "f"}}]}, {"temperature": 0}):  # fmt: skip
+        assert ask(gateway, content=q, **extra).headers["x-meshgate-cache"] == "miss", extra
+    assert (
+        ask(gateway, content=q, max_tokens=5, user="someone").headers["x-meshgate-cache"]
+        == "hit-exact"
+    )
+
+
+def test_rules_and_controls(gateway):
+    q = unique()
+    assert ask(gateway, content=q, temperature=0.7).headers["x-meshgate-cache"] == "bypass"
+    assert ask(gateway, content=q, n=2).headers["x-meshgate-cache"] == "bypass"
+    assert (
+        ask(gateway, content=q, headers={"cache-control": "no-store"}).headers["x-meshgate-cache"]
+        == "bypass"
+    )
+    assert ask(gateway, content=q).headers["x-meshgate-cache"] == "miss"  # nothing was stored
+    # no-cache skips the lookup but stores the fresh answer
+    assert (
+        ask(gateway, content=q, headers={"cache-control": "no-cache"}).headers["x-meshgate-cache"]
+        == "miss"
+    )
+    assert ask(gateway, content=q).headers["x-meshgate-cache"] == "hit-exact"
+
+
+def test_ttl_header_expires_entries(gateway):
+    q = unique()
+    ask(gateway, content=q, headers={"x-meshgate-cache-ttl": "1"})
+    assert ask(gateway, content=q).headers["x-meshgate-cache"] == "hit-exact"
+    time.sleep(1.2)
+    assert ask(gateway, content=q).headers["x-meshgate-cache"] == "miss"
+
+
+def test_stream_captured_then_replayed_for_the_sdk(gateway, upstream):
+    c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-a1-0123456789", max_retries=0)
+    q = unique()
+    try:
+
+        def run():
+            raw = c.chat.completions.with_raw_response.create(
+                model="m", messages=[{"role": "user", "content": q}], stream=True
+            )
+            chunks = list(raw.parse())
+            return (
+                raw.headers["x-meshgate-cache"],
+                "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices),
+                chunks,
+            )
+
+        first = run()
+        before = upstream_stats(upstream)["requests"]
+        second = run()
+        assert (first[0], second[0]) == ("miss", "hit-exact")
+        assert second[1] == first[1] == " ".join(["tok"] * 16)
+        assert all(ch.usage is None for ch in second[2])  # the stored usage chunk is not shown
+        assert upstream_stats(upstream)["requests"] == before
+    finally:
+        c.close()
+
+
+def test_aborted_stream_is_not_stored(gateway):
+    q = unique()
+    body = {"stream": True, "fake": {"abort_after": 3}}
+    r = ask(gateway, content=q, **body)
+    assert b'"error"' in r.content  # the client saw the failure
+    assert ask(gateway, content=q, **body).headers["x-meshgate-cache"] == "miss"
+
+
+def test_admin_stats_and_delete(gateway):
+    auth = {"authorization": f"Bearer {ADMIN}"}
+    q = unique()
+    ask(gateway, "b1", q)
+    stats = httpx.get(gateway.url + "/admin/cache/stats", headers=auth).json()
+    assert stats["entries"] >= 1 and stats["bytes"] > 0
+    assert stats["lookups"]["exact"]["hit"] >= 1
+    deleted = httpx.delete(gateway.url + "/admin/cache", params={"namespace": "b", "model": "m"},
+                           headers=auth).json()  # fmt: skip
+    assert deleted["deleted"] >= 1
+    assert ask(gateway, "b1", q).headers["x-meshgate-cache"] == "miss"
+    assert httpx.get(gateway.url + "/admin/cache/stats").status_code == 401
+    assert "meshgate_cache_lookups_total" in httpx.get(gateway.url + "/metrics").text
+
+
+def test_redis_backend(tmp_path, upstream):
+    redis = RedisServer(tmp_path).start()
+    gateway = start_gateway(tmp_path, config(upstream.port, "redis", redis.url))
+    try:
+        q = unique()
+        big = "x" * 5000  # compressed in Redis
+        assert ask(gateway, content=q + big).headers["x-meshgate-cache"] == "miss"
+        hit = ask(gateway, content=q + big)
+        assert hit.headers["x-meshgate-cache"] == "hit-exact"
+        assert hit.json()["choices"][0]["message"]["content"].startswith("tok")
+        assert ask(gateway, "b1", q + big).headers["x-meshgate-cache"] == "miss"
+        ask(gateway, content=q, headers={"x-meshgate-cache-ttl": "1"})
+        time.sleep(1.2)
+        assert ask(gateway, content=q).headers["x-meshgate-cache"] == "miss"
+    finally:
+        gateway.stop()
+        redis.stop()
