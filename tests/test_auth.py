@@ -225,14 +225,14 @@ def test_jwks_rotation_and_outage(gateway, jwks, keys):
     with pytest.raises(openai.AuthenticationError):
         client(gateway, new).models.list()  # not published yet
     jwks.add("k2", keys["k2"])
-    deadline = time.monotonic() + 5
-    while True:
+    for _ in range(20):  # the JWKS is refreshed every second
         try:
             client(gateway, new).models.list()
             break
         except openai.AuthenticationError:
-            assert time.monotonic() < deadline, "the new key was never picked up"
             time.sleep(0.3)
+    else:
+        pytest.fail("the new key was never picked up")
     jwks.up = False
     try:
         time.sleep(1.5)  # at least one failed refresh
