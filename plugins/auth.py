@@ -32,9 +32,7 @@ from typing import Any
 from plugins._jwt import JWTConfig, JWTVerifier
 from proxy.admin import bearer_token
 from proxy.errors import AuthenticationFailed, PermissionDenied
-from proxy.pipeline import Call, Identity, Next, Reply
-
-MODEL_CALLS = ("chat", "completions", "embeddings")
+from proxy.pipeline import MODEL_CALLS, Call, Identity, Next, Reply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

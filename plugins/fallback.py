@@ -43,12 +43,11 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.pipeline import Call, Next, Reply
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.fallback")
 
-MODEL_CALLS = ("chat", "completions", "embeddings")
 Failure = Literal["rate_limit", "server_error", "timeout", "unavailable"]
 
 

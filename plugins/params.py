@@ -16,9 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
-from proxy.pipeline import Call, Next, Reply
-
-MODEL_CALLS = ("chat", "completions", "embeddings")
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -33,12 +33,11 @@ from typing import Literal
 
 from proxy.admin import AdminRoute
 from proxy.errors import GatewayError, QuotaExceeded, RateLimited
-from proxy.pipeline import Call, Next, Reply
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.state import Limit, StateUnavailable
 
 log = logging.getLogger("meshgate.quotas")
 
-MODEL_CALLS = ("chat", "completions", "embeddings")
 DAY_S = 86400.0
 
 

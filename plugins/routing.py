@@ -48,10 +48,9 @@ import orjson
 
 from proxy.catalog import Deployment, Model
 from proxy.errors import InvalidRequest, RateLimited
-from proxy.pipeline import Call, Next, Reply
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.state import Limit, StateUnavailable
 
-MODEL_CALLS = ("chat", "completions", "embeddings")
 Strategy = Literal["weighted", "least-busy", "latency", "cost", "prefix-affinity", "complexity"]
 CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|#include|\bimport |;\s*$|=>", re.MULTILINE)
 

@@ -8,6 +8,7 @@ import logging
 import random
 import re
 import time
+from fnmatch import fnmatchcase
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -312,8 +313,6 @@ def _visible(call: Call, name: str) -> bool:
     identity = call.identity
     if identity is None or identity.models == ("*",):
         return True
-    from fnmatch import fnmatchcase
-
     return any(fnmatchcase(name, pattern) for pattern in identity.models)
 
 

@@ -20,12 +20,16 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from proxy.protocol import INPUT_FIELD
 from proxy.sse import Event
 
 if TYPE_CHECKING:
     from proxy.catalog import Deployment, Model
 
 log = logging.getLogger("meshgate.pipeline")
+
+# Endpoints that call a model; a Call can also be for "models" / "model" (GET /v1/models).
+MODEL_CALLS = tuple(INPUT_FIELD)
 
 
 @dataclass(slots=True)

@@ -27,13 +27,12 @@ import orjson
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.admin import AdminRoute
 from proxy.errors import InvalidRequest
-from proxy.pipeline import Call, Next, Reply
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.cache")
 
-MODEL_CALLS = ("chat", "completions", "embeddings")
 # Fields that do not change the answer, left out of the key.
 NOT_IN_KEY = frozenset({"stream_options", "user", "store", "metadata", "service_tier"})
 BODY, EVENTS = b"B", b"E"
