@@ -276,6 +276,8 @@ class Gateway:
         }
         if outcome.ttft_s is not None:
             fields["ttft_ms"] = round(outcome.ttft_s * 1000, 2)
+        if reply is not None and "x-meshgate-cache" in reply.headers:
+            fields["cache"] = reply.headers["x-meshgate-cache"]
         if outcome.error:
             fields["error"] = outcome.error
         if call is not None and call.attempts > 1:

@@ -97,13 +97,14 @@ class Metrics:
 class _CacheMetrics:
     def __init__(self, r: CollectorRegistry) -> None:
         self.lookups = Counter(
-            "meshgate_cache_lookups", "Cache lookups by kind and result (hit, miss, bypass).",
+            "meshgate_cache_lookups",
+            "Cache lookups by kind and result (hit, miss, bypass, refused).",
             ["kind", "result"], registry=r,
         )  # fmt: skip
         self.stores = Counter(
             "meshgate_cache_stores", "Answers stored in the cache.", ["kind"], registry=r
         )
         self.latency = Histogram(
-            "meshgate_cache_lookup_seconds", "Time to look an answer up.",
-            buckets=OVERHEAD_BUCKETS, registry=r,
+            "meshgate_cache_lookup_seconds", "Time to look an answer up, by kind.",
+            ["kind"], buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip

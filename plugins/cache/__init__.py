@@ -12,6 +12,10 @@ to another unless `shared_namespace` says so. A buffered answer is stored as
 its bytes and a stream as its events' bytes, captured as they pass (no chunk
 waits) and stored only when the stream ended cleanly, so a hit replays exactly
 what the upstream sent, as valid SSE for streams.
+
+With `semantic:` set, an exact miss is also looked up by meaning: see
+semantic.py for the scope and the index, verify.py for the near-miss checks a
+candidate must pass before it is served.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Literal
 
 import orjson
 
+from plugins.cache.semantic import Probe, SemanticCache, SemanticConfig
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.admin import AdminRoute
 from proxy.errors import InvalidRequest
@@ -49,10 +54,16 @@ class CacheConfig:
     compress_min_bytes: int = 2048
     allow_temperature: bool = False  # also cache answers sampled with temperature > 0
     shared_namespace: str | None = None  # every tenant shares this namespace instead
+    semantic: SemanticConfig | None = None  # also answer near-repeated prompts
 
     def __post_init__(self) -> None:
         if min(self.ttl_s, self.max_ttl_s) <= 0 or self.max_entries < 1:
             raise ValueError("ttl_s, max_ttl_s and max_entries must be positive")
+        if self.semantic and self.semantic.index == "redis" and self.backend != "redis":
+            raise ValueError(
+                "semantic.index: redis shares prompts between replicas, so the answers "
+                "must be shared too: set backend: redis"
+            )
 
 
 class Cache:
@@ -60,18 +71,29 @@ class Cache:
 
     def __init__(self, config: CacheConfig, gateway) -> None:
         self.config = config
+        state = gateway.config.state
+        url = config.url or state.url
         if config.backend == "redis":
-            state = gateway.config.state
-            self.store = RedisStore(
-                config.url or state.url, state.prefix + "cache:", state.timeout_s
-            )
+            self.store = RedisStore(url, state.prefix + "cache:", state.timeout_s)
         else:
             self.store = MemoryStore(config.max_entries, config.max_bytes)
+        self.semantic = None
+        if config.semantic is not None:
+            self.semantic = SemanticCache(config.semantic, gateway, url, state.prefix + "cache:")
         self.metrics = gateway.metrics.cache
         gateway.admin_routes.append(AdminRoute("cache/stats", ("GET",), self.stats))
         gateway.admin_routes.append(AdminRoute("cache", ("DELETE",), self.clear))
 
+    async def start(self) -> None:
+        if self.semantic is not None:
+            await self.semantic.start()  # loads the embedding model: /ready waits for it
+
+    def ready(self) -> bool:
+        return self.semantic is None or self.semantic.loaded
+
     async def close(self) -> None:
+        if self.semantic is not None:
+            await self.semantic.close()
         await self.store.close()
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
@@ -83,15 +105,19 @@ class Cache:
             reply.headers["x-meshgate-cache"] = "bypass"
             self.metrics.lookups.labels("exact", "bypass").inc()
             return reply
-        key = self.key(call)
+        namespace = self.namespace(call)
+        key = self.key(call, namespace)
+        probe = self.semantic.probe(call, namespace) if self.semantic is not None else None
         if "no-cache" not in control:
             hit = await self.lookup(key)
+            if hit is None and probe is not None:
+                hit = await self.lookup_semantic(probe)
             if hit is not None:
                 return hit
         reply = await call_next(call)
         reply.headers["x-meshgate-cache"] = "miss"
         if reply.status == 200:
-            self.capture(call, key, reply)
+            self.capture(call, key, reply, probe)
         return reply
 
     def cacheable(self, body: dict) -> bool:
@@ -102,11 +128,13 @@ class Cache:
         n = body.get("n")
         return not (isinstance(n, int) and n > 1)
 
-    def key(self, call: Call) -> str:
+    def namespace(self, call: Call) -> str:
         identity = call.identity
-        namespace = self.config.shared_namespace or (
+        return self.config.shared_namespace or (
             (identity.team or identity.name) if identity else "anonymous"
         )
+
+    def key(self, call: Call, namespace: str) -> str:
         canonical = {k: v for k, v in call.body.items() if k not in NOT_IN_KEY}
         canonical["stream"] = call.stream
         digest = hashlib.sha256(
@@ -122,27 +150,52 @@ class Cache:
             log.warning("cache lookup failed, serving a miss: %s", exc)
             return None
         finally:
-            self.metrics.latency.observe(time.perf_counter() - started)
+            self.metrics.latency.labels("exact").observe(time.perf_counter() - started)
         if stored is None:
             self.metrics.lookups.labels("exact", "miss").inc()
             return None
         self.metrics.lookups.labels("exact", "hit").inc()
-        value = unpack(stored)
-        if value[:1] == BODY:
-            reply = Reply(body=value[1:])
-        else:
-            reply = Reply(events=_replay(value[1:]))
+        reply = _reply(stored)
         reply.headers["x-meshgate-cache"] = "hit-exact"
         return reply
 
-    def capture(self, call: Call, key: str, reply: Reply) -> None:
+    async def lookup_semantic(self, probe: Probe) -> Reply | None:
+        """The answer to a verified near-repeat of this prompt, if one is cached."""
+        started = time.perf_counter()
+        result = "miss"
+        try:
+            matches, refused = await self.semantic.find(probe)
+            for match in matches:
+                stored = await self.store.get(match.key)
+                if stored is None:  # the answer expired or was evicted
+                    await self.semantic.forget(match.key)
+                    continue
+                result = "hit"
+                reply = _reply(stored)
+                reply.headers["x-meshgate-cache"] = "hit-semantic"
+                reply.headers["x-meshgate-cache-similarity"] = f"{match.similarity:.4f}"
+                return reply
+            if refused:
+                result = "refused"  # near enough, but the checks found a difference
+            return None
+        except StateUnavailable as exc:
+            log.warning("semantic cache lookup failed, serving a miss: %s", exc)
+            return None
+        except Exception:
+            log.exception("semantic cache lookup failed, serving a miss")
+            return None
+        finally:
+            self.metrics.latency.labels("semantic").observe(time.perf_counter() - started)
+            self.metrics.lookups.labels("semantic", result).inc()
+
+    def capture(self, call: Call, key: str, reply: Reply, probe: Probe | None) -> None:
         """Store the answer once it has been delivered whole, without delaying it."""
         ttl = self.ttl(call)
         if not reply.streamed:
             body = reply.body
             if b'"tool_calls"' not in body:
                 reply.on_complete(
-                    lambda r: self.put(key, BODY + body, ttl) if r.completed else None
+                    lambda r: self.put(key, BODY + body, ttl, probe) if r.completed else None
                 )
             return
         captured: list[bytes] = []
@@ -156,7 +209,7 @@ class Cache:
             data = b"".join(captured)
             clean = r.completed and captured and captured[-1].startswith(b"data: [DONE]")
             if clean and b'"tool_calls"' not in data and b'data: {"error"' not in data:
-                await self.put(key, EVENTS + data, ttl)
+                await self.put(key, EVENTS + data, ttl, probe)
 
         reply.wrap_events(tap).on_complete(store)
 
@@ -170,13 +223,24 @@ class Cache:
             raise InvalidRequest("x-meshgate-cache-ttl must be a number of seconds") from None
         return max(1.0, min(seconds, self.config.max_ttl_s))
 
-    async def put(self, key: str, value: bytes, ttl: float) -> None:
+    async def put(self, key: str, value: bytes, ttl: float, probe: Probe | None) -> None:
         try:
             await self.store.set(key, pack(value, self.config.compress_min_bytes), ttl)
         except StateUnavailable as exc:
             log.warning("cache store failed: %s", exc)
             return
         self.metrics.stores.labels("exact").inc()
+        if probe is None:
+            return
+        try:
+            await self.semantic.add(probe, key, ttl)
+        except StateUnavailable as exc:
+            log.warning("semantic cache store failed: %s", exc)
+            return
+        except Exception:
+            log.exception("semantic cache store failed")
+            return
+        self.metrics.stores.labels("semantic").inc()
 
     async def stats(self, request) -> dict:
         entries, size = await self.store.size()
@@ -186,14 +250,27 @@ class Cache:
                 if sample.name.endswith("_total"):
                     kind, result = sample.labels["kind"], sample.labels["result"]
                     lookups.setdefault(kind, {})[result] = int(sample.value)
-        return {"backend": self.config.backend, "entries": entries, "bytes": size,
-                "lookups": lookups}  # fmt: skip
+        stats = {"backend": self.config.backend, "entries": entries, "bytes": size,
+                 "lookups": lookups}  # fmt: skip
+        if self.semantic is not None:
+            stats["semantic"] = await self.semantic.stats()
+        return stats
 
     async def clear(self, request) -> dict:
         namespace = request.query_params.get("namespace") or "*"
         model = request.query_params.get("model") or "*"
         deleted = await self.store.delete(f"{namespace}:{model}:*")
-        return {"deleted": deleted}
+        result = {"deleted": deleted}
+        if self.semantic is not None:
+            result["deleted_semantic"] = await self.semantic.index.delete(namespace, model)
+        return result
+
+
+def _reply(stored: bytes) -> Reply:
+    value = unpack(stored)
+    if value[:1] == BODY:
+        return Reply(body=value[1:])
+    return Reply(events=_replay(value[1:]))
 
 
 async def _replay(data: bytes):

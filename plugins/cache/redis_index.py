@@ -1,0 +1,169 @@
+"""The semantic index on Redis, shared by every replica, through RedisVL.
+
+Needs a Redis with the query engine (Redis 8, or Redis Stack for 7.x); a Redis
+without it is detected at start and named in the error. Each entry is a hash
+with the scope, namespace and model as tags, the prompt, the exact-cache key
+of its answer and the vector, expiring with that answer. The index is created
+when the first vector shows its size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from plugins.cache.semantic import Candidate, Probe, QueryEngineMissing
+from proxy.state import StateUnavailable
+
+log = logging.getLogger("meshgate.cache")
+
+
+class RedisIndex:
+    def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
+        self.url = url
+        self.name = prefix.rstrip(":").replace(":", "-") + "-semantic"
+        self.prefix = prefix + "semantic"
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=max(timeout_s, 1.0), socket_connect_timeout=max(timeout_s, 1.0)
+        )
+        self.index = None  # redisvl's AsyncSearchIndex, once the vector size is known
+
+    async def start(self) -> None:
+        try:
+            await self.redis.execute_command("FT._LIST")
+        except ResponseError as exc:
+            info = await self.redis.info("server")
+            where = self.redis.connection_pool.connection_kwargs
+            raise QueryEngineMissing(
+                f"the Redis at {where.get('host')}:{where.get('port')} (version "
+                f"{info.get('redis_version', 'unknown')}) has no query engine ({exc}): the "
+                "semantic cache's redis index needs Redis 8 or Redis Stack"
+            ) from None
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis for the semantic index: {exc}") from exc
+        existing = await self._open(None)
+        if existing is not None:
+            self.index = existing
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def _open(self, dims: int | None):
+        """The index, created with `dims` if it does not exist yet (None: only open)."""
+        from redisvl.index import AsyncSearchIndex
+        from redisvl.schema import IndexSchema
+
+        if dims is None:
+            try:
+                info = await self.redis.ft(self.name).info()
+            except ResponseError:
+                return None
+            dims = _dims(info)
+        schema = IndexSchema.from_dict(
+            {
+                "index": {"name": self.name, "prefix": self.prefix, "storage_type": "hash"},
+                "fields": [
+                    {"name": "scope", "type": "tag"},
+                    {"name": "namespace", "type": "tag"},
+                    {"name": "model", "type": "tag"},
+                    {"name": "key", "type": "tag"},
+                    {"name": "vector", "type": "vector",
+                     "attrs": {"dims": dims, "distance_metric": "cosine",
+                               "algorithm": "hnsw", "datatype": "float32"}},
+                ],
+            }
+        )  # fmt: skip
+        index = AsyncSearchIndex(schema, redis_client=self.redis)
+        await index.create(overwrite=False)
+        return index
+
+    async def search(
+        self, scope: str, vector: np.ndarray, k: int, threshold: float
+    ) -> list[Candidate]:
+        from redisvl.query import VectorQuery
+        from redisvl.query.filter import Tag
+
+        if self.index is None:
+            return []
+        query = VectorQuery(
+            vector.astype(np.float32).tobytes(),
+            "vector",
+            return_fields=["prompt", "key"],
+            filter_expression=Tag("scope") == scope,
+            num_results=k,
+        )
+        try:
+            rows = await self.index.query(query)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+        found = []
+        for row in rows:
+            similarity = 1.0 - float(row["vector_distance"])  # cosine distance
+            if similarity >= threshold:
+                found.append(Candidate(similarity, row["prompt"], row["key"], row["id"]))
+        return sorted(found, key=lambda c: -c.similarity)
+
+    async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
+        try:
+            if self.index is None:
+                self.index = await self._open(int(probe.vector.shape[0]))
+            doc = {
+                "scope": probe.scope,
+                "namespace": probe.namespace,
+                "model": probe.model,
+                "key": key,
+                "prompt": probe.prompt,
+                "vector": probe.vector.astype(np.float32).tobytes(),
+            }
+            await self.index.load([doc], keys=[self._id(key)], ttl=max(1, int(ttl_s)))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+
+    async def forget(self, key: str) -> None:
+        try:
+            await self.redis.delete(self._id(key))
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+
+    async def delete(self, namespace: str, model: str) -> int:
+        from redisvl.query.filter import Tag
+
+        if self.index is None:
+            return 0
+        condition = None
+        if namespace != "*":
+            condition = Tag("namespace") == namespace
+        if model != "*":
+            by_model = Tag("model") == model
+            condition = by_model if condition is None else condition & by_model
+        try:
+            if condition is None:
+                return await self.index.clear()
+            result = await self.index.drop_by_filter(condition)
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+        return result.processed
+
+    async def size(self) -> int:
+        if self.index is None:
+            return 0
+        info = await self.index.info()
+        return int(info.get("num_docs", 0))
+
+    def _id(self, key: str) -> str:
+        return f"{self.prefix}:{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _dims(info: dict) -> int:
+    """The vector size of an existing index, from FT.INFO's attributes."""
+    for attribute in info.get("attributes", []):
+        fields = [x.decode() if isinstance(x, bytes) else x for x in attribute]
+        if "vector" in fields:
+            for name in ("dim", "DIM"):
+                if name in fields:
+                    return int(fields[fields.index(name) + 1])
+    raise QueryEngineMissing("the semantic index exists but its vector size cannot be read")

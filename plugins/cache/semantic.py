@@ -1,0 +1,319 @@
+"""The semantic part of the cache: near-repeated prompts answered from cached entries.
+
+The prompt (the last user message, or a completion's prompt) is embedded and
+looked up among earlier prompts of the same *scope*: same tenant namespace,
+model, endpoint, stream flag, and the same request in every other respect
+(system prompt, earlier turns, temperature, tools, ...). So the vector only
+ever compares the question; everything else must match exactly. Candidates
+above `threshold` pass the near-miss checks of `verify.py` before one is
+served. An index entry points at an exact-cache entry, where the answer lives
+once; when that entry has expired the candidate is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import orjson
+
+from plugins.cache.embedder import EmbedderConfig, create_embedder
+from plugins.cache.verify import Prompt, analyse, same_question
+from proxy.pipeline import Call
+
+if TYPE_CHECKING:
+    from plugins.cache.redis_index import RedisIndex
+
+log = logging.getLogger("meshgate.cache")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SemanticConfig:
+    threshold: float = 0.85  # cosine similarity; chosen on load/semantic_pairs.tsv
+    index: Literal["embedded", "redis"] = "embedded"
+    url: str | None = None  # a Redis with the query engine; default: the cache's Redis
+    # A Redis without the query engine: refuse to start, or warn and use the embedded index.
+    on_missing_query_engine: Literal["error", "embedded"] = "error"
+    embedder: EmbedderConfig = field(default_factory=EmbedderConfig)
+    verify: bool = True  # the near-miss checks; off serves any candidate above threshold
+    candidates: int = 3  # how many of the nearest are checked, best first
+    max_entries: int = 10_000  # embedded index
+    max_prompt_chars: int = 2000  # longer prompts use the exact cache only
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ValueError("threshold is a cosine similarity in (0, 1]")
+        if self.candidates < 1 or self.max_entries < 1 or self.max_prompt_chars < 1:
+            raise ValueError("candidates, max_entries and max_prompt_chars must be positive")
+
+
+@dataclass(slots=True)
+class Probe:
+    """One request's side of a semantic lookup."""
+
+    scope: str  # digest of everything but the prompt
+    namespace: str
+    model: str
+    prompt: str
+    vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    similarity: float
+    prompt: str
+    key: str  # the exact-cache entry holding the answer
+    id: str  # the index entry, to drop it when its answer is gone
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    key: str
+    similarity: float
+
+
+class SemanticCache:
+    def __init__(self, config: SemanticConfig, gateway, redis_url: str, prefix: str) -> None:
+        self.config = config
+        self.embedder = create_embedder(config.embedder, gateway)
+        self.index: EmbeddedIndex | RedisIndex
+        if config.index == "redis":
+            from plugins.cache.redis_index import RedisIndex
+
+            self.index = RedisIndex(config.url or redis_url, prefix, gateway.config.state.timeout_s)
+        else:
+            self.index = EmbeddedIndex(config.max_entries)
+        self.loaded = False
+        self.analysed: OrderedDict[str, Prompt] = OrderedDict()  # stored prompts, checked often
+
+    async def start(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self.index.start()
+        except QueryEngineMissing as exc:
+            if self.config.on_missing_query_engine == "error":
+                raise
+            log.warning("%s; using the embedded index instead", exc)
+            await self.index.close()
+            self.index = EmbeddedIndex(self.config.max_entries)
+        await self.embedder.start()
+        self.loaded = True
+        log.info("semantic cache ready in %.1f s", time.perf_counter() - started)
+
+    async def close(self) -> None:
+        await self.embedder.close()
+        await self.index.close()
+
+    def probe(self, call: Call, namespace: str) -> Probe | None:
+        """What to look up for this call, or None when it has no single prompt to compare."""
+        body = call.body
+        if call.endpoint == "chat":
+            messages = body.get("messages")
+            last = _last_user(messages)
+            if last is None:
+                return None
+            prompt = _text(messages[last].get("content"))
+            rest = {**body, "messages": [*messages[:last], {**messages[last], "content": None},
+                                         *messages[last + 1 :]]}  # fmt: skip
+        elif call.endpoint == "completions":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            prompt = prompt if isinstance(prompt, str) else None
+            rest = {**body, "prompt": None}
+        else:
+            return None
+        if not prompt or len(prompt) > self.config.max_prompt_chars:
+            return None
+        from plugins.cache import NOT_IN_KEY
+
+        rest = {k: v for k, v in rest.items() if k not in NOT_IN_KEY}
+        rest["stream"] = call.stream
+        model = call.model.name
+        digest = hashlib.sha256(
+            f"{namespace}\0{model}\0{call.endpoint}\0".encode()
+            + orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
+        ).hexdigest()
+        return Probe(digest, namespace, model, prompt)
+
+    async def find(self, probe: Probe) -> tuple[list[Match], int]:
+        """Verified matches, best first, and how many candidates the checks refused."""
+        probe.vector = await self.embedder.embed(probe.prompt)
+        candidates = await self.index.search(
+            probe.scope, probe.vector, self.config.candidates, self.config.threshold
+        )
+        matches = []
+        refused = 0
+        for candidate in candidates:
+            if not self.config.verify or same_question(
+                self._analysed(candidate.prompt), probe.prompt
+            ):
+                matches.append(Match(candidate.key, candidate.similarity))
+            else:
+                refused += 1
+        return matches, refused
+
+    async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
+        if probe.vector is None:  # the lookup was skipped (Cache-Control: no-cache)
+            probe.vector = await self.embedder.embed(probe.prompt)
+        await self.index.add(probe, key, ttl_s)
+
+    async def forget(self, key: str) -> None:
+        """Drop index entries whose answer is no longer in the cache."""
+        await self.index.forget(key)
+
+    async def stats(self) -> dict:
+        index = "embedded" if isinstance(self.index, EmbeddedIndex) else "redis"
+        return {
+            "index": index,
+            "entries": await self.index.size(),
+            "threshold": self.config.threshold,
+            "embedder_batches": self.embedder.batches,
+        }
+
+    def _analysed(self, prompt: str) -> Prompt:
+        analysed = self.analysed.get(prompt)
+        if analysed is None:
+            analysed = self.analysed[prompt] = analyse(prompt)
+            if len(self.analysed) > 4096:
+                self.analysed.popitem(last=False)
+        return analysed
+
+
+class QueryEngineMissing(Exception):
+    """The Redis named for the semantic index cannot run vector queries."""
+
+
+class EmbeddedIndex:
+    """An in-process vector index: one float32 matrix, searched exactly per scope.
+
+    Bounded by `max_entries`; the least recently used entry goes first. A scope
+    holds the few prompts of one tenant, model and parameter set, so an exact
+    dot product over its rows is faster than any approximate structure."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self.vectors: np.ndarray | None = None  # allocated on the first add, when dims are known
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # row -> entry, LRU order
+        self.scopes: dict[str, list[int]] = {}
+        self.rows_by_key: dict[str, int] = {}
+        self.free: list[int] = []
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def search(
+        self, scope: str, vector: np.ndarray, k: int, threshold: float
+    ) -> list[Candidate]:
+        rows = self.scopes.get(scope)
+        if not rows or self.vectors is None:
+            return []
+        now = time.monotonic()
+        for row in [r for r in rows if self.entries[r].expires <= now]:
+            self._drop(row)
+        rows = self.scopes.get(scope)
+        if not rows:
+            return []
+        index = np.fromiter(rows, dtype=np.intp, count=len(rows))
+        similarities = self.vectors[index] @ vector
+        best = np.argsort(-similarities)[:k]
+        found = []
+        for i in best:
+            similarity = float(similarities[i])
+            if similarity < threshold:
+                break
+            row = int(index[i])
+            entry = self.entries[row]
+            self.entries.move_to_end(row)
+            found.append(Candidate(similarity, entry.prompt, entry.key, str(row)))
+        return found
+
+    async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
+        vector = probe.vector
+        if self.vectors is None:
+            self.vectors = np.zeros((self.max_entries, vector.shape[0]), dtype=np.float32)
+        if key in self.rows_by_key:
+            self._drop(self.rows_by_key[key])
+        if self.free:
+            row = self.free.pop()
+        elif len(self.entries) < self.max_entries:
+            row = len(self.entries)
+        else:
+            row = next(iter(self.entries))
+            self._drop(row)
+            row = self.free.pop()
+        self.vectors[row] = vector
+        entry = _Entry(probe.scope, probe.namespace, probe.model, probe.prompt, key,
+                       time.monotonic() + ttl_s)  # fmt: skip
+        self.entries[row] = entry
+        self.scopes.setdefault(probe.scope, []).append(row)
+        self.rows_by_key[key] = row
+
+    async def forget(self, key: str) -> None:
+        row = self.rows_by_key.get(key)
+        if row is not None:
+            self._drop(row)
+
+    async def delete(self, namespace: str, model: str) -> int:
+        doomed = [
+            row
+            for row, e in self.entries.items()
+            if fnmatchcase(e.namespace, namespace) and fnmatchcase(e.model, model)
+        ]
+        for row in doomed:
+            self._drop(row)
+        return len(doomed)
+
+    async def size(self) -> int:
+        return len(self.entries)
+
+    def _drop(self, row: int) -> None:
+        entry = self.entries.pop(row)
+        rows = self.scopes[entry.scope]
+        rows.remove(row)
+        if not rows:
+            del self.scopes[entry.scope]
+        if self.rows_by_key.get(entry.key) == row:
+            del self.rows_by_key[entry.key]
+        self.free.append(row)
+
+
+@dataclass(slots=True)
+class _Entry:
+    scope: str
+    namespace: str
+    model: str
+    prompt: str
+    key: str
+    expires: float
+
+
+def _last_user(messages) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        message = messages[i]
+        if isinstance(message, dict) and message.get("role") == "user":
+            return i
+    return None
+
+
+def _text(content) -> str | None:
+    """A message's text; None when it carries anything but text (an image, audio)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                return None
+            parts.append(part.get("text") or "")
+        return "\n".join(parts)
+    return None
