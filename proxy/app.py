@@ -51,7 +51,9 @@ def create_app(config: Config | None = None) -> Starlette:
     async def lifespan(app: Starlette):
         try:
             await gateway.start()
-        except BaseException:
+        except BaseException as exc:
+            gateway.start_error = exc
+            log.error("cannot start: %s", exc)
             await gateway.close()
             raise
         log.info("serving %d models from %s", len(gateway.catalog.models), config.source)

@@ -89,7 +89,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
         from proxy.app import create_app
 
         app = create_app(config)
-        _run_loop(_serve(app, hc), hc.worker_class)
+        try:
+            _run_loop(_serve(app, hc), hc.worker_class)
+        except Exception:
+            error = app.state.gateway.start_error
+            if error is None:
+                raise
+            print(f"meshgate: cannot start: {error}", file=sys.stderr)
+            return 1
         return 0
     from hypercorn.run import run as hypercorn_run
 

@@ -53,6 +53,7 @@ class Gateway:
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
         self.started = False
+        self.start_error: BaseException | None = None  # why start() failed, for the CLI
 
     async def start(self) -> None:
         await self.state.start()

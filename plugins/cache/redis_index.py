@@ -41,7 +41,8 @@ class RedisIndex:
             raise QueryEngineMissing(
                 f"the Redis at {where.get('host')}:{where.get('port')} (version "
                 f"{info.get('redis_version', 'unknown')}) has no query engine ({exc}): the "
-                "semantic cache's redis index needs Redis 8 or Redis Stack"
+                "semantic cache's redis index needs Redis 8 or Redis Stack (or set "
+                "semantic.on_missing_query_engine: embedded)"
             ) from None
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis for the semantic index: {exc}") from exc

@@ -1,0 +1,251 @@
+"""The semantic cache end to end: the real all-MiniLM-L6-v2 model, the gateway
+under hypercorn, the fake upstream, and a real redis-server."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import start_gateway, upstream_stats
+from tests.redis_server import RedisServer
+
+pytest.importorskip("sentence_transformers", reason="needs the semantic extra")
+
+ADMIN = "admin-key-0123456789abcdef"
+KEYS = {"a1": "a", "b1": "b"}  # key name -> team
+REDIS_SEARCH_URL = os.environ.get("MESHGATE_TEST_REDIS_SEARCH_URL")
+
+
+def config(
+    upstream_port: int, semantic: str = "{}", backend: str = "memory", state: str = ""
+) -> str:
+    keys = "\n".join(
+        f"        - {{name: {k}, key: sk-{k}-0123456789, team: {t}}}" for k, t in KEYS.items()
+    )
+    return f"""
+server: {{host: 127.0.0.1}}
+{state}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
+  sim: {{type: simulated}}
+models:
+  - {{name: m, deployments: [{{provider: up, model: m}}]}}
+  - {{name: emb, deployments: [{{provider: sim, model: e}}]}}
+pipeline:
+  - auth:
+      admin_key: {ADMIN}
+      keys:
+{keys}
+  - cache: {{backend: {backend}, ttl_s: 60, semantic: {semantic}}}
+"""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstream):
+    server = start_gateway(tmp_path_factory.mktemp("semantic"), config(upstream.port))
+    yield server
+    server.stop()
+
+
+def ask(gateway, content, key="a1", headers=None, system=None, **extra):
+    messages = [{"role": "user", "content": content}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "m", "messages": messages, **extra},
+        headers={"authorization": f"Bearer sk-{key}-0123456789", **(headers or {})},
+        timeout=30,
+    )
+
+
+def tag() -> str:
+    """A system prompt of its own per test, so that tests sharing a gateway never
+    meet each other's entries (the system prompt is part of a lookup's scope)."""
+    return f"You are test {uuid.uuid4().hex}."
+
+
+def cache_of(response) -> str:
+    return response.headers["x-meshgate-cache"]
+
+
+def test_paraphrase_hits_without_calling_the_upstream(gateway, upstream):
+    s = tag()
+    first = ask(gateway, "How do I reverse a list in Python?", system=s)
+    before = upstream_stats(upstream)["requests"]
+    second = ask(gateway, "What's the best way to reverse a list in Python?", system=s)
+    assert cache_of(first) == "miss"
+    assert cache_of(second) == "hit-semantic"
+    assert 0.85 <= float(second.headers["x-meshgate-cache-similarity"]) < 1
+    assert second.content == first.content
+    assert upstream_stats(upstream)["requests"] == before
+
+
+def test_unrelated_prompts_and_near_misses_are_not_served(gateway):
+    s = tag()
+    ask(gateway, "How do I convert a string to an integer in JavaScript?", system=s)
+    for other in (
+        "What is the capital of France?",  # unrelated: below the threshold
+        "How do I convert an integer to a string in JavaScript?",  # swapped operands
+        "How do I convert a string to a float in JavaScript?",  # another entity
+    ):
+        assert cache_of(ask(gateway, other, system=s)) == "miss", other
+    metrics = httpx.get(gateway.url + "/metrics").text
+    assert 'meshgate_cache_lookups_total{kind="semantic",result="refused"}' in metrics
+
+
+def test_tenants_are_isolated(gateway):
+    s = tag()
+    ask(gateway, "What is the boiling point of water at sea level?", key="a1", system=s)
+    paraphrase = "At sea level, what is the boiling point of water?"
+    assert cache_of(ask(gateway, paraphrase, key="b1", system=s)) == "miss"  # another team
+    assert cache_of(ask(gateway, paraphrase, key="a1", system=s)) == "hit-semantic"
+
+
+def test_other_parameters_and_system_prompts_never_collide(gateway):
+    s = tag()
+    ask(gateway, "How do I undo the last git commit?", system=s, max_tokens=5)
+    paraphrase = "How can I undo my last commit in git?"
+    assert cache_of(ask(gateway, paraphrase, system=s, max_tokens=6)) == "miss"
+    assert cache_of(ask(gateway, paraphrase, system=tag(), max_tokens=5)) == "miss"
+    assert cache_of(ask(gateway, paraphrase, system=s, max_tokens=5, seed=3)) == "miss"
+    assert cache_of(ask(gateway, paraphrase, system=s, max_tokens=5)) == "hit-semantic"
+
+
+def test_streamed_semantic_hit_is_parsed_by_the_sdk(gateway, upstream):
+    s = tag()
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-a1-0123456789", max_retries=0)
+
+    def run(question):
+        raw = client.chat.completions.with_raw_response.create(
+            model="m",
+            messages=[{"role": "system", "content": s}, {"role": "user", "content": question}],
+            stream=True,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        return raw.headers["x-meshgate-cache"], text
+
+    try:
+        assert run("How do I merge two dictionaries in Python?") == ("miss", " ".join(["tok"] * 16))
+        before = upstream_stats(upstream)["requests"]
+        hit = run("What is the way to merge two dictionaries in Python?")
+        assert hit == ("hit-semantic", " ".join(["tok"] * 16))
+        assert upstream_stats(upstream)["requests"] == before
+        # a buffered request is another scope: it never gets the stored stream
+        assert (
+            cache_of(ask(gateway, "How do I merge two dictionaries in Python?", system=s)) == "miss"
+        )
+    finally:
+        client.close()
+
+
+def test_aborted_stream_is_not_indexed(gateway):
+    s = tag()
+    broken = {"stream": True, "fake": {"abort_after": 3}}
+    assert b'"error"' in ask(gateway, "How do I exit vim?", system=s, **broken).content
+    assert cache_of(ask(gateway, "How can I exit vim?", system=s, stream=True)) == "miss"
+
+
+def test_an_expired_answer_is_not_served_by_meaning(gateway):
+    s = tag()
+    ask(
+        gateway, "How do I rename a file in Linux?", system=s, headers={"x-meshgate-cache-ttl": "1"}
+    )
+    assert cache_of(ask(gateway, "How can I rename a file on Linux?", system=s)) == "hit-semantic"
+    time.sleep(1.2)
+    assert cache_of(ask(gateway, "How can I rename a file on Linux?", system=s)) == "miss"
+
+
+def test_no_cache_stores_and_indexes_the_fresh_answer(gateway):
+    s = tag()
+    fresh = ask(gateway, "How do I clone a git repository?", system=s,
+                headers={"cache-control": "no-cache"})  # fmt: skip
+    assert cache_of(fresh) == "miss"
+    assert (
+        cache_of(ask(gateway, "How can I clone a repository with git?", system=s)) == "hit-semantic"
+    )
+
+
+def test_admin_stats_and_delete_cover_the_semantic_index(gateway):
+    auth = {"authorization": f"Bearer {ADMIN}"}
+    s = tag()
+    ask(gateway, "What is the tallest mountain in the world?", key="b1", system=s)
+    stats = httpx.get(gateway.url + "/admin/cache/stats", headers=auth).json()
+    assert stats["semantic"]["index"] == "embedded"
+    assert stats["semantic"]["entries"] >= 1
+    assert stats["lookups"]["semantic"]["hit"] >= 1
+    deleted = httpx.delete(gateway.url + "/admin/cache?namespace=b", headers=auth).json()
+    assert deleted["deleted_semantic"] >= 1
+    paraphrase = "Which mountain is the tallest in the world?"
+    assert cache_of(ask(gateway, paraphrase, key="b1", system=s)) == "miss"
+
+
+def test_embedder_can_be_a_model_the_gateway_serves(tmp_path, upstream):
+    # The simulated embeddings model gives one vector per exact text, so the same
+    # question sent as text parts instead of a string is an exact miss but a
+    # semantic hit at similarity 1 (embedded through the gateway's own upstream).
+    server = start_gateway(tmp_path, config(upstream.port, "{embedder: {model: emb}}"))
+    try:
+        ask(server, "How do I exit vim?")
+        parts = [{"type": "text", "text": "How do I exit vim?"}]
+        hit = ask(server, parts)
+        assert cache_of(hit) == "hit-semantic"
+        assert float(hit.headers["x-meshgate-cache-similarity"]) > 0.999
+    finally:
+        server.stop()
+
+
+def test_redis_without_the_query_engine_is_named_at_start(tmp_path, upstream):
+    redis = RedisServer(tmp_path).start()
+    try:
+        state = f'state: {{backend: redis, url: "{redis.url}"}}'
+        text = config(upstream.port, "{index: redis}", backend="redis", state=state)
+        with pytest.raises(RuntimeError, match="exited"):
+            start_gateway(tmp_path, text)
+        log = "".join(p.read_text() for p in tmp_path.glob("gateway-*.log"))
+        assert "has no query engine" in log
+        assert "version 7." in log and "Redis 8 or Redis Stack" in log
+
+        fallback = "{index: redis, on_missing_query_engine: embedded}"
+        server = start_gateway(tmp_path, config(upstream.port, fallback, "redis", state))
+        try:
+            assert "using the embedded index instead" in server.output()
+            ask(server, "How do I exit vim?")
+            assert cache_of(ask(server, "How can I exit vim?")) == "hit-semantic"
+        finally:
+            server.stop()
+    finally:
+        redis.stop()
+
+
+@pytest.mark.skipif(
+    not REDIS_SEARCH_URL,
+    reason="MESHGATE_TEST_REDIS_SEARCH_URL does not name a Redis with the query engine "
+    "(Redis 8 or Redis Stack; Debian's Redis 7 has none)",
+)
+def test_redisvl_index_shared_by_two_gateways(tmp_path, upstream):
+    state = (
+        f'state: {{backend: redis, url: "{REDIS_SEARCH_URL}", prefix: "mg{uuid.uuid4().hex[:8]}:"}}'
+    )
+    text = config(upstream.port, "{index: redis}", backend="redis", state=state)
+    one, two = start_gateway(tmp_path, text), start_gateway(tmp_path, text)
+    try:
+        s = tag()
+        assert cache_of(ask(one, "How do I reverse a list in Python?", system=s)) == "miss"
+        hit = ask(two, "What's the best way to reverse a list in Python?", system=s)
+        assert cache_of(hit) == "hit-semantic"
+        assert cache_of(ask(two, "How do I reverse a list in Java?", system=s)) == "miss"
+        assert cache_of(ask(two, "What's the best way to reverse a list in Python?", system=s,
+                            key="b1")) == "miss"  # fmt: skip
+        stats = httpx.get(two.url + "/admin/cache/stats",
+                          headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
+        assert stats["semantic"] == {**stats["semantic"], "index": "redis"}
+        assert stats["semantic"]["entries"] >= 1
+    finally:
+        one.stop()
+        two.stop()
