@@ -89,13 +89,18 @@ def _chunked_done(buffer: bytearray, at: int) -> bool:
             return False
 
 
-async def run(url: str, body: bytes, concurrency: int, seconds: float, headers: dict) -> dict:
+async def run(
+    url: str, body: bytes | list[bytes], concurrency: int, seconds: float, headers: dict
+) -> dict:
+    """Load `url` with `body`, or with each of several bodies in turn."""
     parts = urlsplit(url)
     host, port = parts.hostname, parts.port or 80
     head = [f"POST {parts.path} HTTP/1.1", f"host: {host}:{port}", "content-type: application/json"]
     head += [f"{k}: {v}" for k, v in headers.items()]
-    head.append(f"content-length: {len(body)}")
-    payload = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+    payloads = [
+        ("\r\n".join([*head, f"content-length: {len(b)}"]) + "\r\n\r\n").encode() + b
+        for b in ([body] if isinstance(body, bytes) else body)
+    ]
     loop = asyncio.get_running_loop()
     latencies: list[float] = []
     firsts: list[float] = []
@@ -103,11 +108,13 @@ async def run(url: str, body: bytes, concurrency: int, seconds: float, headers: 
     errors = 0
     deadline = time.perf_counter() + seconds
 
-    async def worker() -> None:
+    async def worker(n: int) -> None:
         nonlocal errors
         transport, client = await loop.create_connection(Client, host, port)
         try:
             while time.perf_counter() < deadline:
+                payload = payloads[n % len(payloads)]
+                n += 1
                 started = time.perf_counter()
                 try:
                     status, first = await client.request(payload)
@@ -125,7 +132,7 @@ async def run(url: str, body: bytes, concurrency: int, seconds: float, headers: 
             transport.close()
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(i * 7) for i in range(concurrency)))
     elapsed = time.perf_counter() - started
     return summarize(latencies, firsts, statuses, errors, elapsed)
 

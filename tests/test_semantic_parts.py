@@ -127,9 +127,7 @@ def chat_call(messages, **extra) -> Call:
 
 @pytest.fixture
 def semantic():
-    gateway = type("G", (), {})()
-    gateway.config = type("C", (), {"state": type("S", (), {"timeout_s": 0.25})()})()
-    return SemanticCache(SemanticConfig(), gateway, "redis://unused", "p:")
+    return SemanticCache(SemanticConfig(), Recording(8), EmbeddedIndex(10))
 
 
 def test_probe_compares_the_last_user_message_and_scopes_the_rest(semantic):

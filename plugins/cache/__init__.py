@@ -28,7 +28,7 @@ from typing import Literal
 
 import orjson
 
-from plugins.cache.semantic import Probe, SemanticCache, SemanticConfig
+from plugins.cache.semantic import Probe, SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.admin import AdminRoute
 from proxy.errors import InvalidRequest
@@ -79,7 +79,8 @@ class Cache:
             self.store = MemoryStore(config.max_entries, config.max_bytes)
         self.semantic = None
         if config.semantic is not None:
-            self.semantic = SemanticCache(config.semantic, gateway, url, state.prefix + "cache:")
+            prefix = state.prefix + "cache:"
+            self.semantic = create_semantic_cache(config.semantic, gateway, url, prefix)
         self.metrics = gateway.metrics.cache
         gateway.admin_routes.append(AdminRoute("cache/stats", ("GET",), self.stats))
         gateway.admin_routes.append(AdminRoute("cache", ("DELETE",), self.clear))

@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import orjson
 
-from plugins.cache.embedder import EmbedderConfig, create_embedder
+from plugins.cache.embedder import Embedder, EmbedderConfig, create_embedder
 from plugins.cache.verify import Prompt, analyse, same_question
 from proxy.pipeline import Call
 
 if TYPE_CHECKING:
     from plugins.cache.redis_index import RedisIndex
+    from proxy.gateway import Gateway
 
 log = logging.getLogger("meshgate.cache")
 
@@ -79,16 +80,14 @@ class Match:
 
 
 class SemanticCache:
-    def __init__(self, config: SemanticConfig, gateway, redis_url: str, prefix: str) -> None:
-        self.config = config
-        self.embedder = create_embedder(config.embedder, gateway)
-        self.index: EmbeddedIndex | RedisIndex
-        if config.index == "redis":
-            from plugins.cache.redis_index import RedisIndex
+    """Embeds prompts, finds candidates in the index, and keeps those that pass the checks."""
 
-            self.index = RedisIndex(config.url or redis_url, prefix, gateway.config.state.timeout_s)
-        else:
-            self.index = EmbeddedIndex(config.max_entries)
+    def __init__(
+        self, config: SemanticConfig, embedder: Embedder, index: EmbeddedIndex | RedisIndex
+    ) -> None:
+        self.config = config
+        self.embedder = embedder
+        self.index = index
         self.loaded = False
         self.analysed: OrderedDict[str, Prompt] = OrderedDict()  # stored prompts, checked often
 
@@ -184,6 +183,19 @@ class SemanticCache:
             if len(self.analysed) > 4096:
                 self.analysed.popitem(last=False)
         return analysed
+
+
+def create_semantic_cache(
+    config: SemanticConfig, gateway: Gateway, redis_url: str, prefix: str
+) -> SemanticCache:
+    index: EmbeddedIndex | RedisIndex
+    if config.index == "redis":
+        from plugins.cache.redis_index import RedisIndex
+
+        index = RedisIndex(config.url or redis_url, prefix, gateway.config.state.timeout_s)
+    else:
+        index = EmbeddedIndex(config.max_entries)
+    return SemanticCache(config, create_embedder(config.embedder, gateway), index)
 
 
 class QueryEngineMissing(Exception):

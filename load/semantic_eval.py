@@ -1,0 +1,137 @@
+"""Precision and recall of the semantic cache's lookup on labelled prompt pairs.
+
+    python -m load.semantic_eval                    # both labelled sets in load/
+    python -m load.semantic_eval --pairs my.tsv     # a set of your own
+
+Each pair (a, b) is labelled `same` (b may be answered with a's answer) or
+`differs` (a near-miss whose answer changes: swapped operands, another
+entity, number, unit, a negation). For each pair, a is cached in an index of
+its own and b is looked up through the shipped code path: the embedding model,
+the embedded index, the threshold and the near-miss checks, at the defaults of
+SemanticConfig. Beside it, plain cosine similarity at the same threshold and at
+the threshold that suits it best. A served `differs` pair is a wrong answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import sys
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from plugins.cache.embedder import EmbedderConfig, LocalEmbedder
+from plugins.cache.semantic import EmbeddedIndex, Probe, SemanticCache, SemanticConfig
+
+HERE = Path(__file__).resolve().parent
+SETS = [HERE / "semantic_pairs.tsv", HERE / "semantic_pairs_holdout.tsv"]
+
+
+def read_pairs(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f, delimiter="\t"))
+
+
+async def lookups(pairs: list[dict], config: SemanticConfig, embedder) -> list[tuple[bool, float]]:
+    """For each pair: whether b was served a's answer, and their similarity."""
+    results = []
+    for i, pair in enumerate(pairs):
+        cache = SemanticCache(config, embedder, EmbeddedIndex(4))
+        stored = Probe(f"pair-{i}", "eval", "m", pair["a"])
+        await cache.add(stored, f"answer-{i}", 60)
+        asked = Probe(f"pair-{i}", "eval", "m", pair["b"])
+        matches, _ = await cache.find(asked)
+        similarity = float(stored.vector @ asked.vector)
+        results.append((bool(matches), similarity))
+    return results
+
+
+def score(served: np.ndarray, same: np.ndarray) -> dict:
+    tp = int((served & same).sum())
+    fp = int((served & ~same).sum())
+    return {
+        "precision": round(tp / (tp + fp), 3) if tp + fp else None,
+        "recall": round(tp / int(same.sum()), 3),
+        "wrong_answers": fp,
+    }
+
+
+async def evaluate(path: Path, config: SemanticConfig, embedder) -> dict:
+    pairs = read_pairs(path)
+    results = await lookups(pairs, config, embedder)
+    served = np.array([r[0] for r in results])
+    similarity = np.array([r[1] for r in results])
+    same = np.array([p["label"] == "same" for p in pairs])
+    cosine_best = max(
+        (score(similarity >= t, same) | {"threshold": round(float(t), 2)}
+         for t in np.arange(0.80, 1.0, 0.01)),
+        key=lambda s: (s["precision"] or 0, s["recall"]),
+    )  # fmt: skip
+    by_kind = {}
+    for kind in sorted({p["kind"] for p in pairs}):
+        rows = np.array([p["kind"] == kind for p in pairs])
+        by_kind[kind] = {"pairs": int(rows.sum()), "served": int((served & rows).sum())}
+    return {
+        "set": path.name,
+        "pairs": len(pairs),
+        "same": int(same.sum()),
+        "differs": int((~same).sum()),
+        "threshold": config.threshold,
+        "lookup": score(served, same),
+        "cosine_at_threshold": score(similarity >= config.threshold, same),
+        "cosine_best": cosine_best,
+        "by_kind": by_kind,
+    }
+
+
+def report(result: dict) -> str:
+    t = result["threshold"]
+    rows = [
+        (f"semantic lookup (threshold {t} + checks)", result["lookup"]),
+        (f"plain cosine >= {t}", result["cosine_at_threshold"]),
+        (f"plain cosine >= {result['cosine_best']['threshold']} (its most precise)",
+         result["cosine_best"]),
+    ]  # fmt: skip
+    lines = [f"{result['set']}: {result['pairs']} pairs "
+             f"({result['same']} same, {result['differs']} differ)"]  # fmt: skip
+    for name, s in rows:
+        lines.append(f"  {name:<48} precision {s['precision']}  recall {s['recall']}  "
+                     f"wrong answers {s['wrong_answers']}")  # fmt: skip
+    lines.append("  served, by kind: " + ", ".join(
+        f"{k} {v['served']}/{v['pairs']}" for k, v in result["by_kind"].items()))  # fmt: skip
+    return "\n".join(lines)
+
+
+async def run(paths: list[Path], config: SemanticConfig, model_path: str | None) -> list[dict]:
+    embedder = LocalEmbedder(EmbedderConfig(path=model_path))
+    await embedder.start()
+    results = []
+    try:
+        for path in paths:
+            result = await evaluate(path, config, embedder)
+            results.append(result)
+            print(report(result), flush=True)
+    finally:
+        await embedder.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pairs", action="append", type=Path, help="a labelled TSV (repeatable)")
+    parser.add_argument("--threshold", type=float, help="instead of the shipped default")
+    parser.add_argument("--model-path", help="a sentence-transformers model directory")
+    parser.add_argument("--out", help="also write the figures as JSON here")
+    args = parser.parse_args(argv)
+    config = SemanticConfig(threshold=args.threshold) if args.threshold else SemanticConfig()
+    results = asyncio.run(run(args.pairs or SETS, config, args.model_path))
+    if args.out:
+        Path(args.out).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
