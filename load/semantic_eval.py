@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from plugins.cache.embedder import EmbedderConfig, LocalEmbedder
-from plugins.cache.semantic import EmbeddedIndex, Probe, SemanticCache, SemanticConfig
+from plugins.cache.embedded_index import EmbeddedIndex
+from plugins.cache.embedder import LocalEmbedder
+from plugins.cache.semantic import EmbedderConfig, Probe, SemanticCache, SemanticConfig
 
 HERE = Path(__file__).resolve().parent
 SETS = [HERE / "semantic_pairs.tsv", HERE / "semantic_pairs_holdout.tsv"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 
@@ -176,3 +178,28 @@ def test_redis_backend(tmp_path, upstream):
     finally:
         gateway.stop()
         redis.stop()
+
+
+def test_exact_cache_needs_none_of_the_semantic_extra(tmp_path):
+    # A base install has no numpy, torch or sentence-transformers: the exact cache
+    # must load and build without them (they are imported only for `semantic:`).
+    config = tmp_path / "exact.yaml"
+    config.write_text(
+        "providers: {sim: {type: simulated}}\n"
+        "models: [{name: m, deployments: [{provider: sim, model: s}]}]\n"
+        "pipeline: [{cache: {}}]\n"
+    )
+    script = (
+        "import sys\n"
+        "for name in ('numpy', 'torch', 'sentence_transformers', 'redisvl'):\n"
+        "    sys.modules[name] = None  # importing it now raises ImportError\n"
+        "from proxy.app import create_app\n"
+        "from proxy.config import load_config\n"
+        f"create_app(load_config({str(config)!r}))\n"
+        "print('built')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("built")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from starlette.datastructures import Headers
 
+from plugins.cache.embedded_index import EmbeddedIndex
 from plugins.cache.embedder import Embedder
-from plugins.cache.semantic import EmbeddedIndex, Probe, SemanticCache, SemanticConfig
+from plugins.cache.semantic import Probe, SemanticCache, SemanticConfig
 from proxy.pipeline import Call
 
 

@@ -14,33 +14,19 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import orjson
 from starlette.datastructures import Headers
 
+from plugins.cache.semantic import EmbedderConfig
 from proxy.pipeline import Call
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
 
 log = logging.getLogger("meshgate.cache")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EmbedderConfig:
-    path: str | None = None  # a sentence-transformers model directory; default all-MiniLM-L6-v2
-    model: str | None = None  # or an embeddings model served by this gateway
-    max_batch: int = 32
-    threads: int | None = None  # torch's CPU threads; default: torch's own choice
-
-    def __post_init__(self) -> None:
-        if self.path and self.model:
-            raise ValueError("give either path (a local model) or model (served here), not both")
-        if self.max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
 
 
 class Embedder:

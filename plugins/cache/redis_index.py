@@ -23,6 +23,8 @@ log = logging.getLogger("meshgate.cache")
 
 
 class RedisIndex:
+    kind = "redis"
+
     def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
         self.url = url
         self.name = prefix.rstrip(":").replace(":", "-") + "-semantic"

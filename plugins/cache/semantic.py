@@ -17,21 +17,38 @@ import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
 import orjson
 
-from plugins.cache.embedder import Embedder, EmbedderConfig, create_embedder
 from plugins.cache.verify import Prompt, analyse, same_question
 from proxy.pipeline import Call
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from plugins.cache.embedded_index import EmbeddedIndex
+    from plugins.cache.embedder import Embedder
     from plugins.cache.redis_index import RedisIndex
     from proxy.gateway import Gateway
 
+    Index = EmbeddedIndex | RedisIndex
+
 log = logging.getLogger("meshgate.cache")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EmbedderConfig:
+    path: str | None = None  # a sentence-transformers model directory; default all-MiniLM-L6-v2
+    model: str | None = None  # or an embeddings model served by this gateway
+    max_batch: int = 32
+    threads: int | None = None  # torch's CPU threads; default: torch's own choice
+
+    def __post_init__(self) -> None:
+        if self.path and self.model:
+            raise ValueError("give either path (a local model) or model (served here), not both")
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -62,7 +79,7 @@ class Probe:
     namespace: str
     model: str
     prompt: str
-    vector: np.ndarray | None = None
+    vector: np.ndarray | None = None  # set by the lookup
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +99,7 @@ class Match:
 class SemanticCache:
     """Embeds prompts, finds candidates in the index, and keeps those that pass the checks."""
 
-    def __init__(
-        self, config: SemanticConfig, embedder: Embedder, index: EmbeddedIndex | RedisIndex
-    ) -> None:
+    def __init__(self, config: SemanticConfig, embedder: Embedder, index: Index) -> None:
         self.config = config
         self.embedder = embedder
         self.index = index
@@ -100,6 +115,8 @@ class SemanticCache:
                 raise
             log.warning("%s; using the embedded index instead", exc)
             await self.index.close()
+            from plugins.cache.embedded_index import EmbeddedIndex
+
             self.index = EmbeddedIndex(self.config.max_entries)
         await self.embedder.start()
         self.loaded = True
@@ -168,9 +185,8 @@ class SemanticCache:
         await self.index.forget(key)
 
     async def stats(self) -> dict:
-        index = "embedded" if isinstance(self.index, EmbeddedIndex) else "redis"
         return {
-            "index": index,
+            "index": self.index.kind,
             "entries": await self.index.size(),
             "threshold": self.config.threshold,
             "embedder_batches": self.embedder.batches,
@@ -188,125 +204,23 @@ class SemanticCache:
 def create_semantic_cache(
     config: SemanticConfig, gateway: Gateway, redis_url: str, prefix: str
 ) -> SemanticCache:
-    index: EmbeddedIndex | RedisIndex
+    """Imported only when `semantic:` is configured: numpy and the model stay optional."""
+    from plugins.cache.embedder import create_embedder
+
+    index: Index
     if config.index == "redis":
         from plugins.cache.redis_index import RedisIndex
 
         index = RedisIndex(config.url or redis_url, prefix, gateway.config.state.timeout_s)
     else:
+        from plugins.cache.embedded_index import EmbeddedIndex
+
         index = EmbeddedIndex(config.max_entries)
     return SemanticCache(config, create_embedder(config.embedder, gateway), index)
 
 
 class QueryEngineMissing(Exception):
     """The Redis named for the semantic index cannot run vector queries."""
-
-
-class EmbeddedIndex:
-    """An in-process vector index: one float32 matrix, searched exactly per scope.
-
-    Bounded by `max_entries`; the least recently used entry goes first. A scope
-    holds the few prompts of one tenant, model and parameter set, so an exact
-    dot product over its rows is faster than any approximate structure."""
-
-    def __init__(self, max_entries: int) -> None:
-        self.max_entries = max_entries
-        self.vectors: np.ndarray | None = None  # allocated on the first add, when dims are known
-        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # row -> entry, LRU order
-        self.scopes: dict[str, list[int]] = {}
-        self.rows_by_key: dict[str, int] = {}
-        self.free: list[int] = []
-
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def search(
-        self, scope: str, vector: np.ndarray, k: int, threshold: float
-    ) -> list[Candidate]:
-        rows = self.scopes.get(scope)
-        if not rows or self.vectors is None:
-            return []
-        now = time.monotonic()
-        for row in [r for r in rows if self.entries[r].expires <= now]:
-            self._drop(row)
-        rows = self.scopes.get(scope)
-        if not rows:
-            return []
-        index = np.fromiter(rows, dtype=np.intp, count=len(rows))
-        similarities = self.vectors[index] @ vector
-        best = np.argsort(-similarities)[:k]
-        found = []
-        for i in best:
-            similarity = float(similarities[i])
-            if similarity < threshold:
-                break
-            row = int(index[i])
-            entry = self.entries[row]
-            self.entries.move_to_end(row)
-            found.append(Candidate(similarity, entry.prompt, entry.key, str(row)))
-        return found
-
-    async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
-        vector = probe.vector
-        if self.vectors is None:
-            self.vectors = np.zeros((self.max_entries, vector.shape[0]), dtype=np.float32)
-        if key in self.rows_by_key:
-            self._drop(self.rows_by_key[key])
-        if self.free:
-            row = self.free.pop()
-        elif len(self.entries) < self.max_entries:
-            row = len(self.entries)
-        else:
-            row = next(iter(self.entries))
-            self._drop(row)
-            row = self.free.pop()
-        self.vectors[row] = vector
-        entry = _Entry(probe.scope, probe.namespace, probe.model, probe.prompt, key,
-                       time.monotonic() + ttl_s)  # fmt: skip
-        self.entries[row] = entry
-        self.scopes.setdefault(probe.scope, []).append(row)
-        self.rows_by_key[key] = row
-
-    async def forget(self, key: str) -> None:
-        row = self.rows_by_key.get(key)
-        if row is not None:
-            self._drop(row)
-
-    async def delete(self, namespace: str, model: str) -> int:
-        doomed = [
-            row
-            for row, e in self.entries.items()
-            if fnmatchcase(e.namespace, namespace) and fnmatchcase(e.model, model)
-        ]
-        for row in doomed:
-            self._drop(row)
-        return len(doomed)
-
-    async def size(self) -> int:
-        return len(self.entries)
-
-    def _drop(self, row: int) -> None:
-        entry = self.entries.pop(row)
-        rows = self.scopes[entry.scope]
-        rows.remove(row)
-        if not rows:
-            del self.scopes[entry.scope]
-        if self.rows_by_key.get(entry.key) == row:
-            del self.rows_by_key[entry.key]
-        self.free.append(row)
-
-
-@dataclass(slots=True)
-class _Entry:
-    scope: str
-    namespace: str
-    model: str
-    prompt: str
-    key: str
-    expires: float
 
 
 def _last_user(messages) -> int | None:
