@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config)
+        _check_plugins(config)
     except ConfigError as exc:
         print(f"meshgate: invalid config: {exc}", file=sys.stderr)
         return 1
@@ -37,6 +38,18 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(config))
         return 0
     return run(config, args)
+
+
+def _check_plugins(config: Config) -> None:
+    """Build the plugins once, as a worker will, so that settings that name models or
+    providers (fallbacks, health checks, a served embedder) fail here, not in a worker.
+    Building does no I/O: connections open when the gateway starts."""
+    from proxy.gateway import Gateway
+
+    try:
+        Gateway(config)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"{config.source}: {exc}") from None
 
 
 def describe(config: Config) -> str:

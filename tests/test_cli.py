@@ -42,6 +42,27 @@ def test_invalid_config_refused_by_check_and_serve(tmp_path):
         )
 
 
+def test_plugin_settings_naming_unknown_models_refused_by_check_and_serve(tmp_path):
+    base = (
+        "providers: {sim: {type: simulated}}\n"
+        "models: [{name: m, deployments: [{provider: sim, model: s}]}]\n"
+    )
+    cases = {
+        "fallback": ("pipeline: [{fallback: {models: {m: {fallbacks: [ghost]}}}}]\n",
+                     "fallback names model 'ghost', which is not in models:"),
+        "embedder": ("pipeline: [{cache: {semantic: {embedder: {model: ghost}}}}]\n",
+                     "cache.semantic.embedder names model 'ghost', which is not in models:"),
+    }  # fmt: skip
+    for name, (pipeline, message) in cases.items():
+        bad = tmp_path / f"{name}.yaml"
+        bad.write_text(base + pipeline)
+        for command in ("check", "serve"):
+            result = meshgate(command, "--config", str(bad))
+            assert result.returncode == 1, (name, command, result.stderr)
+            assert f"meshgate: invalid config: {bad}: {message}" in result.stderr
+            assert "Traceback" not in result.stderr
+
+
 def test_importing_the_gateway_stays_light():
     code = (
         "import sys; from proxy.app import create_app; from proxy.config import load_config;"

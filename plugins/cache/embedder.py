@@ -150,7 +150,10 @@ class GatewayEmbedder(Embedder):
 
 def create_embedder(config: EmbedderConfig, gateway: Gateway) -> Embedder:
     if config.model:
-        gateway.catalog.get(config.model)  # an unknown model fails at start, not per request
+        if gateway.catalog.find(config.model) is None:
+            raise ValueError(
+                f"cache.semantic.embedder names model '{config.model}', which is not in models:"
+            )
         return GatewayEmbedder(config, gateway)
     return LocalEmbedder(config)
 
