@@ -117,3 +117,21 @@ def test_example_configs_are_valid():
     assert examples
     for path in examples:
         load_config(path)
+
+
+def test_semantic_cache_settings_are_validated_at_load():
+    cache = BASE + "pipeline:\n  - cache: {semantic: {threshold: 0.9, embedder: {max_batch: 8}}}\n"
+    semantic = parse_config(cache, "t", env={}).pipeline[0].config.semantic
+    assert (semantic.threshold, semantic.embedder.max_batch, semantic.index) == (0.9, 8, "embedded")
+    assert "pipeline[0].cache.semantic.treshold: unknown key" in error_of(
+        BASE + "pipeline:\n  - cache: {semantic: {treshold: 0.9}}\n"
+    )
+    assert "threshold is a cosine similarity" in error_of(
+        BASE + "pipeline:\n  - cache: {semantic: {threshold: 1.5}}\n"
+    )
+    assert "set backend: redis" in error_of(
+        BASE + "pipeline:\n  - cache: {semantic: {index: redis}}\n"
+    )
+    assert "either path" in error_of(
+        BASE + "pipeline:\n  - cache: {semantic: {embedder: {path: /m, model: e}}}\n"
+    )
