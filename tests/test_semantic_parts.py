@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from starlette.datastructures import Headers
 
+from plugins.cache import canonical_request
 from plugins.cache.embedded_index import EmbeddedIndex
 from plugins.cache.embedder import Embedder
 from plugins.cache.semantic import Probe, SemanticCache, SemanticConfig
@@ -121,9 +122,11 @@ async def test_embedded_index_expires_replaces_forgets_and_deletes():
 
 
 def chat_call(messages, **extra) -> Call:
-    call = Call("chat", {"model": "m", "messages": messages, **extra}, Headers(), "r")
-    call.model = type("M", (), {"name": "m"})()
-    return call
+    return Call("chat", {"model": "m", "messages": messages, **extra}, Headers(), "r")
+
+
+def probe_of(semantic: SemanticCache, call: Call, namespace: str) -> Probe | None:
+    return semantic.probe(call.endpoint, "m", namespace, canonical_request(call))
 
 
 @pytest.fixture
@@ -133,31 +136,31 @@ def semantic():
 
 def test_probe_compares_the_last_user_message_and_scopes_the_rest(semantic):
     user = {"role": "user", "content": "How do I exit vim?"}
-    base = semantic.probe(chat_call([{"role": "system", "content": "A"}, user]), "team")
+    base = probe_of(semantic, chat_call([{"role": "system", "content": "A"}, user]), "team")
     assert base.prompt == "How do I exit vim?"
-    reworded = semantic.probe(chat_call([{"role": "system", "content": "A"},
+    reworded = probe_of(semantic, chat_call([{"role": "system", "content": "A"},
                                          {"role": "user", "content": "Exiting vim?"}]), "team")  # fmt: skip
     assert reworded.scope == base.scope  # only the question differs
     for other in (
-        semantic.probe(chat_call([{"role": "system", "content": "B"}, user]), "team"),
-        semantic.probe(chat_call([{"role": "system", "content": "A"}, user], max_tokens=9), "team"),
-        semantic.probe(chat_call([{"role": "system", "content": "A"}, user]), "other-team"),
+        probe_of(semantic, chat_call([{"role": "system", "content": "B"}, user]), "team"),
+        probe_of(
+            semantic, chat_call([{"role": "system", "content": "A"}, user], max_tokens=9), "team"
+        ),
+        probe_of(semantic, chat_call([{"role": "system", "content": "A"}, user]), "other-team"),
     ):
         assert other.scope != base.scope
     with_user_field = chat_call([{"role": "system", "content": "A"}, user], user="someone")
-    assert semantic.probe(with_user_field, "team").scope == base.scope
+    assert probe_of(semantic, with_user_field, "team").scope == base.scope
 
 
 def test_probe_skips_what_it_cannot_compare(semantic):
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
-    assert semantic.probe(chat_call([{"role": "user", "content": [image]}]), "t") is None
-    assert semantic.probe(chat_call([{"role": "system", "content": "only"}]), "t") is None
-    assert semantic.probe(chat_call([{"role": "user", "content": "x" * 5000}]), "t") is None
+    assert probe_of(semantic, chat_call([{"role": "user", "content": [image]}]), "t") is None
+    assert probe_of(semantic, chat_call([{"role": "system", "content": "only"}]), "t") is None
+    assert probe_of(semantic, chat_call([{"role": "user", "content": "x" * 5000}]), "t") is None
     parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
-    assert semantic.probe(chat_call([{"role": "user", "content": parts}]), "t").prompt == "a\nb"
+    assert probe_of(semantic, chat_call([{"role": "user", "content": parts}]), "t").prompt == "a\nb"
     completion = Call("completions", {"model": "m", "prompt": ["Say hi"]}, Headers(), "r")
-    completion.model = type("M", (), {"name": "m"})()
-    assert semantic.probe(completion, "t").prompt == "Say hi"
+    assert probe_of(semantic, completion, "t").prompt == "Say hi"
     embeddings = Call("embeddings", {"model": "m", "input": "x"}, Headers(), "r")
-    embeddings.model = completion.model
-    assert semantic.probe(embeddings, "t") is None
+    assert probe_of(semantic, embeddings, "t") is None

@@ -107,8 +107,11 @@ class Cache:
             self.metrics.lookups.labels("exact", "bypass").inc()
             return reply
         namespace = self.namespace(call)
-        key = self.key(call, namespace)
-        probe = self.semantic.probe(call, namespace) if self.semantic is not None else None
+        canonical = canonical_request(call)
+        key = self.key(call, namespace, canonical)
+        probe = None
+        if self.semantic is not None:
+            probe = self.semantic.probe(call.endpoint, call.model.name, namespace, canonical)
         if "no-cache" not in control:
             hit = await self.lookup(key)
             if hit is None and probe is not None:
@@ -135,9 +138,7 @@ class Cache:
             (identity.team or identity.name) if identity else "anonymous"
         )
 
-    def key(self, call: Call, namespace: str) -> str:
-        canonical = {k: v for k, v in call.body.items() if k not in NOT_IN_KEY}
-        canonical["stream"] = call.stream
+    def key(self, call: Call, namespace: str, canonical: dict) -> str:
         digest = hashlib.sha256(
             call.endpoint.encode() + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
@@ -265,6 +266,13 @@ class Cache:
         if self.semantic is not None:
             result["deleted_semantic"] = await self.semantic.index.delete(namespace, model)
         return result
+
+
+def canonical_request(call: Call) -> dict:
+    """The request as far as it decides the answer."""
+    canonical = {k: v for k, v in call.body.items() if k not in NOT_IN_KEY}
+    canonical["stream"] = call.stream
+    return canonical
 
 
 def _reply(stored: bytes) -> Reply:

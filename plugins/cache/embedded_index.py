@@ -58,7 +58,7 @@ class EmbeddedIndex:
             row = int(index[i])
             entry = self.entries[row]
             self.entries.move_to_end(row)
-            found.append(Candidate(similarity, entry.prompt, entry.key, str(row)))
+            found.append(Candidate(similarity, entry.prompt, entry.key))
         return found
 
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:

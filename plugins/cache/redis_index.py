@@ -36,7 +36,7 @@ class RedisIndex:
 
     async def start(self) -> None:
         try:
-            await self.redis.execute_command("FT._LIST")
+            names = await self.redis.execute_command("FT._LIST")
         except ResponseError as exc:
             info = await self.redis.info("server")
             where = self.redis.connection_pool.connection_kwargs
@@ -48,24 +48,19 @@ class RedisIndex:
             ) from None
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis for the semantic index: {exc}") from exc
-        existing = await self._open(None)
-        if existing is not None:
-            self.index = existing
+        if self.name.encode() in names:  # made by another replica, or before a restart
+            from redisvl.index import AsyncSearchIndex
+
+            self.index = await AsyncSearchIndex.from_existing(self.name, redis_client=self.redis)
 
     async def close(self) -> None:
         await self.redis.aclose()
 
-    async def _open(self, dims: int | None):
-        """The index, created with `dims` if it does not exist yet (None: only open)."""
+    async def _create(self, dims: int):
+        """The index for vectors of `dims` floats, unless another replica just made it."""
         from redisvl.index import AsyncSearchIndex
         from redisvl.schema import IndexSchema
 
-        if dims is None:
-            try:
-                info = await self.redis.ft(self.name).info()
-            except ResponseError:
-                return None
-            dims = _dims(info)
         schema = IndexSchema.from_dict(
             {
                 "index": {"name": self.name, "prefix": self.prefix, "storage_type": "hash"},
@@ -107,13 +102,13 @@ class RedisIndex:
         for row in rows:
             similarity = 1.0 - float(row["vector_distance"])  # cosine distance
             if similarity >= threshold:
-                found.append(Candidate(similarity, row["prompt"], row["key"], row["id"]))
+                found.append(Candidate(similarity, row["prompt"], row["key"]))
         return sorted(found, key=lambda c: -c.similarity)
 
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
         try:
             if self.index is None:
-                self.index = await self._open(int(probe.vector.shape[0]))
+                self.index = await self._create(int(probe.vector.shape[0]))
             doc = {
                 "scope": probe.scope,
                 "namespace": probe.namespace,
@@ -159,14 +154,3 @@ class RedisIndex:
 
     def _id(self, key: str) -> str:
         return f"{self.prefix}:{hashlib.sha256(key.encode()).hexdigest()}"
-
-
-def _dims(info: dict) -> int:
-    """The vector size of an existing index, from FT.INFO's attributes."""
-    for attribute in info.get("attributes", []):
-        fields = [x.decode() if isinstance(x, bytes) else x for x in attribute]
-        if "vector" in fields:
-            for name in ("dim", "DIM"):
-                if name in fields:
-                    return int(fields[fields.index(name) + 1])
-    raise QueryEngineMissing("the semantic index exists but its vector size cannot be read")

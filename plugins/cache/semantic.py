@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Literal
 import orjson
 
 from plugins.cache.verify import Prompt, analyse, same_question
-from proxy.pipeline import Call
 
 if TYPE_CHECKING:
     import numpy as np
@@ -87,7 +86,6 @@ class Candidate:
     similarity: float
     prompt: str
     key: str  # the exact-cache entry holding the answer
-    id: str  # the index entry, to drop it when its answer is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,10 +124,11 @@ class SemanticCache:
         await self.embedder.close()
         await self.index.close()
 
-    def probe(self, call: Call, namespace: str) -> Probe | None:
-        """What to look up for this call, or None when it has no single prompt to compare."""
-        body = call.body
-        if call.endpoint == "chat":
+    def probe(self, endpoint: str, model: str, namespace: str, canonical: dict) -> Probe | None:
+        """What to look up for a request, given as the exact cache's canonical body; None
+        when it has no single prompt to compare."""
+        body = canonical
+        if endpoint == "chat":
             messages = body.get("messages")
             last = _last_user(messages)
             if last is None:
@@ -137,7 +136,7 @@ class SemanticCache:
             prompt = _text(messages[last].get("content"))
             rest = {**body, "messages": [*messages[:last], {**messages[last], "content": None},
                                          *messages[last + 1 :]]}  # fmt: skip
-        elif call.endpoint == "completions":
+        elif endpoint == "completions":
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
@@ -147,13 +146,8 @@ class SemanticCache:
             return None
         if not prompt or len(prompt) > self.config.max_prompt_chars:
             return None
-        from plugins.cache import NOT_IN_KEY
-
-        rest = {k: v for k, v in rest.items() if k not in NOT_IN_KEY}
-        rest["stream"] = call.stream
-        model = call.model.name
         digest = hashlib.sha256(
-            f"{namespace}\0{model}\0{call.endpoint}\0".encode()
+            f"{namespace}\0{model}\0{endpoint}\0".encode()
             + orjson.dumps(rest, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
         return Probe(digest, namespace, model, prompt)
@@ -166,10 +160,9 @@ class SemanticCache:
         )
         matches = []
         refused = 0
+        asked = analyse(probe.prompt) if candidates and self.config.verify else None
         for candidate in candidates:
-            if not self.config.verify or same_question(
-                self._analysed(candidate.prompt), probe.prompt
-            ):
+            if asked is None or same_question(self._analysed(candidate.prompt), asked):
                 matches.append(Match(candidate.key, candidate.similarity))
             else:
                 refused += 1
