@@ -61,3 +61,26 @@ def test_two_words_swapped_are_refused_even_when_harmless():
     # "joke about cats" / "cat joke" reads the same, but so would "grams in an
     # ounce" / "ounces in a gram": with two content words an order cannot be trusted.
     assert not same_question("Tell me a joke about cats.", "Tell me a cat joke.")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (
+            "北京的人口是多少",
+            "上海的人口是多少",
+        ),  # Beijing / Shanghai: one run of characters each
+        ("Wie groß ist München?", "Wie groß ist Köln?"),  # letters outside ASCII are words
+        ("🙂", "😡"),  # no words at all: only the same text matches
+        ("?", "!"),
+        ("How do I do it?", "How do I do that?"),  # framing only
+    ],
+)
+def test_prompts_in_any_script_or_without_words_are_compared(a, b):
+    assert not same_question(a, b)
+    assert not same_question(analyse(a), analyse(b))  # as the lookup calls it
+
+
+def test_a_prompt_without_words_matches_only_itself():
+    assert same_question(analyse("🙂"), analyse(" 🙂 "))
+    assert same_question("Wie groß ist München?", "Wie groß ist München")

@@ -25,7 +25,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-_TOKEN = re.compile(r"\d+(?:[.,]\d+)*%?|[a-z][a-z0-9+#]*(?:'[a-z]+)?")
+# Numbers, and words in any script: a letter, then letters, digits, + or # (c++, c#).
+# Scripts written without spaces (Chinese, Japanese) give one token per run, so
+# any change inside a run is a different word.
+_TOKEN = re.compile(r"\d+(?:[.,]\d+)*%?|[^\W\d_][\w+#]*(?:'[^\W\d_]+)?")
 
 NEGATIONS = frozenset("not no never without none nothing nobody neither nor nowhere cannot".split())
 NUMBER_WORDS = {
@@ -90,6 +93,7 @@ class Prompt:
     words: tuple[str, ...]  # content words, in order, stemmed and folded
     at: tuple[int, ...]  # each content word's position among all the tokens
     pairs: tuple[tuple[str, str], ...]  # (before, after) around each direction word
+    bare: str = ""  # with no content words: the text, folded, which must then match
 
 
 def analyse(text: str) -> Prompt:
@@ -116,7 +120,8 @@ def analyse(text: str) -> Prompt:
             words.append(word)
             at.append(position)
             last = word
-    return Prompt(tuple(sorted(numbers)), negations, tuple(words), tuple(at), tuple(pairs))
+    bare = "" if words else " ".join(text.lower().split())
+    return Prompt(tuple(sorted(numbers)), negations, tuple(words), tuple(at), tuple(pairs), bare)
 
 
 def same_question(a: str | Prompt, b: str | Prompt) -> bool:
@@ -125,6 +130,8 @@ def same_question(a: str | Prompt, b: str | Prompt) -> bool:
     pb = b if isinstance(b, Prompt) else analyse(b)
     if pa.numbers != pb.numbers or pa.negations != pb.negations:
         return False
+    if not pa.words or not pb.words:  # nothing to compare: only the same text will do
+        return pa.bare == pb.bare
     if set(pa.words) != set(pb.words):
         return False
     for x, y in (*pa.pairs, *pb.pairs):  # operands around a direction keep their order
