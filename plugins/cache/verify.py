@@ -9,11 +9,14 @@ agree on everything that usually decides an answer:
 - the same negations (not, no, never, without, ...),
 - the same content words, once question framing ("how do I", "what's the best
   way to", "please", "explain") is set aside, words are reduced to a rough
-  stem and a few plain synonyms are folded together,
-- the same order of the words around a direction ("A to B", "from A to B",
-  "A than B", "A or B"), and otherwise the same order, but for one phrase
-  moved from one end to the other ("At sea level, what is ..." / "What is ...
-  at sea level").
+  stem and a few plain synonyms are folded together; a criterion ("easiest",
+  "quickest") is never framing,
+- the same direction words between operands ("before" / "after", "from" / "to"),
+  and the same order of the words around them ("A to B", "from A to B", "A than
+  B", "A or B"); otherwise the same order, but for one phrase moved from one
+  end to the other ("At sea level, what is ..." / "What is ... at sea level")
+  or a compound turned into a phrase ("git branch" / "branch in git"),
+- the same text, when either has no content words at all.
 
 This refuses some true paraphrases (a changed noun or verb outside the
 synonym list); that costs a cache miss, where a wrong hit costs a wrong answer.
@@ -48,14 +51,18 @@ FRAMING = frozenset(
     done doing can could would should will shall may might must have has had having i me
     my mine we us our you your yourself he she they them their there here what what's
     whats which who whom whose how why when where please kindly tell explain describe
-    show give let know want need like way ways best good easiest easy simplest simple
-    quickest proper correct right some any of for in on at by with about into onto as
+    show give let know want need like way ways easy simple
+    some any of for in on at by with about into onto as
     and or so if then than also just really actually exactly possible possibly
     whether step steps guide tutorial method methods approach something someone thing things
     mean meaning means meant summary summarize summarise overview question help
     use using used get go going try trying able one's simply
     """.split()
 )
+# Set aside only when they ask for a way ("the best way to"); elsewhere ("the best
+# laptop") they are part of the question. Criteria ("quickest", "cheapest") always are.
+WAY_FRAMING = frozenset("best good right correct proper recommended".split())
+WAYS = frozenset("way ways method methods approach".split())
 # Plain synonyms folded to one word, so that a paraphrase using either still agrees.
 SYNONYMS = {
     w: group.split()[0]
@@ -78,9 +85,9 @@ SYNONYMS = {
     for w in group.split()
 }
 # Words that relate two operands; their order around these changes the answer.
-DIRECTIONS = frozenset(
-    "to into from than or versus vs over before after per onto towards toward".split()
-)
+DIRECTIONS = {
+    w: w for w in "to from than or vs over under before after per since until".split()
+} | {"into": "to", "onto": "to", "towards": "to", "toward": "to", "versus": "vs"}
 _SUFFIXES = ("ations", "ation", "ings", "ing", "ies", "ied", "ed", "ly", "s")
 
 
@@ -93,6 +100,7 @@ class Prompt:
     words: tuple[str, ...]  # content words, in order, stemmed and folded
     at: tuple[int, ...]  # each content word's position among all the tokens
     pairs: tuple[tuple[str, str], ...]  # (before, after) around each direction word
+    directions: tuple[str, ...]  # the direction words themselves: "before" is not "after"
     bare: str = ""  # with no content words: the text, folded, which must then match
 
 
@@ -103,16 +111,26 @@ def analyse(text: str) -> Prompt:
     words: list[str] = []
     at: list[int] = []
     pairs: list[tuple[str, str]] = []
+    directions: list[str] = []
     pending: str | None = None  # the content word before a direction word
     last: str | None = None
+    follows_operand = False  # the token before is a content word or a number
     for position, token in enumerate(tokens):
+        after_operand, follows_operand = follows_operand, False
         if token in NEGATIONS:
             negations += 1
         elif token in NUMBER_WORDS or token[0].isdigit():
             numbers.append(NUMBER_WORDS.get(token) or token.replace(",", ""))
+            follows_operand = True
         elif token in DIRECTIONS:
-            pending = last
+            # "string to integer" relates two operands; "the way to", "how to" do not
+            if after_operand:
+                directions.append(DIRECTIONS[token])
+                pending = last
+        elif token in WAY_FRAMING and tokens[position + 1 : position + 2] in ([w] for w in WAYS):
+            continue
         elif token not in FRAMING:
+            follows_operand = True
             word = _fold(token)
             if pending is not None and pending != word:
                 pairs.append((pending, word))
@@ -121,14 +139,15 @@ def analyse(text: str) -> Prompt:
             at.append(position)
             last = word
     bare = "" if words else " ".join(text.lower().split())
-    return Prompt(tuple(sorted(numbers)), negations, tuple(words), tuple(at), tuple(pairs), bare)
+    return Prompt(tuple(sorted(numbers)), negations, tuple(words), tuple(at), tuple(pairs),
+                  tuple(sorted(directions)), bare)  # fmt: skip
 
 
 def same_question(a: str | Prompt, b: str | Prompt) -> bool:
     """True when `b` asks what `a` asks, as far as these checks can tell."""
     pa = a if isinstance(a, Prompt) else analyse(a)
     pb = b if isinstance(b, Prompt) else analyse(b)
-    if pa.numbers != pb.numbers or pa.negations != pb.negations:
+    if (pa.numbers, pa.negations, pa.directions) != (pb.numbers, pb.negations, pb.directions):
         return False
     if not pa.words or not pb.words:  # nothing to compare: only the same text will do
         return pa.bare == pb.bare
