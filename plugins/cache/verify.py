@@ -16,6 +16,8 @@ agree on everything that usually decides an answer:
   B", "A or B"); otherwise the same order, but for one phrase moved from one
   end to the other ("At sea level, what is ..." / "What is ... at sea level")
   or a compound turned into a phrase ("git branch" / "branch in git"),
+- the same tense (is / was / will) and, when both say whose, the same owner
+  ("my name" / "your name"),
 - the same text, when either has no content words at all.
 
 This refuses some true paraphrases (a changed noun or verb outside the
@@ -59,6 +61,11 @@ FRAMING = frozenset(
     use using used get go going try trying able one's simply
     """.split()
 )
+# Framing words that still change the answer: the time asked about, and whose.
+TENSES = {"was": "past", "were": "past", "did": "past", "had": "past",
+          "will": "future", "shall": "future"}  # fmt: skip
+OWNERS = {"my": "1", "mine": "1", "our": "1", "ours": "1", "your": "2", "yours": "2",
+          "his": "3", "her": "3", "their": "3"}  # fmt: skip
 # Set aside only when they ask for a way ("the best way to"); elsewhere ("the best
 # laptop") they are part of the question. Criteria ("quickest", "cheapest") always are.
 WAY_FRAMING = frozenset("best good right correct proper recommended".split())
@@ -101,6 +108,8 @@ class Prompt:
     at: tuple[int, ...]  # each content word's position among all the tokens
     pairs: tuple[tuple[str, str], ...]  # (before, after) around each direction word
     directions: tuple[str, ...]  # the direction words themselves: "before" is not "after"
+    tenses: frozenset[str]  # "is" / "was" / "will": the time asked about
+    owners: frozenset[str]  # "my name" / "your name"
     bare: str = ""  # with no content words: the text, folded, which must then match
 
 
@@ -112,6 +121,8 @@ def analyse(text: str) -> Prompt:
     at: list[int] = []
     pairs: list[tuple[str, str]] = []
     directions: list[str] = []
+    tenses = frozenset(TENSES[t] for t in tokens if t in TENSES)
+    owners = frozenset(OWNERS[t] for t in tokens if t in OWNERS)
     pending: str | None = None  # the content word before a direction word
     last: str | None = None
     follows_operand = False  # the token before is a content word or a number
@@ -140,14 +151,21 @@ def analyse(text: str) -> Prompt:
             last = word
     bare = "" if words else " ".join(text.lower().split())
     return Prompt(tuple(sorted(numbers)), negations, tuple(words), tuple(at), tuple(pairs),
-                  tuple(sorted(directions)), bare)  # fmt: skip
+                  tuple(sorted(directions)), tenses, owners, bare)  # fmt: skip
 
 
 def same_question(a: str | Prompt, b: str | Prompt) -> bool:
     """True when `b` asks what `a` asks, as far as these checks can tell."""
     pa = a if isinstance(a, Prompt) else analyse(a)
     pb = b if isinstance(b, Prompt) else analyse(b)
-    if (pa.numbers, pa.negations, pa.directions) != (pb.numbers, pb.negations, pb.directions):
+    if (pa.numbers, pa.negations, pa.directions, pa.tenses) != (
+        pb.numbers,
+        pb.negations,
+        pb.directions,
+        pb.tenses,
+    ):
+        return False
+    if pa.owners and pb.owners and pa.owners != pb.owners:  # "my" / "your"; "my" / none is fine
         return False
     if not pa.words or not pb.words:  # nothing to compare: only the same text will do
         return pa.bare == pb.bare
