@@ -29,6 +29,8 @@ from plugins.cache.verify import analyse, same_question
         ("Who is the CEO of Apple?", "Who was the CEO of Apple?"),  # another time
         ("What will the weather be in Paris?", "What was the weather in Paris?"),
         ("What is my name?", "What is your name?"),  # another owner
+        ("Where is the Eiffel Tower?", "What is the Eiffel Tower?"),  # another kind of question
+        ("When did World War 2 end?", "Why did World War 2 end?"),
     ],
 )  # fmt: skip
 def test_near_misses_are_refused(a, b):

@@ -16,8 +16,8 @@ agree on everything that usually decides an answer:
   B", "A or B"); otherwise the same order, but for one phrase moved from one
   end to the other ("At sea level, what is ..." / "What is ... at sea level")
   or a compound turned into a phrase ("git branch" / "branch in git"),
-- the same tense (is / was / will) and, when both say whose, the same owner
-  ("my name" / "your name"),
+- the same kind of question (when, where, who, why), the same tense (is / was /
+  will) and, when both say whose, the same owner ("my name" / "your name"),
 - the same text, when either has no content words at all.
 
 This refuses some true paraphrases (a changed noun or verb outside the
@@ -61,7 +61,10 @@ FRAMING = frozenset(
     use using used get go going try trying able one's simply
     """.split()
 )
-# Framing words that still change the answer: the time asked about, and whose.
+# Framing words that still change the answer: what kind of answer is asked for
+# ("what", "which" and "how" trade places in paraphrases; these do not), the time
+# asked about, and whose.
+ASKS = {"when": "when", "where": "where", "who": "who", "whom": "who", "why": "why"}
 TENSES = {"was": "past", "were": "past", "did": "past", "had": "past",
           "will": "future", "shall": "future"}  # fmt: skip
 OWNERS = {"my": "1", "mine": "1", "our": "1", "ours": "1", "your": "2", "yours": "2",
@@ -108,9 +111,15 @@ class Prompt:
     at: tuple[int, ...]  # each content word's position among all the tokens
     pairs: tuple[tuple[str, str], ...]  # (before, after) around each direction word
     directions: tuple[str, ...]  # the direction words themselves: "before" is not "after"
+    asks: frozenset[str]  # "where is" / "what is"
     tenses: frozenset[str]  # "is" / "was" / "will": the time asked about
     owners: frozenset[str]  # "my name" / "your name"
     bare: str = ""  # with no content words: the text, folded, which must then match
+
+    @property
+    def marks(self) -> tuple:
+        """What two prompts must have alike, whatever their words."""
+        return (self.numbers, self.negations, self.directions, self.asks, self.tenses)
 
 
 def analyse(text: str) -> Prompt:
@@ -121,6 +130,7 @@ def analyse(text: str) -> Prompt:
     at: list[int] = []
     pairs: list[tuple[str, str]] = []
     directions: list[str] = []
+    asks = frozenset(ASKS[t] for t in tokens if t in ASKS)
     tenses = frozenset(TENSES[t] for t in tokens if t in TENSES)
     owners = frozenset(OWNERS[t] for t in tokens if t in OWNERS)
     pending: str | None = None  # the content word before a direction word
@@ -151,19 +161,14 @@ def analyse(text: str) -> Prompt:
             last = word
     bare = "" if words else " ".join(text.lower().split())
     return Prompt(tuple(sorted(numbers)), negations, tuple(words), tuple(at), tuple(pairs),
-                  tuple(sorted(directions)), tenses, owners, bare)  # fmt: skip
+                  tuple(sorted(directions)), asks, tenses, owners, bare)  # fmt: skip
 
 
 def same_question(a: str | Prompt, b: str | Prompt) -> bool:
     """True when `b` asks what `a` asks, as far as these checks can tell."""
     pa = a if isinstance(a, Prompt) else analyse(a)
     pb = b if isinstance(b, Prompt) else analyse(b)
-    if (pa.numbers, pa.negations, pa.directions, pa.tenses) != (
-        pb.numbers,
-        pb.negations,
-        pb.directions,
-        pb.tenses,
-    ):
+    if pa.marks != pb.marks:
         return False
     if pa.owners and pb.owners and pa.owners != pb.owners:  # "my" / "your"; "my" / none is fine
         return False
