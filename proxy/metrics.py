@@ -98,7 +98,7 @@ class _CacheMetrics:
     def __init__(self, r: CollectorRegistry) -> None:
         self.lookups = Counter(
             "meshgate_cache_lookups",
-            "Cache lookups by kind and result (hit, miss, bypass, refused).",
+            "Cache lookups by kind and result (hit, miss, bypass, refused, timeout).",
             ["kind", "result"], registry=r,
         )  # fmt: skip
         self.stores = Counter(

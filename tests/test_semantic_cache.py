@@ -249,3 +249,21 @@ def test_redisvl_index_shared_by_two_gateways(tmp_path, upstream):
     finally:
         one.stop()
         two.stop()
+
+
+def test_a_slow_lookup_is_a_miss_and_the_answer_is_still_indexed(tmp_path, upstream):
+    # No embedder answers within a microsecond: every lookup times out and is a
+    # miss, and the answer is embedded for the index after it was sent.
+    semantic = "{embedder: {model: emb}, lookup_timeout_s: 0.000001}"
+    server = start_gateway(tmp_path, config(upstream.port, semantic))
+    try:
+        ask(server, "How do I exit vim?")
+        parts = [{"type": "text", "text": "How do I exit vim?"}]
+        assert cache_of(ask(server, parts)) == "miss"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'meshgate_cache_lookups_total{kind="semantic",result="timeout"} 2.0' in metrics
+        stats = httpx.get(server.url + "/admin/cache/stats",
+                          headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
+        assert stats["semantic"]["entries"] == 2
+    finally:
+        server.stop()

@@ -20,6 +20,7 @@ candidate must pass before it is served.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -31,7 +32,7 @@ import orjson
 from plugins.cache.semantic import Probe, SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.admin import AdminRoute
-from proxy.errors import InvalidRequest
+from proxy.errors import GatewayError, InvalidRequest
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
@@ -41,6 +42,9 @@ log = logging.getLogger("meshgate.cache")
 # Fields that do not change the answer, left out of the key.
 NOT_IN_KEY = frozenset({"stream_options", "user", "store", "metadata", "service_tier"})
 BODY, EVENTS = b"B", b"E"
+# Failures of the index (Redis) or of a served embedder (its upstream), logged in
+# one line: under an outage every request meets them.
+SEMANTIC_FAILURES = (StateUnavailable, GatewayError, RuntimeError)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,7 +170,9 @@ class Cache:
         started = time.perf_counter()
         result = "miss"
         try:
-            matches, refused = await self.semantic.find(probe)
+            matches, refused = await asyncio.wait_for(
+                self.semantic.find(probe), self.semantic.config.lookup_timeout_s
+            )
             for match in matches:
                 stored = await self.store.get(match.key)
                 if stored is None:  # the answer expired or was evicted
@@ -180,7 +186,10 @@ class Cache:
             if refused:
                 result = "refused"  # near enough, but the checks found a difference
             return None
-        except StateUnavailable as exc:
+        except TimeoutError:
+            result = "timeout"  # the embedder is backed up: the upstream is the faster way
+            return None
+        except SEMANTIC_FAILURES as exc:
             log.warning("semantic cache lookup failed, serving a miss: %s", exc)
             return None
         except Exception:
@@ -236,7 +245,7 @@ class Cache:
             return
         try:
             await self.semantic.add(probe, key, ttl)
-        except StateUnavailable as exc:
+        except SEMANTIC_FAILURES as exc:
             log.warning("semantic cache store failed: %s", exc)
             return
         except Exception:

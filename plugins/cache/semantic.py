@@ -62,12 +62,15 @@ class SemanticConfig:
     candidates: int = 3  # how many of the nearest are checked, best first
     max_entries: int = 10_000  # embedded index
     max_prompt_chars: int = 2000  # longer prompts use the exact cache only
+    lookup_timeout_s: float = 0.5  # a lookup slower than this (embedder backed up) is a miss
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
             raise ValueError("threshold is a cosine similarity in (0, 1]")
-        if self.candidates < 1 or self.max_entries < 1 or self.max_prompt_chars < 1:
+        if min(self.candidates, self.max_entries, self.max_prompt_chars) < 1:
             raise ValueError("candidates, max_entries and max_prompt_chars must be positive")
+        if self.lookup_timeout_s <= 0:
+            raise ValueError("lookup_timeout_s must be positive")
 
 
 @dataclass(slots=True)
