@@ -42,9 +42,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout_s: float = 60) -> None:
+def wait_http(url: str, timeout_s: float = 60, proc=None, log: str = "") -> None:
+    """Wait for `url` to answer; fail at once if `proc`, which should serve it, exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = Path(log).read_text(errors="replace")[-2000:] if log else ""
+            raise RuntimeError(f"the server for {url} exited with {proc.returncode}:\n{tail}")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status < 500:
@@ -257,8 +261,9 @@ def main(argv: list[str] | None = None) -> int:
             targets = {"direct": up, "meshgate": gw}
             if args.against == "litellm":
                 ll = free_port()
-                stack.enter_context(litellm_proxy(ll, up, tmp))
-                wait_http(f"http://127.0.0.1:{ll}/health/liveliness", timeout_s=180)
+                proc = stack.enter_context(litellm_proxy(ll, up, tmp))
+                wait_http(f"http://127.0.0.1:{ll}/health/liveliness", 180, proc,
+                          str(tmp / "litellm.log"))  # fmt: skip
                 targets["litellm"] = ll
             if args.routing:
                 rp = free_port()
