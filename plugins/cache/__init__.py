@@ -113,14 +113,13 @@ class Cache:
         namespace = self.namespace(call)
         canonical = canonical_request(call)
         key = self.key(call, namespace, canonical)
-        probe = None
+        lookup = "no-cache" not in control
+        if lookup and (hit := await self.lookup(key)) is not None:
+            return hit
+        probe = None  # built after an exact miss only
         if self.semantic is not None:
             probe = self.semantic.probe(call.endpoint, call.model.name, namespace, canonical)
-        if "no-cache" not in control:
-            hit = await self.lookup(key)
-            if hit is None and probe is not None:
-                hit = await self.lookup_semantic(probe)
-            if hit is not None:
+            if lookup and probe and (hit := await self.lookup_semantic(probe)) is not None:
                 return hit
         reply = await call_next(call)
         reply.headers["x-meshgate-cache"] = "miss"
