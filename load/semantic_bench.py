@@ -15,6 +15,7 @@ every request repeats the whole lookup). Figures are medians over rounds.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import statistics
 import sys
 import tempfile
@@ -73,8 +74,6 @@ def admin_stats(port: int) -> dict:
 
 
 def load(port: int, bodies: list[bytes], concurrency: int, seconds: float) -> dict:
-    import asyncio
-
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     headers = {"authorization": f"Bearer {KEY}"}
     return asyncio.run(loadgen_run(url, bodies, concurrency, seconds, headers))

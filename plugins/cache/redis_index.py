@@ -10,7 +10,6 @@ when the first vector shows its size.
 from __future__ import annotations
 
 import hashlib
-import logging
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -19,14 +18,11 @@ from redis.exceptions import RedisError, ResponseError
 from plugins.cache.semantic import Candidate, Probe, QueryEngineMissing
 from proxy.state import StateUnavailable
 
-log = logging.getLogger("meshgate.cache")
-
 
 class RedisIndex:
     kind = "redis"
 
     def __init__(self, url: str, prefix: str, timeout_s: float) -> None:
-        self.url = url
         self.name = prefix.rstrip(":").replace(":", "-") + "-semantic"
         self.prefix = prefix + "semantic"
         self.redis = aioredis.Redis.from_url(

@@ -91,12 +91,6 @@ class Candidate:
     key: str  # the exact-cache entry holding the answer
 
 
-@dataclass(frozen=True, slots=True)
-class Match:
-    key: str
-    similarity: float
-
-
 class SemanticCache:
     """Embeds prompts, finds candidates in the index, and keeps those that pass the checks."""
 
@@ -155,8 +149,8 @@ class SemanticCache:
         ).hexdigest()
         return Probe(digest, namespace, model, prompt)
 
-    async def find(self, probe: Probe) -> tuple[list[Match], int]:
-        """Verified matches, best first, and how many candidates the checks refused."""
+    async def find(self, probe: Probe) -> tuple[list[Candidate], int]:
+        """Candidates that passed the checks, best first, and how many were refused."""
         probe.vector = await self.embedder.embed(probe.prompt)
         candidates = await self.index.search(
             probe.scope, probe.vector, self.config.candidates, self.config.threshold
@@ -166,7 +160,7 @@ class SemanticCache:
         asked = analyse(probe.prompt) if candidates and self.config.verify else None
         for candidate in candidates:
             if asked is None or same_question(self._analysed(candidate.prompt), asked):
-                matches.append(Match(candidate.key, candidate.similarity))
+                matches.append(candidate)
             else:
                 refused += 1
         return matches, refused
