@@ -24,6 +24,14 @@ through the gateway, so tests script faults that way):
     fail_mode        how injected failures look: status (error_status), error_event (a
                      stream that opens with an error event) or abort (connection dropped)
 
+A hostile upstream, for the gateway's defences:
+
+    redirect_to      answer 307 with this Location instead of answering
+    leak             injected errors quote the credential received: full, masked
+                     (sk-UPST****caaa, as providers mask keys) or prefix (its first 12)
+    error_event_after streams: an error event after this many events
+    malformed_event  streams: the first event's data is not JSON (0/1)
+
 GET /_stats returns request counts, so tests can tell what reached the upstream.
 """
 
@@ -52,6 +60,10 @@ KNOBS = {
     "fail_times": int,
     "fail_key": str,
     "fail_mode": str,
+    "redirect_to": str,
+    "leak": str,
+    "error_event_after": int,
+    "malformed_event": int,
 }
 DEFAULTS = {
     "latency_ms": 0.0,
@@ -68,8 +80,18 @@ DEFAULTS = {
     "fail_times": 0,
     "fail_key": "default",
     "fail_mode": "status",
+    "redirect_to": "",
+    "leak": "",
+    "error_event_after": 0,
+    "malformed_event": 0,
 }
-REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 429: b"Too Many Requests"}
+REASONS = {
+    200: b"OK",
+    307: b"Temporary Redirect",
+    400: b"Bad Request",
+    404: b"Not Found",
+    429: b"Too Many Requests",
+}
 
 
 class Stats:
@@ -186,6 +208,9 @@ class FakeUpstream:
         except orjson.JSONDecodeError:
             return conn.respond(400, _error("invalid JSON", "invalid_request_error", None))
         knobs = self.knobs(headers, body)
+        if knobs["redirect_to"]:
+            return conn.respond(307, b"", {"location": knobs["redirect_to"]})
+        knobs["leaked"] = _leaked(headers, knobs["leak"])
         inject = bool(knobs["error_rate"]) and random.random() < knobs["error_rate"]
         if knobs["fail_times"] and self.failed.get(knobs["fail_key"], 0) < knobs["fail_times"]:
             self.failed[knobs["fail_key"]] = self.failed.get(knobs["fail_key"], 0) + 1
@@ -204,7 +229,7 @@ class FakeUpstream:
             kind = "invalid_request_error" if status == 400 else "server_error"
             if status == 429:
                 kind = "rate_limit_error"
-            message = f"injected error {status}"
+            message = f"injected error {status}{knobs['leaked']}"
             return conn.respond(status, _error(message, kind, knobs["error_code"] or None), extra)
         kind = (
             "embeddings"
@@ -259,12 +284,12 @@ class FakeUpstream:
             if knobs["ttft_ms"]:
                 await asyncio.sleep(knobs["ttft_ms"] / 1000)
             if knobs["error_event"]:
-                _chunk(
-                    conn,
-                    b"data: " + _error("injected stream error", "server_error", None) + b"\n\n",
-                )
+                message = "injected stream error" + knobs["leaked"]
+                _chunk(conn, b"data: " + _error(message, "server_error", None) + b"\n\n")
                 conn.write(b"0\r\n\r\n")
                 return
+            if knobs["malformed_event"]:
+                _chunk(conn, b"data: {not json\n\n")
             head = {
                 "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
                 "object": "chat.completion.chunk" if chat else "text_completion",
@@ -280,6 +305,11 @@ class FakeUpstream:
             for i, piece in enumerate(pieces):
                 if knobs["abort_after"] and sent >= knobs["abort_after"]:
                     conn.transport.abort()
+                    return
+                if knobs["error_event_after"] and sent == knobs["error_event_after"]:
+                    message = "injected stream error" + knobs["leaked"]
+                    _chunk(conn, b"data: " + _error(message, "server_error", None) + b"\n\n")
+                    conn.write(b"0\r\n\r\n")
                     return
                 if i > 1 and knobs["token_delay_ms"]:
                     await asyncio.sleep(knobs["token_delay_ms"] / 1000)
@@ -330,6 +360,15 @@ class FakeUpstream:
             self.stats.open_streams -= 1
             if instant and not conn.closed:
                 conn.uncork()
+
+
+def _leaked(headers: dict, how: str) -> str:
+    """The credential this request carried, quoted as a careless provider would."""
+    if not how:
+        return ""
+    key = headers.get("api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+    quoted = {"full": key, "masked": f"{key[:8]}****{key[-4:]}", "prefix": key[:12]}[how]
+    return f": Incorrect API key provided: {quoted}"
 
 
 def _chunk(conn: Connection, data: bytes) -> None:

@@ -388,7 +388,11 @@ async def first_event_or_raise(reply: Reply) -> Reply:
     if first is None:
         await reply.events.aclose()
         raise UpstreamUnavailable("the upstream ended the stream before any event")
-    data = first.json() if b"{" in first.raw[:7] else None
+    try:
+        data = first.json()
+    except GatewayError:
+        await reply.events.aclose()
+        raise
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
         await reply.events.aclose()
         error = data["error"]

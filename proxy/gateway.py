@@ -172,6 +172,8 @@ class Gateway:
 
     async def _send_stream(self, send, call, reply, wants_usage, started, outcome) -> None:
         event = await reply.next_event()  # an error before the first event is an ordinary error
+        if event is not None:
+            event.json()  # a malformed first event is a 502, not a 200 stream of garbage
         await send(
             {
                 "type": "http.response.start",

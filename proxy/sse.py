@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import orjson
 
+from proxy.errors import UpstreamUnavailable
+
 DONE = b"data: [DONE]\n\n"
 
 
@@ -40,12 +42,19 @@ class Event:
         return self.raw.startswith(b"data: [DONE]") or self.data == b"[DONE]"
 
     def json(self):
-        """The data field parsed as JSON (cached), or None for `[DONE]` and comments."""
+        """The data field parsed as JSON (cached), or None for `[DONE]` and comments.
+
+        An event that is not JSON is the upstream's fault: UpstreamMalformed (502)."""
         if self._json is None:
             data = self.data
             if not data or data == b"[DONE]":
                 return None
-            self._json = orjson.loads(data)
+            try:
+                self._json = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                raise UpstreamMalformed(
+                    "the upstream sent a stream event that is not JSON"
+                ) from None
         return self._json
 
     def has_usage(self) -> bool:
@@ -58,6 +67,10 @@ class Event:
 
     def __repr__(self) -> str:
         return f"Event({self.raw!r})"
+
+
+class UpstreamMalformed(UpstreamUnavailable):
+    code = "upstream_malformed_response"
 
 
 class EventSplitter:

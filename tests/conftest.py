@@ -140,3 +140,47 @@ def gateway(session_tmp, upstream) -> Iterator[Server]:
 def upstream_stats(upstream: Server) -> dict:
     with urllib.request.urlopen(upstream.url + "/_stats", timeout=5) as r:
         return orjson.loads(r.read())
+
+
+class Trap:
+    """A listener on a loopback port that must receive nothing: it records every
+    connection made to it and what was sent."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.received: list[bytes] = []
+        self._stop = False
+        import threading
+
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(0.5)
+                try:
+                    self.received.append(conn.recv(65536))
+                except OSError:
+                    self.received.append(b"")
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+
+@pytest.fixture
+def trap() -> Iterator[Trap]:
+    t = Trap()
+    yield t
+    t.close()

@@ -137,3 +137,40 @@ def test_errors_mapped_by_status():
     error = run(upstream, main)
     assert error.status == 429
     assert "sk-ant-secret" not in error.message
+
+
+def test_only_openai_parameters_pass_from_a_client_to_litellm():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    config = adapter.Config(
+        type="litellm", api_key="sk-ant-secret", api_base="http://configured.invalid",
+        api_version="2024-01-01", headers={"x-team": "a"}, extra={"vertex_project": "p"},
+    )  # fmt: skip
+    upstream = adapter.Upstream("claude", config)
+    _, deployment = setup()
+    controlled = {"model", "timeout", "drop_params", "extra_headers", "api_key", "api_base",
+                  "api_version", "stream_options", "vertex_project"}  # fmt: skip
+    names = st.sampled_from(
+        sorted(
+            adapter.OPENAI_PARAMS["chat"]
+            | controlled
+            | {"base_url", "client", "mock_response", "headers"}
+        )
+    )
+    values = st.one_of(st.text(), st.integers(), st.dictionaries(st.text(), st.text()))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.dictionaries(st.one_of(names, st.text()), values))
+    def check(fields):
+        body = {**fields, "model": "haiku", "messages": [{"role": "user", "content": "x"}]}
+        kwargs = upstream.request_kwargs(Call("chat", body, {}, "rid"), deployment)
+        assert set(kwargs) <= adapter.OPENAI_PARAMS["chat"] | controlled
+        assert kwargs["api_key"] == "sk-ant-secret"
+        assert kwargs["api_base"] == "http://configured.invalid"
+        assert kwargs["api_version"] == "2024-01-01"
+        assert kwargs["vertex_project"] == "p"
+        assert kwargs["model"] == MODEL
+        assert kwargs["extra_headers"] == {"x-team": "a", "x-request-id": "rid"}
+
+    check()

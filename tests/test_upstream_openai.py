@@ -69,11 +69,9 @@ def test_azure_url_and_header():
 
 def test_upstream_auth_failure_is_not_blamed_on_the_client_and_key_is_redacted():
     upstream, _ = make(api_key="sk-secret-key")
-    error = upstream._status_error(401, b'{"error":{"message":"bad key sk-secret-key"}}', {})
+    error = upstream.status_error(401, b'{"error":{"message":"bad key sk-secret-key"}}', {})
     assert error.status == 502 and "sk-secret" not in error.body().decode()
-    error = upstream._status_error(
-        400, b'{"error":{"message":"echo sk-secret-key","type":"x"}}', {}
-    )
+    error = upstream.status_error(400, b'{"error":{"message":"echo sk-secret-key","type":"x"}}', {})
     assert isinstance(error, UpstreamStatus) and error.status == 400
     assert b"sk-secret-key" not in error.body()
 

@@ -7,7 +7,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from proxy.errors import InvalidRequest, ProviderNotConfigured
+from proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    ProviderNotConfigured,
+    UpstreamStatus,
+    from_upstream_body,
+)
+from proxy.redact import Redactor
 
 if TYPE_CHECKING:
     from proxy.catalog import Deployment
@@ -49,6 +56,7 @@ class Upstream:
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name
         self.config = config
+        self.redact = Redactor(secrets_of(config))
 
     async def start(self) -> None:
         """Open clients and pools; runs in the worker's event loop."""
@@ -69,6 +77,42 @@ class Upstream:
             raise InvalidRequest(
                 f"provider '{self.name}' ({self.config.type}) does not serve /v1/{_path(endpoint)}"
             )
+
+    def status_error(self, status: int, raw: bytes, headers) -> GatewayError:
+        """The gateway's error for an upstream's non-2xx answer: the one status policy
+        every adapter shares."""
+        if 300 <= status < 400:
+            # Following would re-send the body, and for some providers the key, to a
+            # host the config never named.
+            return UpstreamStatus(
+                502,
+                f"provider '{self.name}' answered with a redirect (status {status}); "
+                "the gateway does not follow upstream redirects",
+                code="upstream_redirect",
+            )
+        if status in (401, 403):
+            # The client cannot fix the gateway's credentials, and the upstream's
+            # message may quote part of the key.
+            return UpstreamStatus(
+                502,
+                f"provider '{self.name}' rejected the gateway's credentials (status {status})",
+                code="upstream_auth_failed",
+            )
+        passed = {}
+        retry_after = headers.get("retry-after") if headers else None
+        if retry_after:
+            passed["retry-after"] = retry_after
+        return from_upstream_body(status, self.redact.bytes(raw), passed)
+
+
+def secrets_of(config: ProviderConfig) -> list[str]:
+    """Every credential a provider's config holds: its key, header values, and the
+    string settings passed through to a client library."""
+    found = [getattr(config, "api_key", None), *config.headers.values()]
+    extra = getattr(config, "extra", None)
+    if isinstance(extra, dict):
+        found += [v for v in extra.values() if isinstance(v, str)]
+    return [s for s in found if isinstance(s, str)]
 
 
 def _path(endpoint: str) -> str:

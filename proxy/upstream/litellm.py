@@ -23,6 +23,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.pipeline import Reply
+from proxy.redact import scrub
 from proxy.sse import DONE, Event
 from proxy.upstream import base
 
@@ -30,7 +31,25 @@ if TYPE_CHECKING:
     from proxy.catalog import Deployment
     from proxy.pipeline import Call
 
-_INPUT_KEYS = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+# The OpenAI request parameters a client may pass on to litellm. Everything else
+# litellm accepts as a keyword (api_base, base_url, api_key, extra_headers,
+# aws_*, vertex_*, client, metadata, mock_response, ...) chooses where the call
+# goes, with which credentials, or what litellm does, and comes from the config.
+OPENAI_PARAMS = {
+    "chat": frozenset({
+        "messages", "frequency_penalty", "logit_bias", "logprobs", "top_logprobs",
+        "max_tokens", "max_completion_tokens", "n", "presence_penalty", "response_format",
+        "seed", "stop", "stream", "temperature", "top_p", "tools", "tool_choice",
+        "parallel_tool_calls", "user", "functions", "function_call", "modalities", "audio",
+        "prediction", "reasoning_effort", "service_tier", "web_search_options",
+    }),
+    "completions": frozenset({
+        "prompt", "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs",
+        "max_tokens", "n", "presence_penalty", "seed", "stop", "stream", "suffix",
+        "temperature", "top_p", "user",
+    }),
+    "embeddings": frozenset({"input", "dimensions", "encoding_format", "user"}),
+}  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,13 +69,35 @@ class Config(base.ProviderConfig):
 
 
 def import_litellm():
-    """litellm, imported offline: its bundled price list, no telemetry."""
+    """litellm, imported offline: its bundled price list, no telemetry, and HTTP
+    clients that never follow a redirect."""
     os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
     import litellm
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
+    _no_redirects(litellm)
     return litellm
+
+
+def _no_redirects(litellm) -> None:
+    """litellm's own clients (Anthropic, Gemini, ...) and the OpenAI SDK's it uses for
+    `openai/` models follow redirects, which would re-send the body and the
+    provider's key to a host the config never named."""
+    from litellm.llms.custom_httpx import http_handler
+
+    handler = http_handler.AsyncHTTPHandler
+    if getattr(handler, "_meshgate_no_redirects", False):
+        return
+    create = handler.create_client
+
+    def create_client(self, *args, **kwargs):
+        client = create(self, *args, **kwargs)
+        client.follow_redirects = False
+        return client
+
+    handler.create_client = create_client
+    handler._meshgate_no_redirects = True
 
 
 class Upstream(base.Upstream):
@@ -65,12 +106,29 @@ class Upstream(base.Upstream):
     def __init__(self, name: str, config: Config) -> None:
         super().__init__(name, config)
         self.litellm: Any = None
+        self._owns_session = False
 
     async def start(self) -> None:
         self.litellm = import_litellm()
+        if self.litellm.aclient_session is None:
+            import httpx
+
+            # Used by litellm for OpenAI-compatible providers in place of the SDK's
+            # own client, which follows redirects.
+            self.litellm.aclient_session = httpx.AsyncClient(
+                follow_redirects=False, timeout=self.config.timeouts.total_s
+            )
+            self._owns_session = True
+
+    async def close(self) -> None:
+        session = self.litellm.aclient_session if self.litellm is not None else None
+        if session is not None and self._owns_session:
+            self.litellm.aclient_session = None
+            await session.aclose()
 
     def request_kwargs(self, call: Call, deployment: Deployment) -> dict[str, Any]:
-        kwargs = {k: v for k, v in call.body.items() if k not in ("model", "stream_options")}
+        allowed = OPENAI_PARAMS[call.endpoint]
+        kwargs = {k: v for k, v in call.body.items() if k in allowed}
         if call.stream:
             kwargs["stream_options"] = {"include_usage": True}
         kwargs.update(self.config.extra)
@@ -103,14 +161,18 @@ class Upstream(base.Upstream):
             call.upstream_s += time.perf_counter() - started
         if call.stream:
             return Reply(events=self._events(result, call))
-        return Reply.json(result.model_dump(exclude_none=True))
+        reply = Reply.json(result.model_dump(exclude_none=True))
+        reply.body = self.redact.stream_bytes(reply.body)  # a hostile upstream echoing the key
+        return reply
 
     async def _events(self, stream: Any, call: Call) -> AsyncIterator[Event]:
         try:
             waited = time.perf_counter()
             async for chunk in stream:
                 call.upstream_s += time.perf_counter() - waited
-                yield Event.of(chunk.model_dump(exclude_none=True))
+                event = Event.of(chunk.model_dump(exclude_none=True))
+                event.raw = self.redact.stream_bytes(event.raw)
+                yield event
                 waited = time.perf_counter()
             yield Event(DONE)
         except GatewayError:
@@ -127,20 +189,14 @@ class Upstream(base.Upstream):
         if isinstance(exc, GatewayError):
             return exc
         status = getattr(exc, "status_code", None)
-        message = str(getattr(exc, "message", None) or exc)
-        if self.config.api_key:
-            message = message.replace(self.config.api_key, "[redacted]")
+        message = self.redact.text(scrub(str(getattr(exc, "message", None) or exc)))
         name = type(exc).__name__
         if name == "Timeout" or isinstance(exc, TimeoutError):
             return UpstreamTimeout(f"provider '{self.name}' did not answer in time")
         if name == "APIConnectionError" or not isinstance(status, int):
             return UpstreamUnavailable(f"provider '{self.name}' is unreachable: {message}")
-        if status in (401, 403):
-            return UpstreamStatus(
-                502,
-                f"provider '{self.name}' rejected the gateway's credentials (status {status})",
-                code="upstream_auth_failed",
-            )
+        if status in (401, 403) or 300 <= status < 400:
+            return self.status_error(status, b"", {})
         if status == 400:
             code = "context_length_exceeded" if name == "ContextWindowExceededError" else None
             if name == "ContentPolicyViolationError":

@@ -20,11 +20,8 @@ import orjson
 
 from proxy import __version__
 from proxy.errors import (
-    GatewayError,
-    UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
-    from_upstream_body,
 )
 from proxy.pipeline import Reply
 from proxy.sse import Event, EventSplitter
@@ -126,12 +123,15 @@ class Upstream(base.Upstream):
         try:
             async with asyncio.timeout(self.config.timeouts.total_s):
                 response = await self.session.post(
-                    self.url(call.endpoint, deployment.model), data=data, headers=headers
+                    self.url(call.endpoint, deployment.model),
+                    data=data,
+                    headers=headers,
+                    allow_redirects=False,
                 )
-                if response.status >= 400:
+                if response.status >= 300:
                     raw = await response.read()
                     response.release()
-                    raise self._status_error(response.status, raw, response.headers)
+                    raise self.status_error(response.status, raw, response.headers)
                 streamed = call.stream and response.content_type == "text/event-stream"
                 if not streamed:
                     raw = await response.read()
@@ -155,6 +155,7 @@ class Upstream(base.Upstream):
         deadline: float,
     ) -> AsyncIterator[Event]:
         splitter = EventSplitter()
+        redact = self.redact.stream_bytes if self.redact.secrets else None
         clean = False
         try:
             waited = time.perf_counter()
@@ -164,6 +165,8 @@ class Upstream(base.Upstream):
                 if now > deadline:
                     raise UpstreamTimeout(f"provider '{self.name}' exceeded its total timeout")
                 for event in splitter.feed(chunk):
+                    if redact:
+                        event.raw = redact(event.raw)
                     yield event
                 waited = time.perf_counter()
             if splitter.pending.strip():
@@ -179,23 +182,16 @@ class Upstream(base.Upstream):
             # Closing (not releasing) drops the connection, which stops the upstream.
             response.release() if clean else response.close()
 
-    def _status_error(self, status: int, raw: bytes, headers) -> GatewayError:
-        passed = {}
-        if "retry-after" in headers:
-            passed["retry-after"] = headers["retry-after"]
-        if status in (401, 403):
-            # The client cannot fix the gateway's credentials, and the upstream's
-            # message may quote part of the key.
-            return UpstreamStatus(
-                502,
-                f"provider '{self.name}' rejected the gateway's credentials (status {status})",
-                code="upstream_auth_failed",
-            )
-        if self.config.api_key and self.config.api_key.encode() in raw:
-            raw = raw.replace(self.config.api_key.encode(), b"[redacted]")
-        return from_upstream_body(status, raw, passed)
-
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.split(" [", 1)[0]
+    """What went wrong, in plain words rather than aiohttp's internals."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        cause = exc.os_error.strerror or str(exc.os_error) or "connection failed"
+        return f"cannot connect to {exc.host}:{exc.port}: {cause}"
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return "the connection closed before the answer was complete"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    if isinstance(exc, aiohttp.ClientOSError):
+        return exc.strerror or "connection error"
+    return (str(exc) or type(exc).__name__).split(" [", 1)[0]

@@ -24,7 +24,6 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
-    from_upstream_body,
 )
 from proxy.pipeline import Reply
 from proxy.sse import DONE, Event, EventSplitter
@@ -130,7 +129,7 @@ class Upstream(base.Upstream):
         started = time.perf_counter()
         try:
             response = await self.client.send(request, stream=True)
-            if response.status_code >= 400 or not call.stream:
+            if response.status_code >= 300 or not call.stream:
                 raw = await response.aread()
                 await response.aclose()
         except httpx.TimeoutException:
@@ -139,8 +138,12 @@ class Upstream(base.Upstream):
             raise UpstreamUnavailable(f"provider '{self.name}' is unreachable: {exc}") from exc
         finally:
             call.upstream_s += time.perf_counter() - started
-        if response.status_code >= 400:
-            raise _status_error(response.status_code, raw)
+        if response.status_code >= 300:
+            error = self.status_error(response.status_code, raw, response.headers)
+            if response.status_code == 422 and isinstance(error, UpstreamStatus):
+                # TGI's validation errors are OpenAI's 400s
+                error.status, error.type, error.raw = 400, "invalid_request_error", None
+            raise error
         if not call.stream:
             return Reply.json(to_openai(orjson.loads(raw), call, deployment.model))
         return Reply(events=self._events(response, call, deployment.model))
@@ -167,7 +170,7 @@ class Upstream(base.Upstream):
                         yield Event.of(
                             {
                                 "error": {
-                                    "message": str(data["error"]),
+                                    "message": self.redact.text(str(data["error"])),
                                     "type": "upstream_error",
                                     "param": None,
                                     "code": None,
@@ -259,10 +262,3 @@ def _chunk_choice(chat: bool, text: str, finish: str | None) -> dict:
     if chat:
         return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
     return {"index": 0, "text": text, "finish_reason": finish}
-
-
-def _status_error(status: int, raw: bytes) -> UpstreamStatus:
-    error = from_upstream_body(status, raw, {})
-    if status == 422:  # TGI's validation errors are OpenAI's 400s
-        error.status, error.type, error.raw = 400, "invalid_request_error", None
-    return error

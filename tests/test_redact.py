@@ -1,0 +1,56 @@
+"""Redaction of provider secrets: whole, in part, masked, in text and bytes."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.redact import FRAGMENT, Redactor, scrub
+
+KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
+secrets = st.text(KEY_CHARS, min_size=16, max_size=64).map(lambda s: "sk-" + s)
+noise = st.text(st.characters(codec="utf-8"), max_size=80)
+
+
+def fragments(secret: str) -> list[str]:
+    return [secret[i : i + FRAGMENT] for i in range(len(secret) - FRAGMENT + 1)]
+
+
+@settings(max_examples=400)
+@given(secrets, noise, noise, st.sampled_from(["full", "prefix", "suffix", "middle", "masked"]))
+def test_no_fragment_of_a_secret_survives(secret, before, after, how):
+    quoted = {
+        "full": secret,
+        "prefix": secret[:12],
+        "suffix": secret[-10:],
+        "middle": secret[3 : 3 + FRAGMENT + 2],
+        "masked": f"{secret[:8]}****{secret[-4:]}",
+    }[how]
+    text = f"{before}Incorrect API key provided: {quoted}{after}"
+    redactor = Redactor([secret])
+    for out in (redactor.text(text), redactor.bytes(text.encode()).decode("utf-8", "replace")):
+        assert not any(f in out for f in fragments(secret)), out
+        assert "****" not in out
+
+
+@given(noise)
+def test_text_without_secrets_is_left_alone(text):
+    redactor = Redactor(["sk-THIS-IS-THE-ONLY-SECRET-123456"])
+    if "*" not in text and "sk-" not in text and "earer" not in text.lower():
+        assert redactor.text(text) == text
+
+
+def test_stream_events_are_cheap_unless_they_are_errors():
+    redactor = Redactor(["sk-SECRET-abcdefgh12345678"])
+    normal = b'data: {"choices":[{"delta":{"content":"say sk-SECRET-abcdefgh12345678"}}]}\n\n'
+    assert b"sk-SECRET" not in redactor.stream_bytes(normal)
+    plain = b'data: {"choices":[{"delta":{"content":"hello"}}]}\n\n'
+    assert redactor.stream_bytes(plain) is plain
+    error = b'data: {"error":{"message":"bad key sk-SECRET-ab****5678"}}\n\n'
+    assert b"****" not in redactor.stream_bytes(error)
+
+
+def test_scrub_drops_tracebacks_and_bounds_length():
+    message = 'litellm.APIError: boom\nTraceback (most recent call last):\n  File "x.py"'
+    assert scrub(message) == "litellm.APIError: boom"
+    assert len(scrub("x" * 5000)) == 500

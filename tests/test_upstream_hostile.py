@@ -1,0 +1,242 @@
+"""The upstream boundary under attack, over real sockets: clients that try to steer
+the gateway to other hosts or credentials, and upstreams that redirect, leak the
+gateway's key or send garbage."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.conftest import Server, free_port, start_fake_upstream, start_gateway
+
+pytestmark = pytest.mark.litellm
+
+KEYS = {
+    "fake": "sk-UPSTREAM-0123456789abcdef-caaa",
+    "azure": "azure-key-9f8e7d6c5b4a39281706",
+    "lite": "sk-LITELLM-fedcba9876543210-beef",
+    "claude": "sk-ant-CLAUDE-00112233445566778899",
+}
+
+
+def config(upstream_port: int, pipeline: str = "[]") -> str:
+    base = f"http://127.0.0.1:{upstream_port}"
+    return f"""
+server: {{host: 127.0.0.1}}
+providers:
+  fake: {{type: openai, base_url: "{base}/v1", api_key: "{KEYS["fake"]}"}}
+  azure: {{type: openai, azure: true, api_version: "2024-06-01", base_url: "{base}/openai/deployments/{{model}}", api_key: "{KEYS["azure"]}"}}
+  lite: {{type: litellm, api_base: "{base}/v1", api_key: "{KEYS["lite"]}"}}
+  claude: {{type: litellm, api_base: "{base}", api_key: "{KEYS["claude"]}"}}
+models:
+  - {{name: plain, deployments: [{{provider: fake, model: upstream-model}}]}}
+  - {{name: azure-model, deployments: [{{provider: azure, model: upstream-model}}]}}
+  - {{name: lite-model, deployments: [{{provider: lite, model: openai/upstream-model}}]}}
+  - {{name: claude-model, deployments: [{{provider: claude, model: anthropic/claude-3-5-haiku-latest}}]}}
+pipeline: {pipeline}
+"""
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[tuple[Server, Server, Server]]:
+    tmp = tmp_path_factory.mktemp("hostile")
+    upstream = start_fake_upstream(tmp)
+    plain = start_gateway(tmp, config(upstream.port))
+    guarded = start_gateway(
+        tmp,
+        config(
+            upstream.port,
+            "[{fallback: {attempts: 2, backoff_s: 0.01, breaker: {failures: 100000}}}]",
+        ),
+    )
+    yield upstream, plain, guarded
+    for server in (plain, guarded, upstream):
+        server.stop()
+
+
+def chat(gateway: Server, model: str, **fields) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **fields}
+    return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=30)
+
+
+def steering_fields() -> list[str]:
+    """Every keyword litellm's completion takes that is not an OpenAI request
+    parameter, and the ones it reads from **kwargs: where to send, with which
+    credentials and headers, and what litellm itself does."""
+    import litellm
+
+    from proxy.upstream.litellm import OPENAI_PARAMS
+
+    named = set(inspect.signature(litellm.completion).parameters) - {"kwargs", "args"}
+    extra = {
+        "api_base", "base_url", "api_key", "api_version", "extra_headers", "headers",
+        "custom_llm_provider", "organization", "azure_ad_token", "azure_ad_token_provider",
+        "aws_access_key_id", "aws_secret_access_key", "aws_session_token", "aws_region_name",
+        "aws_bedrock_runtime_endpoint", "aws_role_name", "vertex_project", "vertex_location",
+        "vertex_credentials", "mock_response", "client", "litellm_params", "metadata",
+        "proxy_server_request", "api_type", "deployment_id", "model_list", "fallbacks",
+        "context_window_fallback_dict", "timeout", "max_retries", "num_retries",
+        "input_cost_per_token", "output_cost_per_token", "litellm_call_id", "extra_body",
+        "stream_options", "user_api_key", "http_client", "shared_session", "ssl_verify",
+    }  # fmt: skip
+    return sorted((named | extra) - OPENAI_PARAMS["chat"] - {"model", "messages"})
+
+
+def hostile_value(field: str, trap_url: str):
+    if "header" in field:
+        return {"Authorization": "Bearer stolen", "Host": "evil.example", "x-trap": trap_url}
+    if field in ("model_list", "fallbacks"):
+        return [{"model_name": "x", "litellm_params": {"model": "openai/x", "api_base": trap_url}}]
+    if field in ("litellm_params", "metadata", "extra_body", "proxy_server_request"):
+        return {"api_base": trap_url, "base_url": trap_url}
+    return trap_url
+
+
+@pytest.mark.parametrize("model", ["lite-model", "claude-model"])
+def test_a_client_cannot_send_the_gateway_to_a_host_or_credential_of_its_choice(
+    servers, trap, model
+):
+    _, gateway, _ = servers
+    fields = steering_fields()
+    assert {"api_base", "base_url", "api_key", "extra_headers"} <= set(fields)
+    answers = [chat(gateway, model, **{f: hostile_value(f, trap.url)}) for f in fields]
+    answers.append(chat(gateway, model, **{f: hostile_value(f, trap.url) for f in fields}))
+    assert trap.received == []
+    for response in answers:
+        text = response.text
+        assert "Traceback" not in text and 'File "' not in text
+        assert not any(key[4:16] in text for key in KEYS.values())
+        assert response.headers["content-type"].startswith("application/json")
+        if model == "lite-model":  # served by the configured upstream, mock_response ignored
+            assert response.status_code == 200, text
+            assert response.json()["choices"][0]["message"]["content"].startswith("tok")
+        else:  # the fake does not speak Anthropic's protocol: an upstream error
+            assert response.status_code >= 400 and "error" in response.json()
+
+
+@pytest.mark.parametrize("model", ["plain", "azure-model"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_upstream_redirects_are_never_followed(servers, trap, model, stream):
+    _, gateway, _ = servers
+    response = chat(gateway, model, stream=stream, fake={"redirect_to": trap.url + "/v1/steal"})
+    assert trap.received == []
+    assert response.status_code == 502
+    error = response.json()["error"]
+    assert (error["type"], error["code"]) == ("upstream_error", "upstream_redirect")
+
+
+@pytest.fixture
+def scripted(tmp_path) -> Iterator:
+    """A fake upstream scripted from its command line (litellm passes no `fake`
+    field on), and a gateway in front of it."""
+    started: list[Server] = []
+
+    def start(*knobs: str) -> Server:
+        upstream = start_fake_upstream(tmp_path, *knobs)
+        started.append(upstream)
+        started.append(start_gateway(tmp_path, config(upstream.port)))
+        return started[-1]
+
+    yield start
+    for server in reversed(started):
+        server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_litellm_never_follows_redirects(scripted, trap, stream):
+    gateway = scripted("--redirect-to", trap.url + "/v1/steal")
+    response = chat(gateway, "lite-model", stream=stream)
+    assert trap.received == []
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["type"] == "upstream_error"
+
+
+def fragments(key: str) -> list[str]:
+    return [key[i : i + 8] for i in range(len(key) - 7)]
+
+
+def assert_no_secret(text: str) -> None:
+    for key in KEYS.values():
+        leaked = [f for f in fragments(key) if f in text]
+        assert not leaked, f"{leaked[:3]} of a provider key in {text[:300]!r}"
+    assert "****" not in text
+
+
+LEAKS = ["full", "masked", "prefix"]
+
+
+@pytest.mark.parametrize("leak", LEAKS)
+@pytest.mark.parametrize("status", [400, 404, 429, 500])
+@pytest.mark.parametrize("model", ["plain", "azure-model"])
+def test_error_bodies_never_carry_the_providers_key(servers, leak, status, model):
+    _, gateway, guarded = servers
+    for server in (gateway, guarded):
+        fake = {"fail_times": 3, "fail_key": f"{leak}{status}{model}{server.port}",
+                "error_status": status, "leak": leak}  # fmt: skip
+        response = chat(server, model, fake=fake)
+        assert response.status_code in (status, 502), response.text
+        assert response.json()["error"]["message"]
+        assert_no_secret(response.text)
+
+
+@pytest.mark.parametrize("leak", LEAKS)
+@pytest.mark.parametrize("where", ["first", "middle"])
+def test_stream_error_events_never_carry_the_providers_key(servers, leak, where):
+    _, gateway, guarded = servers
+    fake = {"leak": leak, "fail_times": 0}
+    fake["error_event" if where == "first" else "error_event_after"] = 1 if where == "first" else 3
+    for server in (gateway, guarded):
+        response = chat(server, "plain", stream=True, fake=fake)
+        assert_no_secret(response.text)
+        if where == "first" and server is guarded:
+            assert response.status_code == 502
+            assert response.json()["error"]["type"] == "upstream_error"
+        else:
+            assert 'data: {"error"' in response.text
+
+
+@pytest.mark.parametrize("leak", LEAKS)
+@pytest.mark.parametrize("status", [400, 500])
+def test_litellm_errors_never_carry_the_key_or_a_traceback(scripted, leak, status):
+    gateway = scripted("--error-rate", "1", "--error-status", str(status), "--leak", leak)
+    for stream in (False, True):
+        response = chat(gateway, "lite-model", stream=stream)
+        assert response.status_code >= 400, response.text
+        assert "Traceback" not in response.text
+        assert_no_secret(response.text)
+
+
+def test_a_malformed_first_event_is_an_upstream_error(servers):
+    _, gateway, guarded = servers
+    for server in (gateway, guarded):
+        response = chat(server, "plain", stream=True, fake={"malformed_event": 1})
+        if response.headers["content-type"].startswith("text/event-stream"):
+            assert 'data: {"error"' in response.text
+            assert '"upstream_error"' in response.text
+        else:
+            assert response.status_code == 502, response.text
+            assert response.json()["error"]["type"] == "upstream_error"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_a_refused_connection_is_said_in_plain_words(tmp_path):
+    dead = free_port()
+    gateway = start_gateway(
+        tmp_path,
+        f"""
+server: {{host: 127.0.0.1}}
+providers: {{dead: {{type: openai, base_url: "http://127.0.0.1:{dead}/v1"}}}}
+models: [{{name: m, deployments: [{{provider: dead, model: m}}]}}]
+""",
+    )
+    try:
+        response = chat(gateway, "m")
+    finally:
+        gateway.stop()
+    message = response.json()["error"]["message"]
+    assert response.status_code == 502
+    assert f"cannot connect to 127.0.0.1:{dead}" in message
+    assert "ssl" not in message.lower()
