@@ -34,6 +34,7 @@ from typing import Literal
 from proxy.admin import AdminRoute
 from proxy.errors import GatewayError, QuotaExceeded, RateLimited
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
+from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
 from proxy.state import Limit, StateUnavailable
 
 log = logging.getLogger("meshgate.quotas")
@@ -89,7 +90,11 @@ class QuotasConfig:
     limits: list[LimitConfig] = field(default_factory=list)
     on_state_error: Literal["allow", "deny"] = "allow"
     # Tokens reserved for the answer when a request sets no max_tokens.
-    default_completion_tokens: int = 1024
+    default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS
+
+    def __post_init__(self) -> None:
+        if self.default_completion_tokens < 1:
+            raise ValueError("default_completion_tokens must be at least 1")
 
 
 class _Plan:
@@ -158,16 +163,8 @@ class Quotas:
         return reply.on_complete(complete)
 
     def estimate(self, call: Call) -> int:
-        """Tokens to reserve: about four characters a token, plus the answer's limit."""
-        body = call.body
-        text = body.get("messages") or body.get("prompt") or body.get("input")
-        prompt = _characters(text) // 4 + 1
-        if call.endpoint == "embeddings":
-            return prompt
-        answer = body.get("max_completion_tokens") or body.get("max_tokens")
-        if not isinstance(answer, int) or answer <= 0:
-            answer = self.config.default_completion_tokens
-        return prompt + answer
+        """Tokens to reserve: the shared estimate of the whole call."""
+        return estimate_tokens(call.endpoint, call.body, self.config.default_completion_tokens)
 
     def plan(self, call: Call, estimate: int) -> _Plan:
         identity = call.identity
@@ -328,17 +325,6 @@ class Quotas:
         except StateUnavailable as exc:
             raise QuotaStateUnavailable(f"Spend cannot be read right now: {exc}") from None
         return report
-
-
-def _characters(value) -> int:
-    """Characters of text in a prompt, messages or input, without serializing it."""
-    if isinstance(value, str):
-        return len(value)
-    if isinstance(value, dict):
-        return sum(_characters(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_characters(v) for v in value)
-    return 0
 
 
 _today: tuple[int, tuple[str, str]] = (-1, ("", ""))

@@ -49,6 +49,7 @@ import orjson
 from proxy.catalog import Deployment, Model
 from proxy.errors import InvalidRequest, RateLimited
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
+from proxy.protocol import estimate_tokens, prompt_text
 from proxy.state import Limit, StateUnavailable
 
 Strategy = Literal["weighted", "least-busy", "latency", "cost", "prefix-affinity", "complexity"]
@@ -190,7 +191,7 @@ class Routing:
             if not (deployment.config.rpm or deployment.config.tpm):
                 return deployment, None
             if not tokens:
-                tokens = len(prompt_text(call.body)) // 4 + 1 + (call.body.get("max_tokens") or 256)
+                tokens = estimate_tokens(call.endpoint, call.body)
             limits = self.caps(deployment, tokens)
             try:
                 verdict = await self.gateway.state.acquire(limits, call.request_id)
@@ -240,21 +241,6 @@ def weighted_order(candidates: list[Deployment]) -> list[Deployment]:
         order.append(pick)
         remaining.remove(pick)
     return order
-
-
-def prompt_text(body: dict) -> str:
-    messages = body.get("messages")
-    if isinstance(messages, list):
-        parts = []
-        for m in messages:
-            content = m.get("content") if isinstance(m, dict) else None
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts.extend(p.get("text", "") for p in content if isinstance(p, dict))
-        return "\n".join(parts)
-    prompt = body.get("prompt") or body.get("input") or ""
-    return prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
 
 
 def conversation_prefix(body: dict, chars: int) -> bytes:

@@ -2,7 +2,13 @@
 
 Everything else in a body passes through unread, so fields the gateway does
 not know (new OpenAI parameters, vendor extensions) reach the upstream as sent.
-Messages follow api.openai.com's wording where it has one.
+What the gateway itself reads (the model, the input's shape, `stream`,
+`stream_options`, `max_tokens`, `max_completion_tokens`, `n`, `temperature`,
+`stop`) is type- and range-checked here, so no later step meets a value it
+cannot use. Messages follow api.openai.com's wording where it has one.
+
+`prompt_text` and `estimate_tokens` are the one reading of a request's text and
+size that every plugin shares.
 """
 
 from __future__ import annotations
@@ -14,6 +20,12 @@ import orjson
 from proxy.errors import InvalidRequest
 
 INPUT_FIELD = {"chat": "messages", "completions": "prompt", "embeddings": "input"}
+
+MAX_DEPTH = 64  # nesting of arrays and objects; orjson writes at most 254 levels
+MAX_MODEL_CHARS = 256
+MAX_OUTPUT_TOKENS = 1 << 24  # far above any model's; what matters is that it is bounded
+MAX_CHOICES = 128  # OpenAI's own limit for `n`
+DEFAULT_COMPLETION_TOKENS = 1024  # what an answer is assumed to cost when no max_tokens is set
 
 _JSON_TYPES = {
     dict: "an object",
@@ -29,43 +41,197 @@ _JSON_TYPES = {
 def parse_request(endpoint: str, raw: bytes) -> dict[str, Any]:
     try:
         body = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError as exc:
+        if "recursion" in str(exc):
+            raise InvalidRequest(
+                f"The request nests arrays and objects more than {MAX_DEPTH} levels deep."
+            ) from None
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The API expects a JSON "
             "payload, but what was sent was not valid JSON."
         ) from None
     if not isinstance(body, dict):
         raise InvalidRequest(f"The request body must be a JSON object, not {_kind(body)}.")
-    _require(body, "model", str)
-    if not body["model"]:
-        raise InvalidRequest("you must provide a model parameter", param="model")
-    field = INPUT_FIELD[endpoint]
-    if endpoint == "chat":
-        messages = _require(body, field, list)
-        if not messages:
-            raise InvalidRequest(
-                "Invalid 'messages': empty array. Expected an array with minimum length 1.",
-                param="messages",
-            )
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+    # Cheap first: a body with fewer brackets than the limit cannot nest deeper.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH:
+        for name, value in body.items():
+            if _deeper_than(value, MAX_DEPTH - 1):
                 raise InvalidRequest(
-                    f"Invalid 'messages[{i}]': expected an object with a string 'role'.",
-                    param=f"messages[{i}]",
+                    f"Invalid '{name}': arrays and objects nested more than {MAX_DEPTH} "
+                    "levels deep.",
+                    param=name,
                 )
-    else:
-        value = _require(body, field, (str, list))
-        if isinstance(value, list) and not value:
-            raise InvalidRequest(f"Invalid '{field}': empty array.", param=field)
-    if "stream" in body and body["stream"] is not None and not isinstance(body["stream"], bool):
+    model = _require(body, "model", str)
+    if not model:
+        raise InvalidRequest("you must provide a model parameter", param="model")
+    if len(model) > MAX_MODEL_CHARS:
         raise InvalidRequest(
-            f"Invalid type for 'stream': expected a boolean, "
-            f"but got {_kind(body['stream'])} instead.",
-            param="stream",
+            f"Invalid 'model': longer than {MAX_MODEL_CHARS} characters.", param="model"
         )
+    if endpoint == "chat":
+        _check_messages(_require(body, "messages", list))
+    else:
+        _check_input(body, INPUT_FIELD[endpoint])
+    _optional(body, "stream", bool)
     if endpoint == "embeddings" and body.get("stream"):
         raise InvalidRequest("Embeddings cannot be streamed.", param="stream")
+    options = _optional(body, "stream_options", dict)
+    if options is not None and options.get("include_usage") is not None:
+        if not isinstance(options["include_usage"], bool):
+            raise InvalidRequest(
+                "Invalid type for 'stream_options.include_usage': expected a boolean.",
+                param="stream_options.include_usage",
+            )
+    for name in ("max_tokens", "max_completion_tokens"):
+        _bounded(body, name, int, 1, MAX_OUTPUT_TOKENS)
+    _bounded(body, "n", int, 1, MAX_CHOICES)
+    _bounded(body, "temperature", (int, float), 0, 2)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise InvalidRequest(
+                "Invalid 'stop': expected a string or an array of strings.", param="stop"
+            )
     return body
+
+
+def _check_messages(messages: list) -> None:
+    if not messages:
+        raise InvalidRequest(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1.",
+            param="messages",
+        )
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise InvalidRequest(
+                f"Invalid 'messages[{i}]': expected an object with a string 'role'.",
+                param=f"messages[{i}]",
+            )
+        content = message.get("content")
+        if content is None or isinstance(content, str):
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequest(
+                f"Invalid type for 'messages[{i}].content': expected a string or an array "
+                f"of content parts, but got {_kind(content)} instead.",
+                param=f"messages[{i}].content",
+            )
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                raise InvalidRequest(
+                    f"Invalid '{where}': expected an object with a string 'type'.", param=where
+                )
+            if "text" in part and not isinstance(part["text"], str):
+                raise InvalidRequest(
+                    f"Invalid type for '{where}.text': expected a string, "
+                    f"but got {_kind(part['text'])} instead.",
+                    param=f"{where}.text",
+                )
+
+
+def _check_input(body: dict, field: str) -> None:
+    """A prompt or embeddings input: text, an array of texts, of token ids, or of arrays
+    of token ids."""
+    value = _require(body, field, (str, list))
+    if isinstance(value, str):
+        return
+    if not value:
+        raise InvalidRequest(f"Invalid '{field}': empty array.", param=field)
+    kinds = {_input_item(item) for item in value}
+    if None in kinds or len(kinds) > 1:
+        raise InvalidRequest(
+            f"Invalid '{field}': expected a string, an array of strings, an array of "
+            "integers, or an array of arrays of integers.",
+            param=field,
+        )
+
+
+def _input_item(item: Any) -> str | None:
+    if isinstance(item, str):
+        return "text"
+    if isinstance(item, int) and not isinstance(item, bool):
+        return "token"
+    if (
+        isinstance(item, list)
+        and item
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in item)
+    ):
+        return "tokens"
+    return None
+
+
+def _optional(body: dict, name: str, types) -> Any:
+    value = body.get(name)
+    if value is not None:
+        _require(body, name, types)
+    return value
+
+
+def _bounded(body: dict, name: str, types, low: float, high: float) -> None:
+    value = _optional(body, name, types)
+    if value is not None and not low <= value <= high:
+        raise InvalidRequest(
+            f"Invalid '{name}': {value!r} is out of range; expected a value from {low:g} "
+            f"to {high:g}.",
+            param=name,
+        )
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def prompt_text(body: dict) -> str:
+    """The request's text as the model reads it: every message's text content, or the
+    prompt or input (token ids as their JSON)."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        parts = []
+        for m in messages:
+            content = m.get("content") if isinstance(m, dict) else None
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(
+                    p["text"]
+                    for p in content
+                    if isinstance(p, dict) and isinstance(p.get("text"), str)
+                )
+        return "\n".join(parts)
+    prompt = body.get("prompt") or body.get("input") or ""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    return orjson.dumps(prompt).decode()
+
+
+def estimate_tokens(endpoint: str, body: dict, default_completion: int | None = None) -> int:
+    """Tokens a call may use, before it is made: about four characters a prompt token
+    (every string of the input counts: tool calls and arguments are tokens too), plus
+    the answer's limit (`max_completion_tokens`, `max_tokens`, else
+    `default_completion`) times `n`."""
+    prompt = _characters(body.get(INPUT_FIELD[endpoint])) // 4 + 1
+    if endpoint == "embeddings":
+        return prompt
+    answer = body.get("max_completion_tokens") or body.get("max_tokens")
+    if not isinstance(answer, int) or answer <= 0:
+        answer = DEFAULT_COMPLETION_TOKENS if default_completion is None else default_completion
+    n = body.get("n")
+    return prompt + answer * (n if isinstance(n, int) and n > 0 else 1)
 
 
 def _require(body: dict, name: str, types) -> Any:
@@ -87,3 +253,14 @@ def _tuple(types) -> tuple:
 
 def _kind(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _characters(value: Any) -> int:
+    """Characters of text in messages, a prompt or an input, without serializing it."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_characters(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_characters(v) if not isinstance(v, int) else 1 for v in value)
+    return 0

@@ -103,9 +103,13 @@ def test_a_client_cannot_send_the_gateway_to_a_host_or_credential_of_its_choice(
     fields = steering_fields()
     assert {"api_base", "base_url", "api_key", "extra_headers"} <= set(fields)
     answers = [chat(gateway, model, **{f: hostile_value(f, trap.url)}) for f in fields]
-    answers.append(chat(gateway, model, **{f: hostile_value(f, trap.url) for f in fields}))
+    checked = {"stream_options"}  # the gateway reads it, so it is type-checked at the door
+    everything = {f: hostile_value(f, trap.url) for f in fields if f not in checked}
+    answers.append(chat(gateway, model, **everything))
     assert trap.received == []
     for response in answers:
+        if response.status_code == 400 and response.json()["error"]["param"] in checked:
+            continue
         text = response.text
         assert "Traceback" not in text and 'File "' not in text
         assert not any(key[4:16] in text for key in KEYS.values())

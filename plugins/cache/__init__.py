@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -104,6 +105,7 @@ class Cache:
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         if call.endpoint not in MODEL_CALLS or call.model is None:
             return await call_next(call)
+        ttl = self.ttl(call)  # a bad header is refused before anything is paid for
         control = call.headers.get("cache-control", "").lower()
         if "no-store" in control or not self.cacheable(call.body):
             reply = await call_next(call)
@@ -124,7 +126,7 @@ class Cache:
         reply = await call_next(call)
         reply.headers["x-meshgate-cache"] = "miss"
         if reply.status == 200:
-            self.capture(call, key, reply, probe)
+            self.capture(key, reply, probe, ttl)
         return reply
 
     def cacheable(self, body: dict) -> bool:
@@ -198,9 +200,8 @@ class Cache:
             self.metrics.latency.labels("semantic").observe(time.perf_counter() - started)
             self.metrics.lookups.labels("semantic", result).inc()
 
-    def capture(self, call: Call, key: str, reply: Reply, probe: Probe | None) -> None:
+    def capture(self, key: str, reply: Reply, probe: Probe | None, ttl: float) -> None:
         """Store the answer once it has been delivered whole, without delaying it."""
-        ttl = self.ttl(call)
         if not reply.streamed:
             body = reply.body
             if b'"tool_calls"' not in body:
@@ -230,7 +231,12 @@ class Cache:
         try:
             seconds = float(asked)
         except ValueError:
-            raise InvalidRequest("x-meshgate-cache-ttl must be a number of seconds") from None
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds <= 0:
+            raise InvalidRequest(
+                "x-meshgate-cache-ttl must be a positive number of seconds",
+                param="x-meshgate-cache-ttl",
+            )
         return max(1.0, min(seconds, self.config.max_ttl_s))
 
     async def put(self, key: str, value: bytes, ttl: float, probe: Probe | None) -> None:

@@ -75,7 +75,8 @@ class Upstream:
             )
         if endpoint not in self.endpoints:
             raise InvalidRequest(
-                f"provider '{self.name}' ({self.config.type}) does not serve /v1/{_path(endpoint)}"
+                f"provider '{self.name}' ({self.config.type}) does not serve /v1/{_path(endpoint)}",
+                param="model",
             )
 
     def status_error(self, status: int, raw: bytes, headers) -> GatewayError:
