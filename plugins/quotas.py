@@ -14,9 +14,12 @@ Each limit applies to the calls it matches (`keys`, `teams`, `users`, `models`
 globs) and counts them per `per` (each key, team, user, model, or all calls).
 Before a call, one atomic step checks every matching limit and counts the
 request, reserves its estimated tokens (prompt estimate plus `max_tokens`) and
-takes a concurrency slot; after it, the reservation is settled with the
-upstream's usage, the slot is given back and the cost is added to the spend of
-the key, team, user and model. Cost is usage times the deployment's price.
+its estimated cost against each budget, and takes a concurrency slot; after it,
+both reservations are settled with the upstream's usage, the slot is given back
+and the cost is added to the spend of the key, team, user and model. Cost is
+usage times the deployment's price; the estimate prices the estimated tokens at
+the dearest per-token rate of the model's deployments, so a budget overshoots
+by at most one call's estimation error, however many calls run at once.
 """
 
 from __future__ import annotations
@@ -100,7 +103,9 @@ class QuotasConfig:
 class _Plan:
     """The limits one call is checked against, with what each one counts."""
 
-    __slots__ = ("budget", "concurrency", "lease", "limits", "requests", "spend", "tokens")
+    __slots__ = (
+        "budget", "concurrency", "lease", "limits", "requests", "reserved", "spend", "tokens"
+    )  # fmt: skip
 
     def __init__(self, lease: str) -> None:
         self.limits: list[Limit] | tuple[Limit, ...] = ()
@@ -110,6 +115,7 @@ class _Plan:
         self.budget: list[int] = []
         self.spend: tuple[tuple[str, str], ...] = ()  # where the cost is added up
         self.lease = lease  # names this call's concurrency slots
+        self.reserved: dict[tuple[str, str], float] = {}  # budget reservations, USD
 
 
 class Quotas:
@@ -145,12 +151,17 @@ class Quotas:
                 if not verdict.allowed:
                     raise self.refusal(plan, verdict)
                 counted = True
+                for i in plan.budget:
+                    limit = plan.limits[i]
+                    where = (limit.key, limit.field)
+                    plan.reserved[where] = plan.reserved.get(where, 0.0) + limit.cost
                 headers = self.headers(plan, verdict)
         try:
             reply = await call_next(call)
         except BaseException:
             if counted:
                 await self.settle(call, plan, estimate, usage={"total_tokens": 0})
+                await self.unreserve(call, plan)
             raise
         reply.headers.update(headers)
 
@@ -180,11 +191,15 @@ class Quotas:
             template = self._template(who, day, month)
         plan = _Plan(f"{self._lease_prefix}{next(self._leases)}")
         plan.requests, plan.tokens, plan.concurrency, plan.budget, limits, plan.spend = template
-        if plan.tokens:
+        usd = _estimated_cost(call, estimate) if plan.budget else 0.0
+        if plan.tokens or usd:
             limits = list(limits)
             for i in plan.tokens:
                 limit = limits[i]
                 limits[i] = Limit("rate", limit.key, limit.limit, 60.0, float(estimate))
+            for i in plan.budget if usd else ():
+                limit = limits[i]
+                limits[i] = Limit("budget", limit.key, limit.limit, cost=usd, field=limit.field)
         plan.limits = limits
         return plan
 
@@ -211,7 +226,9 @@ class Quotas:
             for amount, period in ((lc.budget_usd_day, day), (lc.budget_usd_month, month)):
                 if amount:
                     budget.append(len(limits))
-                    limits.append(Limit("budget", period, amount, field=f"{lc.per}:{subject}"))
+                    limits.append(
+                        Limit("budget", period, amount, cost=0.0, field=f"{lc.per}:{subject}")
+                    )
         if len(self._templates) > 100_000:  # a new day, or very many callers
             self._templates.clear()
         key, team, user, model = who
@@ -282,18 +299,33 @@ class Quotas:
     ) -> None:
         deployment = reply.deployment
         if deployment is None or deployment.price is None:
-            return
+            return await self.unreserve(call, plan)
         cost = reply.compute_cost()
         if cost is None and not reply.completed:
             # Cut short with no usage: charge the reservation, not nothing.
             cost = deployment.price.cost({"prompt_tokens": 0, "completion_tokens": estimate})
-        if not cost:
+        cost = cost or 0.0
+        entries = [
+            (period, f, cost - plan.reserved.get((period, f), 0.0)) for period, f in plan.spend
+        ]
+        entries = [e for e in entries if e[2]]
+        if not entries:
             return
-        entries = [(period, f, cost) for period, f in plan.spend]
         try:
             await self.state.add_spend(entries, ttl_s=40 * DAY_S)
         except StateUnavailable as exc:
             log.warning("could not record spend of %s: %s", call.request_id, exc)
+            self.metrics.state_errors.labels("quotas", "spend_lost").inc()
+
+    async def unreserve(self, call: Call, plan: _Plan) -> None:
+        """Give back budget reservations for a call that cost nothing."""
+        if not plan.reserved:
+            return
+        entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
+        try:
+            await self.state.add_spend(entries, ttl_s=40 * DAY_S)
+        except StateUnavailable as exc:
+            log.warning("could not give back the reservation of %s: %s", call.request_id, exc)
             self.metrics.state_errors.labels("quotas", "spend_lost").inc()
 
     def state_error(self, what: str, exc: StateUnavailable) -> None:
@@ -340,6 +372,20 @@ def _periods(date: str | None = None) -> tuple[str, str]:
             _today = (day_number, (f"spend:d:{date}", f"spend:m:{date[:7]}"))
         return _today[1]
     return f"spend:d:{date}", f"spend:m:{date[:7]}"
+
+
+def _estimated_cost(call: Call, tokens: int) -> float:
+    """USD a call may cost before it is made: its estimated tokens at the dearest
+    per-token rate of the model's deployments (0 when none is priced)."""
+    model = call.model
+    if model is None:
+        return 0.0
+    rates = [
+        max(d.price.input_per_token, d.price.output_per_token)
+        for d in model.deployments
+        if d.price is not None
+    ]
+    return tokens * max(rates) if rates else 0.0
 
 
 def _duration(seconds: float) -> str:

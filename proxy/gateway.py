@@ -28,7 +28,7 @@ from proxy.config import Config
 from proxy.errors import GatewayError, InternalError, ModelNotFound
 from proxy.metrics import Metrics
 from proxy.pipeline import Call, Reply, build_chain, plugin_class
-from proxy.protocol import parse_request
+from proxy.protocol import clean_usage, parse_request
 from proxy.sse import Event
 from proxy.state import create_state
 
@@ -46,6 +46,7 @@ class Gateway:
         self.catalog = Catalog(config)
         self.metrics = Metrics()
         self.state = create_state(config.state)
+        self.state.on_dropped = self.metrics.state_dropped.inc
         self.admin_key: str | None = None  # set by the auth plugin
         self.admin_routes: list[AdminRoute] = []  # added by plugins
         self.breakers = None  # per-deployment circuit breakers, kept by the fallback plugin
@@ -187,10 +188,10 @@ class Gateway:
         while event is not None:
             if event.has_usage():
                 data = event.json()
-                usage = data.get("usage")
-                if isinstance(usage, dict):
+                usage = clean_usage(data.get("usage")) if isinstance(data, dict) else None
+                if usage is not None:
                     reply.usage = usage
-                if not wants_usage and not data.get("choices"):
+                if not wants_usage and isinstance(data, dict) and not data.get("choices"):
                     event = await reply.next_event()
                     continue
             await send({"type": "http.response.body", "body": event.raw, "more_body": True})

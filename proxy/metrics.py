@@ -72,6 +72,11 @@ class Metrics:
             ["plugin", "decision"],
             registry=r,
         )
+        self.state_dropped = Counter(
+            "meshgate_state_dropped_operations",
+            "State operations refused for values that cannot be counted, dropped not retried.",
+            registry=r,
+        )
         self.cost = Counter(
             "meshgate_cost_usd",
             "Cost of answered calls in USD (usage times the deployment's price).",

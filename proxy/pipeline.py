@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from proxy.protocol import INPUT_FIELD
+from proxy.protocol import INPUT_FIELD, clean_usage
 from proxy.sse import Event
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ class Reply:
                 usage = orjson.loads(self.body).get("usage")
             except (orjson.JSONDecodeError, AttributeError):
                 usage = None
-            self.usage = usage if isinstance(usage, dict) else None
+            self.usage = clean_usage(usage)
         return self.usage
 
     def compute_cost(self) -> float | None:

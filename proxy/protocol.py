@@ -255,6 +255,27 @@ def _kind(value: Any) -> str:
     return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+MAX_USAGE_TOKENS = 10**9
+
+
+def clean_usage(usage: Any) -> dict | None:
+    """An upstream's `usage` as counts the gateway can add up: whole numbers from 0 to
+    a billion, anything else left out (a hostile or broken upstream must not make
+    spend negative or a hook fail)."""
+    if not isinstance(usage, dict):
+        return None
+    clean = {
+        k: v
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+        if isinstance(v := usage.get(k), int)
+        and not isinstance(v, bool)
+        and 0 <= v <= MAX_USAGE_TOKENS
+    }
+    if "total_tokens" not in clean and ("prompt_tokens" in clean or "completion_tokens" in clean):
+        clean["total_tokens"] = clean.get("prompt_tokens", 0) + clean.get("completion_tokens", 0)
+    return clean or None
+
+
 def _characters(value: Any) -> int:
     """Characters of text in messages, a prompt or an input, without serializing it."""
     if isinstance(value, str):

@@ -131,9 +131,23 @@ def test_failing_hook_does_not_stop_the_others():
 
 def test_reply_usage_from_buffered_body():
     reply = Reply(body=b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}}')
-    assert reply.get_usage() == {"prompt_tokens": 3, "completion_tokens": 4}
+    assert reply.get_usage() == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
     with pytest.raises(ValueError):
         Reply()
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        b'{"prompt_tokens": -5, "completion_tokens": "9", "total_tokens": -1}',
+        b'{"prompt_tokens": 1000000000000000000, "completion_tokens": 1.5}',
+        b'{"prompt_tokens": true}',
+        b'"many"',
+        b"[1, 2]",
+    ],
+)
+def test_a_hostile_upstreams_usage_never_counts(usage):
+    assert Reply(body=b'{"usage": ' + usage + b"}").get_usage() is None
 
 
 def test_peek_then_wrap_keeps_every_event_in_order():

@@ -18,7 +18,7 @@ from tests.redis_server import RedisServer
 
 ADMIN = "admin-key-0123456789abcdef"
 MESSAGES = [{"role": "user", "content": "hi"}]
-KEYS = ["rpm", "tpm", "conc", "budget", "stream", "shared", "free"]
+KEYS = ["rpm", "tpm", "conc", "budget", "stream", "shared", "free", "dime"]
 
 
 def config(
@@ -38,6 +38,8 @@ models:
     deployments: [{{provider: up, model: m, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 2}}}}]
   - name: pricey
     deployments: [{{provider: up, model: pricey, price: {{input_usd_per_mtok: 1000000, output_usd_per_mtok: 1000000}}}}]
+  - name: cent
+    deployments: [{{provider: up, model: cent, price: {{input_usd_per_mtok: 100, output_usd_per_mtok: 100}}}}]
 pipeline:
   - auth:
       admin_key: {ADMIN}
@@ -52,6 +54,7 @@ pipeline:
         - {{per: team, teams: [money], budget_usd_day: 50}}
         - {{per: key, keys: [shared], rpm: 40}}
         - {{per: key, keys: [free], rpm: {rpm_free}}}
+        - {{per: key, keys: [dime], budget_usd_day: 0.10}}
 """
 
 
@@ -319,3 +322,22 @@ def test_cost_header_metric_and_access_log(sdk, gateway):
     assert line["cost_usd"] == pytest.approx(expected)
     metrics = httpx.get(gateway.url + "/metrics").text
     assert 'meshgate_cost_usd_total{deployment="up/m",key="free",model="m",team="plain"}' in metrics
+
+
+def test_a_budget_holds_against_calls_in_flight(gateway):
+    """30 slow calls at once against a $0.10 budget, each estimated at about $0.01
+    (100 tokens at $100/M): the reservations admit about ten, not all 30."""
+
+    async def main():
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=30) as client:
+            body = {"model": "cent", "messages": MESSAGES, "max_tokens": 100,
+                    "fake": {"latency_ms": 1000}}  # fmt: skip
+            headers = {"authorization": "Bearer sk-dime-0123456789"}
+            calls = [client.post("/v1/chat/completions", json=body, headers=headers)
+                     for _ in range(30)]  # fmt: skip
+            return [r.status_code for r in await asyncio.gather(*calls)]
+
+    statuses = asyncio.run(main())
+    admitted = statuses.count(200)
+    assert 5 <= admitted <= 10, statuses
+    assert statuses.count(429) == 30 - admitted

@@ -85,7 +85,7 @@ def test_concurrency_leases(make_state):
 def test_budget_and_spend(make_state):
     async def main():
         state = make_state()
-        budget = Limit("budget", "spend:d", 1.0, field="key:k")
+        budget = Limit("budget", "spend:d", 1.0, cost=0.0, field="key:k")
         ok = await state.acquire([budget], "a")
         await state.add_spend([("spend:d", "key:k", 0.6), ("spend:d", "team:t", 0.6)], 86400)
         await state.flush()
@@ -100,6 +100,54 @@ def test_budget_and_spend(make_state):
     ok, still, over, spent = run(main())
     assert ok.allowed and still.allowed and not over.allowed
     assert spent == pytest.approx({"key:k": 1.1, "team:t": 0.6})
+
+
+def test_budgets_reserve_the_estimated_cost_of_calls_in_flight(make_state):
+    async def main():
+        state = make_state()
+        budget = Limit("budget", "spend:d", 0.10, cost=0.01, field="team:t")
+        verdicts = [await state.acquire([budget], f"l{i}") for i in range(100)]
+        spent = await state.read_spend("spend:d")
+        await state.close()
+        return verdicts, spent
+
+    verdicts, spent = run(main())
+    assert sum(v.allowed for v in verdicts) == 10  # not 100: each in-flight call holds $0.01
+    assert spent["team:t"] == pytest.approx(0.10)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        Limit("rate", "r", 10, 60.0, -9.2e18),
+        Limit("rate", "r", 10, 60.0, float("inf")),
+        Limit("rate", "r", 10, 60.0, float("nan")),
+        Limit("budget", "spend:d", 1.0, cost=float("nan"), field="f"),
+        Limit("rate", "r", 0, 60.0, 1.0),
+    ],
+)
+def test_one_bad_operation_cannot_poison_the_state(make_state, bad):
+    """A value out of range is refused alone: limits keep holding for every call
+    after it, on both backends."""
+
+    async def main():
+        state = make_state()
+        good = Limit("concurrency", "c", 2)
+        rate = Limit("rate", "r", 10, 60.0, 1.0)
+        with pytest.raises(StateUnavailable):
+            await state.acquire([bad, good], "bad")
+        await state.adjust(rate, float("-inf"))
+        await state.adjust(rate, -9.2e18)
+        await state.add_spend([("spend:d", "f", float("nan")), ("spend:d", "g", 1.0)], 86400)
+        await state.flush()
+        held = [await state.acquire([good, rate], f"l{i}") for i in range(3)]
+        spent = await state.read_spend("spend:d")
+        await state.close()
+        return held, spent
+
+    held, spent = run(main())
+    assert [v.allowed for v in held] == [True, True, False]  # concurrency 2 still holds
+    assert spent == {"g": 1.0}
 
 
 def test_redis_down_raises_state_unavailable():
@@ -148,3 +196,55 @@ def test_after_call_work_survives_a_redis_outage(tmp_path):
         return spent
 
     assert run(main()) == {"key:k": 2.5}
+
+
+@pytest.mark.parametrize("rpm", [3, 7, 10, 50, 60, 100, 1000, 7000])
+def test_remaining_after_the_first_call_is_the_limit_less_one(make_state, rpm):
+    async def main():
+        state = make_state()
+        verdict = await state.acquire([Limit("rate", f"r{rpm}", rpm, 60.0, 1.0)], "a")
+        await state.close()
+        return verdict
+
+    assert run(main()).remaining == (rpm - 1,)
+
+
+def test_a_hung_redis_costs_one_timeout_not_a_retry_and_a_reconnect():
+    """A server that accepts and never answers: the call gives up after its one
+    timeout_s, so the server never sees the retry's second connection."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted = []
+
+    def hold() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)  # held open, never answered
+
+    threading.Thread(target=hold, daemon=True).start()
+    url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+
+    async def main():
+        state = create_state(StateConfig(backend="redis", url=url, timeout_s=0.3))
+        with pytest.raises(StateUnavailable):
+            await state.acquire([Limit("concurrency", "c", 1)], "a")
+        with pytest.raises(StateUnavailable):
+            await state.read_spend("spend:d")
+        await asyncio.sleep(0.5)  # room for a retry to connect, were there one
+        state.redis.connection_pool.reset()
+        return len(accepted)
+
+    try:
+        connections = run(main())
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+    assert connections == 2  # one per call, no reconnects

@@ -10,15 +10,28 @@ Two backends with one contract: `memory` (one process, the default) and `redis`
   reservations are refunded exactly.
 - `concurrency`: a sorted set of leases, each expiring on its own, so a crashed
   process cannot hold a slot forever.
-- `budget`: the amount spent so far (a field of a spend hash) must be below the limit.
+- `budget`: the amount spent so far (a field of a spend hash), reservations of
+  calls in flight included, must be below the limit; an admitted call reserves
+  its estimated cost (`cost`) there at once, so concurrent calls cannot all pass
+  a budget that only a few of them fit in. Overshoot is bounded by one call.
+
+No single operation can poison the state: values are checked before they are
+counted (finite, in range), a rate limit's debt is bounded (MAX_TAT_S), and an
+operation the backend refuses is dropped and counted, never retried forever.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+log = logging.getLogger("meshgate.state")
+
 LEASE_TTL_S = 900.0  # longest a concurrency slot is held without being released
+MAX_TAT_S = 7 * 86400  # how far a rate limit's debt may reach
 
 
 class StateUnavailable(Exception):
@@ -59,8 +72,37 @@ class Verdict:
     reset_s: tuple[float, ...] = ()  # per limit (rate: until fully replenished)
 
 
+def valid_limit(limit: Limit) -> bool:
+    """Whether a limit's numbers can be counted: finite, positive limits and periods,
+    and a cost that is not negative."""
+    numbers = (limit.limit, limit.period_s, limit.cost)
+    return (
+        all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers)
+        and limit.limit > 0
+        and limit.period_s > 0
+        and limit.cost >= 0
+    )
+
+
+def valid_amount(amount: float) -> bool:
+    return isinstance(amount, (int, float)) and math.isfinite(amount) and abs(amount) < 1e15
+
+
 class State:
     """The contract both backends implement."""
+
+    on_dropped: Callable[[int], None] | None = None  # counts dropped operations (metrics)
+
+    def dropped(self, count: int) -> None:
+        """`count` operations were refused (a value out of range): dropped, not retried."""
+        log.warning("state: dropped %d operation(s) with values that cannot be counted", count)
+        if self.on_dropped is not None:
+            self.on_dropped(count)
+
+    def refuse_invalid(self, limits: list[Limit]) -> None:
+        if not all(valid_limit(limit) for limit in limits):
+            self.dropped(1)
+            raise StateUnavailable("a limit with values that cannot be counted was refused")
 
     async def start(self) -> None: ...
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import math
 import time
 
-from proxy.state import LEASE_TTL_S, Limit, State, StateConfig, Verdict
+from proxy.state import (
+    LEASE_TTL_S,
+    MAX_TAT_S,
+    Limit,
+    State,
+    StateConfig,
+    Verdict,
+    valid_amount,
+)
 
 
 class MemoryState(State):
@@ -19,6 +27,7 @@ class MemoryState(State):
         self._ops = 0
 
     async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+        self.refuse_invalid(limits)
         now = self.clock()
         self._sweep(now)
         new_tats: dict[str, float] = {}
@@ -33,7 +42,7 @@ class MemoryState(State):
                 if used > limit.period_s + 1e-9:
                     return _deny(i, used - limit.period_s, len(limits))
                 new_tats[limit.key] = new_tat
-                remaining.append(math.floor((limit.period_s - used) / interval + 1e-9))
+                remaining.append(math.floor((limit.period_s - used) / interval + 1e-3))
                 resets.append(used)
             elif limit.kind == "concurrency":
                 held = self.leases.get(limit.key, {})
@@ -44,20 +53,28 @@ class MemoryState(State):
                 resets.append(0.0)
             else:
                 spent = self.spend.get(limit.key, {}).get(limit.field, 0.0)
-                if spent >= limit.limit:
+                if spent + 1e-9 >= limit.limit:
                     return _deny(i, 0.0, len(limits))
-                remaining.append(limit.limit - spent)
+                remaining.append(limit.limit - spent - limit.cost)
                 resets.append(0.0)
         self.tats.update(new_tats)
         for limit in limits:
             if limit.kind == "concurrency":
                 self.leases.setdefault(limit.key, {})[lease] = now + LEASE_TTL_S
+            elif limit.kind == "budget" and limit.cost > 0:  # reserve the estimated cost
+                fields = self.spend.setdefault(limit.key, {})
+                fields[limit.field] = fields.get(limit.field, 0.0) + limit.cost
+                self.spend_expiry.setdefault(limit.key, now + 40 * 86400)
         return Verdict(True, remaining=tuple(remaining), reset_s=tuple(resets))
 
     async def adjust(self, limit: Limit, delta: float) -> None:
+        if not valid_amount(delta):
+            return self.dropped(1)
         now = self.clock()
         tat = max(self.tats.get(limit.key, now), now)
-        self.tats[limit.key] = max(now, tat + delta * limit.period_s / limit.limit)
+        self.tats[limit.key] = min(
+            now + MAX_TAT_S, max(now, tat + delta * limit.period_s / limit.limit)
+        )
 
     async def release(self, keys: list[str], lease: str) -> None:
         for key in keys:
@@ -70,6 +87,9 @@ class MemoryState(State):
     async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
         now = self.clock()
         for key, field, amount in entries:
+            if not valid_amount(amount):
+                self.dropped(1)
+                continue
             fields = self.spend.setdefault(key, {})
             fields[field] = fields.get(field, 0.0) + amount
             self.spend_expiry.setdefault(key, now + ttl_s)

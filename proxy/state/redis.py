@@ -24,9 +24,18 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from proxy.state import LEASE_TTL_S, Limit, State, StateConfig, StateUnavailable, Verdict
+from proxy.state import (
+    LEASE_TTL_S,
+    MAX_TAT_S,
+    Limit,
+    State,
+    StateConfig,
+    StateUnavailable,
+    Verdict,
+    valid_amount,
+)
 
 log = logging.getLogger("meshgate.state")
 
@@ -36,29 +45,40 @@ MAX_IN_FLIGHT = 4  # batches sent and not yet answered
 # ARGV[1] is the batch as JSON: lease_ttl, spend_ttl, req (per request: lease and
 # its limits as [kind, key, limit, period, cost, field]), adj ([key, seconds of
 # TAT]), rel ([key, lease]) and spend ([key, field, amount]). The answer is JSON:
-# per request [allowed, denied limit (1-based), retry_after, values...].
+# `out`, per request [allowed, denied limit (1-based), retry_after, values...] or
+# [-1] for a request the script could not process, and `failed`, the entries that
+# failed. Each entry runs under pcall, so one bad value cannot fail the batch.
 SCRIPT = """
 local batch = cjson.decode(ARGV[1])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local failed = 0
 local function set_tat(key, tat)
-  if tat <= now then redis.call('DEL', key) return end
+  if tat ~= tat or tat <= now then redis.call('DEL', key) return end
+  if tat > now + MAX_TAT then tat = now + MAX_TAT end
   redis.call('SET', key, string.format('%.6f', tat), 'PX', math.ceil((tat - now) * 1000) + 1000)
 end
-for _, adj in ipairs(batch.adj) do
-  local tat = tonumber(redis.call('GET', adj[1]) or now)
-  if tat < now then tat = now end
-  set_tat(adj[1], tat + adj[2])
+local function apply(f, ...)  -- one entry; a failure is counted, never fails the batch
+  local ok = pcall(f, ...)
+  if not ok then failed = failed + 1 end
+  return ok
 end
-for _, rel in ipairs(batch.rel) do redis.call('ZREM', rel[1], rel[2]) end
+for _, adj in ipairs(batch.adj) do
+  apply(function()
+    local tat = tonumber(redis.call('GET', adj[1]) or now)
+    if tat < now then tat = now end
+    set_tat(adj[1], tat + adj[2])
+  end)
+end
+for _, rel in ipairs(batch.rel) do apply(redis.call, 'ZREM', rel[1], rel[2]) end
 local spend_keys = {}
 for _, sp in ipairs(batch.spend) do
-  redis.call('HINCRBYFLOAT', sp[1], sp[2], string.format('%.10f', sp[3]))
-  spend_keys[sp[1]] = true
+  if apply(redis.call, 'HINCRBYFLOAT', sp[1], sp[2], string.format('%.10f', sp[3])) then
+    spend_keys[sp[1]] = true
+  end
 end
 for key in pairs(spend_keys) do redis.call('EXPIRE', key, batch.spend_ttl, 'NX') end
-local out = {}
-for r, req in ipairs(batch.req) do
+local function admit(req)
   local lease, limits = req[1], req[2]
   local tats, values, denied, retry = {}, {}, 0, 0
   for i, l in ipairs(limits) do
@@ -71,7 +91,7 @@ for r, req in ipairs(batch.req) do
       local used = new_tat - now
       if used > period + 1e-9 then denied, retry = i, used - period break end
       tats[key] = new_tat
-      values[#values + 1] = math.floor((period - used) / interval + 1e-9)
+      values[#values + 1] = math.floor((period - used) / interval + 1e-3)
       values[#values + 1] = used
     elseif kind == 'concurrency' then
       local live = redis.call('ZCARD', key)
@@ -84,26 +104,31 @@ for r, req in ipairs(batch.req) do
       values[#values + 1] = 0
     else
       local spent = tonumber(redis.call('HGET', key, field) or '0')
-      if spent >= limit then denied = i break end
-      values[#values + 1] = limit - spent
+      if spent + 1e-9 >= limit then denied = i break end
+      values[#values + 1] = limit - spent - cost
       values[#values + 1] = 0
     end
   end
-  if denied > 0 then
-    out[r] = {0, denied, retry}
-  else
-    for key, tat in pairs(tats) do set_tat(key, tat) end
-    for _, l in ipairs(limits) do
-      if l[1] == 'concurrency' then
-        redis.call('ZADD', l[2], now + batch.lease_ttl, lease)
-        redis.call('PEXPIRE', l[2], math.ceil(batch.lease_ttl * 1000))
-      end
+  if denied > 0 then return {0, denied, retry} end
+  for key, tat in pairs(tats) do set_tat(key, tat) end
+  for _, l in ipairs(limits) do
+    if l[1] == 'concurrency' then
+      redis.call('ZADD', l[2], now + batch.lease_ttl, lease)
+      redis.call('PEXPIRE', l[2], math.ceil(batch.lease_ttl * 1000))
+    elseif l[1] == 'budget' and l[5] > 0 then  -- reserve the call's estimated cost
+      redis.call('HINCRBYFLOAT', l[2], l[6], string.format('%.10f', l[5]))
+      redis.call('EXPIRE', l[2], batch.spend_ttl, 'NX')
     end
-    out[r] = {1, 0, 0, values}
   end
+  return {1, 0, 0, values}
 end
-return cjson.encode(out)
-"""
+local out = {}
+for r, req in ipairs(batch.req) do
+  local ok, result = pcall(admit, req)
+  if ok then out[r] = result else failed = failed + 1; out[r] = {-1} end
+end
+return cjson.encode({out = out, failed = failed})
+""".replace("MAX_TAT", str(MAX_TAT_S))
 
 
 # KEYS: failures counter, open flag. ARGV: failures, window_ms, cooldown_ms.
@@ -178,6 +203,7 @@ class RedisState(State):
         await self.redis.aclose()
 
     async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+        self.refuse_invalid(limits)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.append((limits, lease, future))
@@ -204,14 +230,18 @@ class RedisState(State):
                     future.set_exception(StateUnavailable(str(exc)))
         else:
             for (_, _, future), verdict in zip(batch, results, strict=True):
-                if not future.done():
+                if future.done():
+                    continue
+                if verdict is None:
+                    future.set_exception(StateUnavailable("redis could not count this call"))
+                else:
                     future.set_result(verdict)
         finally:
             self._in_flight -= 1
             if self._queue:
                 self._send_queued()
 
-    async def _call(self, batch) -> list[Verdict]:
+    async def _call(self, batch) -> list[Verdict | None]:
         pending, self._pending = self._pending, _Pending()
         p = self.prefix
         payload = {
@@ -226,12 +256,21 @@ class RedisState(State):
             "spend": [[p + key, f, amount] for (key, f), amount in pending.spend.items()],
         }
         try:
-            raw = await self._script(keys=[], args=[orjson.dumps(payload)])
-        except (RedisError, OSError) as exc:
-            pending.merge(self._pending)  # keep what was not sent
+            async with asyncio.timeout(self.config.timeout_s):
+                raw = await self._script(keys=[], args=[orjson.dumps(payload)])
+        except ResponseError as exc:
+            # Redis ran the script and refused it: sending the same work again would
+            # fail again, and with it every later batch. Drop it, and say so.
+            self.dropped(len(payload["adj"]) + len(payload["rel"]) + len(payload["spend"]))
+            raise StateUnavailable(f"redis refused the batch: {exc}") from exc
+        except (RedisError, OSError, TimeoutError) as exc:
+            pending.merge(self._pending)  # unsent, not refused: keep it for the next batch
             self._pending = pending
-            raise StateUnavailable(f"redis: {exc}") from exc
-        return [_verdict(r) for r in orjson.loads(raw)]
+            raise StateUnavailable(f"redis: {_describe(exc)}") from exc
+        answer = orjson.loads(raw)
+        if answer["failed"]:
+            self.dropped(answer["failed"])
+        return [_verdict(r) for r in answer["out"]]
 
     async def flush(self) -> None:
         """Send the after-call work now (tests, shutdown); the flusher does it when idle."""
@@ -248,6 +287,8 @@ class RedisState(State):
                     log.debug("flush deferred: %s", exc)
 
     async def adjust(self, limit: Limit, delta: float) -> None:
+        if not valid_amount(delta):
+            return self.dropped(1)
         self._pending.adjust[limit.key] += delta * limit.period_s / limit.limit
 
     async def release(self, keys: list[str], lease: str) -> None:
@@ -256,46 +297,56 @@ class RedisState(State):
     async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
         self._spend_ttl = int(ttl_s)
         for key, field, amount in entries:
-            self._pending.spend[key, field] += amount
+            if valid_amount(amount):
+                self._pending.spend[key, field] += amount
+            else:
+                self.dropped(1)
 
     async def breaker_failure(self, name, failures, window_s, cooldown_s):
         args = [failures, int(window_s * 1000), int(cooldown_s * 1000)]
-        try:
-            opened = await self._breaker_failure(keys=_breaker_keys(self.prefix, name), args=args)
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
-        return bool(opened)
+        keys = _breaker_keys(self.prefix, name)
+        return bool(await self._bounded(self._breaker_failure(keys=keys, args=args)))
 
     async def breaker_close(self, name: str) -> None:
-        try:
-            await self.redis.delete(*_breaker_keys(self.prefix, name))
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
+        await self._bounded(self.redis.delete(*_breaker_keys(self.prefix, name)))
 
     async def breakers_open(self, names: list[str]) -> dict[str, float] | None:
-        try:
+        async def read() -> list:
             async with self.redis.pipeline(transaction=False) as pipe:
                 for name in names:
                     pipe.pttl(_breaker_keys(self.prefix, name)[1])
-                remaining = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
+                return await pipe.execute()
+
+        remaining = await self._bounded(read())
         return {n: ms / 1000 for n, ms in zip(names, remaining, strict=True) if ms > 0}
 
     async def read_spend(self, key: str) -> dict[str, float]:
-        try:
-            await self.flush()
-            raw = await self.redis.hgetall(self.prefix + key)
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
+        await self.flush()
+        raw = await self._bounded(self.redis.hgetall(self.prefix + key))
         return {k: float(v) for k, v in raw.items()}
+
+    async def _bounded(self, operation):
+        """One state call, with its retry and reconnect, in `timeout_s` at most."""
+        try:
+            async with asyncio.timeout(self.config.timeout_s):
+                return await operation
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StateUnavailable(f"redis: {_describe(exc)}") from exc
 
 
 def _breaker_keys(prefix: str, name: str) -> list[str]:
     return [f"{prefix}breaker:{name}:failures", f"{prefix}breaker:{name}:open"]
 
 
-def _verdict(result: list) -> Verdict:
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def _verdict(result: list) -> Verdict | None:
+    if result[0] == -1:
+        return None
     if not result[0]:
         return Verdict(False, denied=int(result[1]) - 1, retry_after_s=float(result[2]))
     values = result[3] if isinstance(result[3], list) else []  # cjson encodes {} for []
