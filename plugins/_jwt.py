@@ -160,6 +160,7 @@ class JWTVerifier:
             team=_str(claims.get(names.team)) if names.team else None,
             user=_str(claims.get(names.user)) if names.user else None,
             models=tuple(models),
+            kind="jwt",
         )
 
 

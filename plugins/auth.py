@@ -47,6 +47,9 @@ class KeyConfig:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.name or ":" in self.name:
+            # `jwt:<sub>` names token subjects in counters and spend.
+            raise ValueError(f"key name {self.name!r} must be non-empty and without ':'")
         if (self.key is None) == (self.sha256 is None):
             raise ValueError(f"key '{self.name}' needs exactly one of `key` or `sha256`")
         if self.key is not None and len(self.key) < 8:

@@ -74,6 +74,7 @@ class LimitConfig:
             raise ValueError("limits must be positive")
 
     def matches(self, subjects: dict[str, str]) -> bool:
+        """`subjects` are names: an API key's, or a token subject as `jwt:<sub>`."""
         return all(
             patterns == ["*"] or any(fnmatchcase(subjects[kind], p) for p in patterns)
             for kind, patterns in (
@@ -180,7 +181,7 @@ class Quotas:
     def plan(self, call: Call, estimate: int) -> _Plan:
         identity = call.identity
         who = (
-            identity.name if identity else "anonymous",
+            _counted_as(identity),
             (identity.team if identity else None) or "none",
             (identity.user if identity else None) or "none",
             call.body["model"],
@@ -372,6 +373,14 @@ def _periods(date: str | None = None) -> tuple[str, str]:
             _today = (day_number, (f"spend:d:{date}", f"spend:m:{date[:7]}"))
         return _today[1]
     return f"spend:d:{date}", f"spend:m:{date[:7]}"
+
+
+def _counted_as(identity) -> str:
+    """The caller's name in counters and spend: an API key's name, `jwt:<sub>` for a
+    token, so a token subject never shares a key's counters by name."""
+    if identity is None:
+        return "anonymous"
+    return identity.name if identity.kind == "key" else identity.subject
 
 
 def _estimated_cost(call: Call, tokens: int) -> float:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote
 
 import orjson
 
@@ -34,13 +35,27 @@ MODEL_CALLS = tuple(INPUT_FIELD)
 
 @dataclass(slots=True)
 class Identity:
-    """Who is calling, as established by an auth plugin."""
+    """Who is calling, as established by an auth plugin.
+
+    `kind` says what `name` names ("key": an API key's name; "jwt": a token's
+    subject), so that the same text from two kinds is never one tenant."""
 
     name: str
     team: str | None = None
     user: str | None = None
     models: tuple[str, ...] = ("*",)
     metadata: dict[str, Any] = field(default_factory=dict)
+    kind: str = "key"
+
+    @property
+    def subject(self) -> str:
+        """The caller as one typed name: `key:<name>` or `jwt:<sub>`, escaped."""
+        return f"{self.kind}:{quote(self.name, safe='')}"
+
+    @property
+    def tenant(self) -> str:
+        """Whose data this caller shares: their team (`team:<t>`), else themselves."""
+        return f"team:{quote(self.team, safe='')}" if self.team else self.subject
 
 
 @dataclass(slots=True, eq=False)

@@ -15,12 +15,14 @@ from tests.conftest import start_gateway, upstream_stats
 from tests.redis_server import RedisServer
 
 ADMIN = "admin-key-0123456789abcdef"
-KEYS = {"a1": "a", "a2": "a", "b1": "b"}  # key name -> team
+KEYS = {"a1": "a", "a2": "a", "b1": "b", "b": None}  # key name -> team
+JWT_SECRET = "jwt-secret-for-the-cache-tests-0123456789"
 
 
 def config(upstream_port: int, backend: str = "memory", redis_url: str = "") -> str:
     keys = "\n".join(
-        f"        - {{name: {k}, key: sk-{k}-0123456789, team: {t}}}" for k, t in KEYS.items()
+        f"        - {{name: {k}, key: sk-{k}-0123456789" + (f", team: {t}}}" if t else "}")
+        for k, t in KEYS.items()
     )
     state = f'state: {{backend: redis, url: "{redis_url}"}}' if redis_url else ""
     return f"""
@@ -35,6 +37,7 @@ pipeline:
       admin_key: {ADMIN}
       keys:
 {keys}
+      jwt: {{algorithms: [HS256], secret: {JWT_SECRET}}}
   - cache: {{backend: {backend}, ttl_s: 60}}
 """
 
@@ -46,10 +49,17 @@ def gateway(tmp_path_factory, upstream):
     server.stop()
 
 
+def token(**claims) -> str:
+    import jwt
+
+    return jwt.encode({"exp": int(time.time()) + 600, **claims}, JWT_SECRET, "HS256")
+
+
 def ask(gateway, key="a1", content=None, headers=None, **extra):
     body = {"model": "m", "messages": [{"role": "user", "content": content or "q"}], **extra}
+    credential = key if key.count(".") == 2 else f"sk-{key}-0123456789"
     return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=10,
-                      headers={"authorization": f"Bearer sk-{key}-0123456789", **(headers or {})})  # fmt: skip
+                      headers={"authorization": f"Bearer {credential}", **(headers or {})})  # fmt: skip
 
 
 def unique() -> str:
@@ -72,6 +82,18 @@ def test_tenants_are_isolated_and_teams_share(gateway):
     assert ask(gateway, "a1", q).headers["x-meshgate-cache"] == "miss"
     assert ask(gateway, "a2", q).headers["x-meshgate-cache"] == "hit-exact"  # same team
     assert ask(gateway, "b1", q).headers["x-meshgate-cache"] == "miss"  # another team
+
+
+def test_namespaces_are_typed_so_kinds_of_identity_never_collide(gateway):
+    """A token whose subject is `b` is neither team `b` nor the key named `b`."""
+    q = unique()
+    assert ask(gateway, "b1", q).headers["x-meshgate-cache"] == "miss"  # team b
+    assert ask(gateway, token(sub="b"), q).headers["x-meshgate-cache"] == "miss"
+    assert ask(gateway, "b", q).headers["x-meshgate-cache"] == "miss"  # key b, no team
+    assert ask(gateway, token(sub="b"), q).headers["x-meshgate-cache"] == "hit-exact"
+    assert ask(gateway, token(sub="b", team="b"), q).headers["x-meshgate-cache"] == "hit-exact"
+    assert ask(gateway, token(sub="team:b"), q).headers["x-meshgate-cache"] == "miss"
+    assert ask(gateway, token(sub="b:m"), q).headers["x-meshgate-cache"] == "miss"
 
 
 def test_parameters_that_change_the_answer_never_collide(gateway):
@@ -153,7 +175,7 @@ def test_admin_stats_and_delete(gateway):
     stats = httpx.get(gateway.url + "/admin/cache/stats", headers=auth).json()
     assert stats["entries"] >= 1 and stats["bytes"] > 0
     assert stats["lookups"]["exact"]["hit"] >= 1
-    deleted = httpx.delete(gateway.url + "/admin/cache", params={"namespace": "b", "model": "m"},
+    deleted = httpx.delete(gateway.url + "/admin/cache", params={"namespace": "team:b", "model": "m"},
                            headers=auth).json()  # fmt: skip
     assert deleted["deleted"] >= 1
     assert ask(gateway, "b1", q).headers["x-meshgate-cache"] == "miss"
@@ -172,6 +194,8 @@ def test_redis_backend(tmp_path, upstream):
         assert hit.headers["x-meshgate-cache"] == "hit-exact"
         assert hit.json()["choices"][0]["message"]["content"].startswith("tok")
         assert ask(gateway, "b1", q + big).headers["x-meshgate-cache"] == "miss"
+        assert ask(gateway, token(sub="b"), q + big).headers["x-meshgate-cache"] == "miss"
+        assert ask(gateway, "b", q + big).headers["x-meshgate-cache"] == "miss"
         ask(gateway, content=q, headers={"x-meshgate-cache-ttl": "1"})
         time.sleep(1.2)
         assert ask(gateway, content=q).headers["x-meshgate-cache"] == "miss"

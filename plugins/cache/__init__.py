@@ -7,8 +7,9 @@
 
 The key is a hash of the canonical request (endpoint, model, whether it
 streams, and every field that can change the answer) inside the caller's
-namespace: their team, else their key. One tenant's answers are never served
-to another unless `shared_namespace` says so. A buffered answer is stored as
+namespace: `team:<team>`, else `key:<key name>` or `jwt:<token subject>`, so
+names from different kinds of identity never meet. One tenant's answers are
+never served to another unless `shared_namespace` says so. A buffered answer is stored as
 its bytes and a stream as its events' bytes, captured as they pass (no chunk
 waits) and stored only when the stream ended cleanly, so a hit replays exactly
 what the upstream sent, as valid SSE for streams.
@@ -27,6 +28,7 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import quote
 
 import orjson
 
@@ -138,10 +140,10 @@ class Cache:
         return not (isinstance(n, int) and n > 1)
 
     def namespace(self, call: Call) -> str:
-        identity = call.identity
-        return self.config.shared_namespace or (
-            (identity.team or identity.name) if identity else "anonymous"
-        )
+        """Typed, so a team, an API key and a token subject never share one by name."""
+        if self.config.shared_namespace:
+            return f"shared:{quote(self.config.shared_namespace, safe='')}"
+        return call.identity.tenant if call.identity is not None else "anonymous"
 
     def key(self, call: Call, namespace: str, canonical: dict) -> str:
         digest = hashlib.sha256(
