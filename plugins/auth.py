@@ -26,13 +26,12 @@ import hashlib
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from fnmatch import fnmatchcase
 from typing import Any
 
 from plugins._jwt import JWTConfig, JWTVerifier
 from proxy.admin import bearer_token
-from proxy.errors import AuthenticationFailed, PermissionDenied
-from proxy.pipeline import MODEL_CALLS, Call, Identity, Next, Reply
+from proxy.errors import AuthenticationFailed
+from proxy.pipeline import MODEL_CALLS, Call, Identity, Next, Reply, permitted, refuse
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +103,6 @@ class Auth:
         if len(self.keys) != len(config.keys):
             raise ValueError("two auth keys have the same value")
         self.jwt = JWTVerifier(config.jwt) if config.jwt is not None else None
-        self._allowed: dict[tuple[tuple[str, ...], str], bool] = {}  # (patterns, model)
         if config.admin_key is not None:
             gateway.admin_key = config.admin_key
 
@@ -121,19 +119,10 @@ class Auth:
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         call.identity = identity = await self.authenticate(call.headers)
-        if call.endpoint in MODEL_CALLS:
-            model = call.body["model"]
-            allowed = self._allowed.get((identity.models, model))
-            if allowed is None:
-                allowed = any(fnmatchcase(model, p) for p in identity.models)
-                if len(self._allowed) > 100_000:
-                    self._allowed.clear()
-                self._allowed[identity.models, model] = allowed
-            if not allowed:
-                raise PermissionDenied(
-                    f"The API key '{call.identity.name}' may not use the model `{model}`.",
-                    param="model",
-                )
+        # Refused early here; the gateway checks again whatever model ends up serving.
+        if call.endpoint in MODEL_CALLS and call.model is not None:
+            if not permitted(identity, call.model):
+                raise refuse(identity, call.model)
         return await call_next(call)
 
     async def authenticate(self, headers) -> Identity:

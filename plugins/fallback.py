@@ -43,7 +43,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted
 from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.fallback")
@@ -267,7 +267,10 @@ class Fallback:
                 return await self._model(call, call_next, name, deadline)
             except GatewayError as exc:
                 more = self._fallbacks(requested, exc)
-                queue = [m for m in (more or []) if m not in tried]
+                queue = [
+                    m for m in (more or [])
+                    if m not in tried and permitted(call.identity, self.catalog.get(m))
+                ]  # fmt: skip
                 if more is None or not queue or time.monotonic() >= deadline:
                     raise
                 log.info("request %s falls back from %s to %s: %s",

@@ -48,7 +48,7 @@ import orjson
 
 from proxy.catalog import Deployment, Model
 from proxy.errors import InvalidRequest, RateLimited
-from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
+from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted, refuse
 from proxy.protocol import estimate_tokens, prompt_text
 from proxy.state import Limit, StateUnavailable
 
@@ -122,11 +122,7 @@ class Routing:
             return await call_next(call)
         routing = self.config.models.get(call.model.name, self.default)
         if routing.strategy == "complexity":
-            text = prompt_text(call.body)
-            target = next(
-                (r.model for r in routing.rules if r.matches(text)), routing.rules[-1].model
-            )
-            call.model = self.gateway.catalog.get(target)
+            call.model = self.by_rules(call, routing)
             routing = self.config.models.get(call.model.name, self.default)
         ranked = self.rank(call, call.model, routing)
         deployment, reserved = await self.admit(call, ranked)
@@ -137,6 +133,18 @@ class Routing:
         if reserved is not None:
             reply.on_complete(lambda r: self.settle(reserved, r))
         return reply
+
+    def by_rules(self, call: Call, routing: ModelRouting) -> Model:
+        """The first rule's model that matches the prompt and the caller may use; the
+        last rule is the default."""
+        text = prompt_text(call.body)
+        catalog = self.gateway.catalog
+        matching = [r.model for r in routing.rules if r.matches(text)] + [routing.rules[-1].model]
+        for name in matching:
+            model = catalog.get(name)
+            if permitted(call.identity, model):
+                return model
+        raise refuse(call.identity, catalog.get(matching[0]))
 
     def rank(self, call: Call, model: Model, routing: ModelRouting) -> list[Deployment]:
         """The model's deployments, best first, by its strategy."""

@@ -40,6 +40,7 @@ class Model:
     deployments: list[Deployment]
     owned_by: str
     created: int
+    aliases: tuple[str, ...] = ()
 
     def card(self) -> dict:
         return {
@@ -76,7 +77,7 @@ class Catalog:
                 )
                 for d in m.deployments
             ]
-            self.models[m.name] = Model(m.name, deployments, m.owned_by, created)
+            self.models[m.name] = Model(m.name, deployments, m.owned_by, created, tuple(m.aliases))
             self.aliases.update(dict.fromkeys(m.aliases, m.name))
 
     def find(self, name: str) -> Model | None:

@@ -8,7 +8,6 @@ import logging
 import random
 import re
 import time
-from fnmatch import fnmatchcase
 from typing import Any
 
 from starlette.datastructures import Headers
@@ -27,7 +26,7 @@ from proxy.catalog import Catalog
 from proxy.config import Config
 from proxy.errors import GatewayError, InternalError, ModelNotFound
 from proxy.metrics import Metrics
-from proxy.pipeline import Call, Reply, build_chain, plugin_class
+from proxy.pipeline import Call, Reply, build_chain, permitted, plugin_class, refuse
 from proxy.protocol import clean_usage, parse_request
 from proxy.sse import Event
 from proxy.state import create_state
@@ -86,11 +85,16 @@ class Gateway:
             return Reply.json(self.list_models(call))
         if call.endpoint == "model":
             model = self.catalog.get(call.body["model"])
-            self._check_visible(call, model.name)
+            if not permitted(call.identity, model):
+                raise ModelNotFound(call.body["model"])
             return Reply.json(model.card())
         if call.model is None:
             call.model = self.catalog.get(call.body["model"])
+        if not permitted(call.identity, call.model):
+            raise refuse(call.identity, call.model)
         deployment = call.deployment or call.model.deployments[0]
+        if deployment not in call.model.deployments:
+            deployment = call.model.deployments[0]
         call.deployment = deployment
         call.attempts += 1
         deployment.in_flight += 1
@@ -109,12 +113,8 @@ class Gateway:
         return reply
 
     def list_models(self, call: Call) -> dict:
-        cards = [m.card() for m in self.catalog.models.values() if _visible(call, m.name)]
+        cards = [m.card() for m in self.catalog.models.values() if permitted(call.identity, m)]
         return {"object": "list", "data": cards}
-
-    def _check_visible(self, call: Call, name: str) -> None:
-        if not _visible(call, name):
-            raise ModelNotFound(name)
 
     async def serve(self, endpoint: str, scope, receive, send, body: dict | None = None) -> None:
         """Serve one request to `endpoint`; `body` is given for GET routes."""
@@ -313,13 +313,6 @@ class _Outcome:
         self.headers_sent = False
         self.ttft_s: float | None = None
         self.error: str | None = None
-
-
-def _visible(call: Call, name: str) -> bool:
-    identity = call.identity
-    if identity is None or identity.models == ("*",):
-        return True
-    return any(fnmatchcase(name, pattern) for pattern in identity.models)
 
 
 def _overhead(call: Call | None, started: float) -> float:

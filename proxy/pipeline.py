@@ -16,11 +16,13 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import orjson
 
+from proxy.errors import PermissionDenied
 from proxy.protocol import INPUT_FIELD, clean_usage
 from proxy.sse import Event
 
@@ -56,6 +58,32 @@ class Identity:
     def tenant(self) -> str:
         """Whose data this caller shares: their team (`team:<t>`), else themselves."""
         return f"team:{quote(self.team, safe='')}" if self.team else self.subject
+
+
+_permitted: dict[tuple[tuple[str, ...], str], bool] = {}
+
+
+def permitted(identity: Identity | None, model: Model) -> bool:
+    """Whether `identity` may use `model`: one of its globs matches the model's name or
+    one of its aliases. The one place permission is decided; the gateway asks it
+    for every attempt, whichever model routing or fallback chose."""
+    if identity is None or identity.models == ("*",):
+        return True
+    key = (identity.models, model.name)
+    allowed = _permitted.get(key)
+    if allowed is None:
+        names = (model.name, *model.aliases)
+        allowed = any(fnmatchcase(n, p) for n in names for p in identity.models)
+        if len(_permitted) > 100_000:
+            _permitted.clear()
+        _permitted[key] = allowed
+    return allowed
+
+
+def refuse(identity: Identity, model: Model) -> PermissionDenied:
+    return PermissionDenied(
+        f"The API key '{identity.name}' may not use the model `{model.name}`.", param="model"
+    )
 
 
 @dataclass(slots=True, eq=False)

@@ -179,7 +179,7 @@ def test_admin_stats_and_delete_cover_the_semantic_index(gateway):
     assert stats["semantic"]["index"] == "embedded"
     assert stats["semantic"]["entries"] >= 1
     assert stats["lookups"]["semantic"]["hit"] >= 1
-    deleted = httpx.delete(gateway.url + "/admin/cache?namespace=b", headers=auth).json()
+    deleted = httpx.delete(gateway.url + "/admin/cache?namespace=team:b", headers=auth).json()
     assert deleted["deleted_semantic"] >= 1
     paraphrase = "Which mountain is the tallest in the world?"
     assert cache_of(ask(gateway, paraphrase, key="b1", system=s)) == "miss"
