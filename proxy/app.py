@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy import logs
+from proxy import logs, server
 from proxy.admin import check_admin
 from proxy.config import Config, load_config
 from proxy.errors import GatewayError, InternalError, MethodNotAllowed, RouteNotFound
@@ -45,6 +45,7 @@ def create_app(config: Config | None = None) -> Starlette:
     if config is None:
         config = load_config(os.environ.get(CONFIG_ENV, "proxy.yaml"))
     logs.configure(config.server.log_level, config.server.access_log)
+    server.install()
     gateway = Gateway(config)
 
     @contextlib.asynccontextmanager
@@ -95,6 +96,9 @@ def create_app(config: Config | None = None) -> Starlette:
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
+    # Starlette would redirect /v1/models/ to /v1/models, with a Location built from
+    # the client's own Host header: an open redirect. Unknown paths are 404s instead.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return app
 

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import asyncio
 
-from proxy.errors import GatewayError, PayloadTooLarge
+from proxy.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
 
 class ClientDisconnected(Exception):
     """The client went away before its request was read."""
 
 
-async def read_body(receive, content_length: str | None, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+async def read_body(receive, content_length: str | None, limit: int, timeout_s: float) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes, and with
+    408 when it has not all arrived `timeout_s` after the headers."""
     if content_length is not None and content_length.isdigit() and int(content_length) > limit:
         raise _too_large(limit)
+    message = await receive()  # usually the whole body: no timer for the common case
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        if len(message.get("body", b"")) > limit:
+            raise _too_large(limit)
+        return message.get("body", b"")
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _read_rest(receive, message, limit)
+    except TimeoutError:
+        raise RequestTimeout(
+            f"The request body did not arrive within {timeout_s:g} seconds."
+        ) from None
+
+
+async def _read_rest(receive, message, limit: int) -> bytes:
     chunks = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientDisconnected
         chunk = message.get("body", b"")
@@ -27,7 +42,8 @@ async def read_body(receive, content_length: str | None, limit: int) -> bytes:
             raise _too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return b"".join(chunks)
+        message = await receive()
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -10,6 +10,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import orjson
+
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 
@@ -94,6 +96,8 @@ def run(config: Config, args: argparse.Namespace) -> int:
     hc.graceful_timeout = server.graceful_timeout_s
     hc.keep_alive_timeout = server.keep_alive_timeout_s
     hc.keep_alive_max_requests = server.keep_alive_max_requests
+    hc.backlog = server.backlog
+    _raise_fd_limit()
     hc.accesslog = None  # the gateway writes its own access log
     hc.errorlog = "-"
     hc.worker_class = _worker_class()
@@ -117,6 +121,21 @@ def run(config: Config, args: argparse.Namespace) -> int:
     hc.workers = workers
     hc.application_path = "proxy.app:create_app()"
     return hypercorn_run(hc)
+
+
+def _raise_fd_limit() -> None:
+    """Every open connection is a file descriptor: take the hard limit, and say so."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            return
+        soft = hard
+    line = {"level": "info", "logger": "meshgate.server", "message": f"open file limit: {soft}"}
+    print(orjson.dumps(line).decode(), file=sys.stderr)
 
 
 async def _serve(app, hc) -> None:

@@ -31,6 +31,8 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     keep_alive_timeout_s: float = 75.0  # longer than common load balancers' idle timeouts
     keep_alive_max_requests: int = 100_000
+    backlog: int = 4096  # pending connections the kernel queues (capped by somaxconn)
+    body_timeout_s: float = 30.0  # the whole request body must arrive within this
     access_log: bool = True
     log_level: str = "info"
 
@@ -39,6 +41,12 @@ class ServerConfig:
             raise ValueError("workers must be at least 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be from 1 to 65535, not {self.port}")
+        if self.backlog < 1:
+            raise ValueError("backlog must be at least 1")
+        if self.body_timeout_s <= 0:
+            raise ValueError("body_timeout_s must be positive")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -52,6 +52,7 @@ class Gateway:
         self.plugins = [plugin_class(s.name)(s.config, self) for s in config.pipeline]
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
+        self.body_timeout_s = config.server.body_timeout_s
         self.started = False
         self.start_error: BaseException | None = None  # why start() failed, for the CLI
 
@@ -132,7 +133,9 @@ class Gateway:
         watcher = None
         try:
             if body is None:
-                raw = await read_body(receive, headers.get("content-length"), self.max_body_bytes)
+                raw = await read_body(
+                    receive, headers.get("content-length"), self.max_body_bytes, self.body_timeout_s
+                )
                 body = parse_request(endpoint, raw)
             watcher = asyncio.ensure_future(watch_disconnect(receive, task, gone))
             call = Call(endpoint, body, headers, request_id)

@@ -1,0 +1,135 @@
+"""The HTTP layer below the app, over raw sockets: connections closed by clients
+are closed at once, protocol errors carry OpenAI bodies, request smuggling and
+trickled bodies are refused, and no redirect is built from the client's Host."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from tests.conftest import Server, start_gateway
+
+CLOSE_WAIT = "08"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, upstream) -> Iterator[Server]:
+    server = start_gateway(
+        tmp_path_factory.mktemp("http-layer"),
+        f"""
+server: {{host: 127.0.0.1, keep_alive_timeout_s: 60, body_timeout_s: 1}}
+providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
+models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
+""",
+    )
+    yield server
+    server.stop()
+
+
+def exchange(port: int, raw: bytes, *, wait_close: bool = True) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+            if not wait_close and b"\r\n\r\n" in data:
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = [int(h.split(b":")[1]) for h in head.split(b"\r\n")
+                          if h.lower().startswith(b"content-length:")]  # fmt: skip
+                if length and len(body) >= length[0]:
+                    return data
+
+
+def split(response: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def sockets_in_close_wait(port: int) -> int:
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == CLOSE_WAIT:
+                    count += 1
+    return count
+
+
+def test_connections_closed_by_clients_do_not_linger(gateway):
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+               b'content-length: 56\r\n\r\n{"model":"m","messages":[{"role":"user","content":"x"}]}')  # fmt: skip
+    for _ in range(50):
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+            s.sendall(request)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        # closed here, with the connection idle in keep-alive (60 s in this config)
+    deadline = time.monotonic() + 5  # far below the keep-alive: nothing waits for it
+    while sockets_in_close_wait(gateway.port) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sockets_in_close_wait(gateway.port) == 0
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        (b"GET /health HTTP/1.1\r\nhost: x\r\nx-bad: a\x00b\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nhost: x\r\nx-bad: a\rb\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n", 431),
+        (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n", 501),
+        (b"NOT-HTTP\r\n\r\n", 400),
+    ],
+    ids=["nul", "bare-cr", "huge-header", "gzip-encoding", "not-http"],
+)
+def test_protocol_errors_are_openai_error_bodies(gateway, raw, status):
+    got, headers, body = split(exchange(gateway.port, raw))
+    assert got == status
+    assert headers["content-type"] == "application/json"
+    error = orjson.loads(body)["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_content_length_with_transfer_encoding_is_refused_and_closed(gateway):
+    body = b'{"model":"m","messages":[{"role":"user","content":"x"}]}'
+    raw = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
+           b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+           b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n") % (len(body), len(body), body)  # fmt: skip
+    response = exchange(gateway.port, raw)  # returns when the server closes
+    status, headers, body = split(response)
+    assert status == 400 and headers["connection"] == "close"
+    assert orjson.loads(body)["error"]["code"] == "ambiguous_framing"
+    assert response.count(b"\r\nHTTP/1.1 ") == 0  # the smuggled second request was not served
+
+
+def test_a_trickled_body_times_out_with_408(gateway):
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+                  b"content-type: application/json\r\ncontent-length: 100\r\n\r\n{")  # fmt: skip
+        data = b""
+        for piece in b'"model"':  # a byte at a time, slower than the 1 s allowed in all
+            time.sleep(0.3)
+            try:
+                s.sendall(bytes([piece]))
+            except OSError:
+                break
+        while chunk := s.recv(65536):
+            data += chunk
+    status, _, body = split(data)
+    assert status == 408
+    assert orjson.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_no_redirect_is_built_from_the_clients_host(gateway):
+    raw = b"GET /health/ HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n"
+    status, headers, body = split(exchange(gateway.port, raw))
+    assert "location" not in headers
+    assert status == 404 and orjson.loads(body)["error"]["code"] == "unknown_url"
