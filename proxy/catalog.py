@@ -26,6 +26,10 @@ class Deployment:
     latency_s: float | None = None  # moving average: time to first event, or whole call
     samples: int = 0
 
+    def leave(self) -> None:
+        """One call under way here has ended."""
+        self.in_flight -= 1
+
     def observe(self, seconds: float, alpha: float = 0.2) -> None:
         self.samples += 1
         previous = self.latency_s

@@ -26,7 +26,16 @@ from proxy.catalog import Catalog
 from proxy.config import Config
 from proxy.errors import GatewayError, InternalError, ModelNotFound
 from proxy.metrics import Metrics
-from proxy.pipeline import Call, Reply, build_chain, permitted, plugin_class, refuse
+from proxy.pipeline import (
+    Call,
+    Reply,
+    build_chain,
+    finish_call,
+    keep,
+    permitted,
+    plugin_class,
+    refuse,
+)
 from proxy.protocol import clean_usage, parse_request
 from proxy.sse import Event
 from proxy.state import create_state
@@ -106,11 +115,13 @@ class Gateway:
             deployment.in_flight -= 1
             raise
         reply.deployment = deployment
+        keep(call, reply)
         if reply.events is None:
             deployment.in_flight -= 1
             deployment.observe(time.perf_counter() - started)
         else:
-            reply.events = _tracked(reply.events, deployment, started)
+            reply.events = _timed_first(reply.events, deployment, started)
+            reply.owns(deployment.leave)
         return reply
 
     def list_models(self, call: Call) -> dict:
@@ -167,12 +178,12 @@ class Gateway:
         finally:
             if watcher is not None:
                 watcher.cancel()
-            if reply is not None and reply.events is not None:
-                await reply.events.aclose()
+            if reply is not None:
+                await reply.aclose()
             self.metrics.in_flight.dec()
             self._account(endpoint, call, reply, request_id, started, outcome)
-            if reply is not None:
-                await reply.finish(outcome.completed)
+            if call is not None:
+                await finish_call(call, reply, outcome.completed)
 
     async def _send_stream(self, send, call, reply, wants_usage, started, outcome) -> None:
         event = await reply.next_event()  # an error before the first event is an ordinary error
@@ -292,9 +303,8 @@ class Gateway:
         logs.access_line(fields)
 
 
-async def _tracked(events, deployment, started: float):
-    """Count a stream as in flight on its deployment until it is closed, however that
-    happens, and time its first event."""
+async def _timed_first(events, deployment, started: float):
+    """Time a stream's first event on its deployment."""
     try:
         first = True
         async for event in events:
@@ -303,7 +313,6 @@ async def _tracked(events, deployment, started: float):
                 first = False
             yield event
     finally:
-        deployment.in_flight -= 1
         await events.aclose()
 
 

@@ -104,6 +104,9 @@ class Call:
     state: dict[str, Any] = field(default_factory=dict)  # per-request plugin scratch space
     upstream_s: float = 0.0  # time spent waiting on upstreams, summed over attempts
     attempts: int = 0
+    # Every Reply the chain produced for this call, so the gateway can close the
+    # ones a plugin dropped (raised after call_next, kept one of several).
+    replies: list[Reply] = field(default_factory=list)
 
     @property
     def stream(self) -> bool:
@@ -117,6 +120,7 @@ class Call:
 
 
 Hook = Callable[["Reply"], Awaitable[None] | None]
+Closer = Callable[[], Awaitable[None] | None]
 
 
 class Reply:
@@ -125,11 +129,19 @@ class Reply:
     `completed` is set before the completion hooks run: True when the whole
     answer reached the client, False when it was cut short (client gone,
     upstream failed mid-stream).
+
+    A Reply owns what was taken to produce it (an open upstream response, a
+    deployment's in-flight count): `owns()` ties a closer to it, and `aclose()`
+    runs each once, whether or not the stream was ever iterated.
     """
 
     __slots__ = (
+        "_closed",
+        "_closers",
+        "_finished",
         "_first",
         "_hooks",
+        "_owned",
         "body",
         "completed",
         "cost",
@@ -160,6 +172,10 @@ class Reply:
         self.cost: float | None = None  # USD, set by the gateway once usage is known
         self.completed = False
         self._hooks: list[Hook] = []
+        self._closers: list[Closer] = []
+        self._closed = False
+        self._finished = False
+        self._owned = False  # recorded in a Call's replies
         self._first: tuple[Event | None] | None = None  # the peeked first event, if any
 
     @property
@@ -225,16 +241,52 @@ class Reply:
             return first
         return await anext(self.events, None)
 
+    def owns(self, closer: Closer) -> Reply:
+        """Run `closer()` when the reply is closed, e.g. to release a connection."""
+        self._closers.append(closer)
+        return self
+
+    async def aclose(self) -> None:
+        """Close the stream and run the closers; later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.events is not None:
+            try:
+                await self.events.aclose()  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("closing a stream failed")
+        for closer in self._closers:
+            await _run(closer, "a reply's closer failed")
+
     async def finish(self, completed: bool) -> None:
-        """Called once by the gateway after sending; runs the completion hooks."""
+        """Close the reply and run its completion hooks; later calls do nothing.
+        The gateway calls it for every reply of a call once the answer is sent."""
+        if self._finished:
+            return
+        self._finished = True
+        await self.aclose()
         self.completed = completed
         for hook in self._hooks:
-            try:
-                result = hook(self)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                log.exception("a completion hook failed")
+            await _run(hook, "a completion hook failed", self)
+
+
+async def _run(callback: Callable[..., Awaitable[None] | None], failure: str, *args) -> None:
+    try:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception(failure)
+
+
+async def finish_call(call: Call, reply: Reply | None, completed: bool) -> None:
+    """Finish the reply the client got, then every other the chain produced for
+    `call` (as not completed), so each releases what it holds exactly once."""
+    if reply is not None:
+        await reply.finish(completed)
+    for other in reversed(call.replies):
+        await other.finish(False)
 
 
 Next = Callable[[Call], Awaitable[Reply]]
@@ -254,9 +306,18 @@ def build_chain(plugins: list[Plugin], terminal: Next) -> Next:
 
 def _link(plugin: Plugin, call_next: Next) -> Next:
     async def run(call: Call) -> Reply:
-        return await plugin(call, call_next)
+        reply = await plugin(call, call_next)
+        keep(call, reply)
+        return reply
 
     return run
+
+
+def keep(call: Call, reply: Reply) -> None:
+    """Record `reply` as produced for `call`, once."""
+    if not reply._owned:
+        reply._owned = True
+        call.replies.append(reply)
 
 
 def plugin_class(name: str) -> type:

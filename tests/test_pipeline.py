@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy.errors import RateLimited
-from proxy.pipeline import Call, Reply, build_chain
+from proxy.pipeline import Call, Reply, build_chain, finish_call, keep
 from proxy.sse import Event
 
 
@@ -171,3 +171,31 @@ def test_peek_then_wrap_keeps_every_event_in_order():
         return out
 
     assert run(main()) == [0, 2, 4]
+
+
+def test_replies_a_plugin_drops_are_finished_once_each():
+    # A plugin keeps one of two answers and its caller raises: the gateway's
+    # finish_call closes and finishes every reply the chain produced, once.
+    closed: list[str] = []
+
+    async def terminal(call: Call) -> Reply:
+        async def events():
+            yield Event(b'data: {"choices": []}\n\n')
+
+        reply = Reply(events=events()).owns(lambda: closed.append("response"))
+        keep(call, reply)
+        return reply.on_complete(lambda r: closed.append(f"hook:{r.completed}"))
+
+    async def keep_second(call: Call, call_next) -> Reply:
+        await call_next(call)
+        return await call_next(call)
+
+    async def main():
+        call = make_call()
+        reply = await build_chain([keep_second], terminal)(call)
+        assert len(call.replies) == 2 and reply is call.replies[1]
+        await finish_call(call, reply, True)
+        await finish_call(call, reply, True)  # a second finish changes nothing
+        return sorted(closed)
+
+    assert run(main()) == ["hook:False", "hook:True", "response", "response"]

@@ -160,7 +160,9 @@ class Upstream(base.Upstream):
         finally:
             call.upstream_s += time.perf_counter() - started
         if call.stream:
-            return Reply(events=self._events(result, call))
+            reply = Reply(events=self._events(result, call))
+            close = getattr(result, "aclose", None)
+            return reply.owns(close) if close is not None else reply
         reply = Reply.json(result.model_dump(exclude_none=True))
         reply.body = self.redact.stream_bytes(reply.body)  # a hostile upstream echoing the key
         return reply

@@ -146,7 +146,8 @@ class Upstream(base.Upstream):
             call.upstream_s += time.perf_counter() - started
         if not streamed:
             return Reply(body=raw, status=response.status)
-        return Reply(events=self._events(response, call, deadline), status=response.status)
+        reply = Reply(events=self._events(response, call, deadline), status=response.status)
+        return reply.owns(response.close)  # if the stream is never iterated
 
     async def _events(
         self,

@@ -146,7 +146,8 @@ class Upstream(base.Upstream):
             raise error
         if not call.stream:
             return Reply.json(to_openai(orjson.loads(raw), call, deployment.model))
-        return Reply(events=self._events(response, call, deployment.model))
+        reply = Reply(events=self._events(response, call, deployment.model))
+        return reply.owns(response.aclose)  # if the stream is never iterated
 
     async def _events(
         self, response: httpx.Response, call: Call, model: str
