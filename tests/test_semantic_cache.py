@@ -21,9 +21,12 @@ KEYS = {"a1": "a", "b1": "b"}  # key name -> team
 REDIS_SEARCH_URL = os.environ.get("MESHGATE_TEST_REDIS_SEARCH_URL")
 
 
-def config(
-    upstream_port: int, semantic: str = "{}", backend: str = "memory", state: str = ""
-) -> str:
+def config(upstream_port: int, semantic: str = "", backend: str = "memory", state: str = "") -> str:
+    """`semantic` is the inside of the cache's semantic mapping. Lookups here may
+    take 60 s (the default is 0.5 s), so a busy machine slows the tests but never
+    turns a hit into a timeout miss; the timeout test sets its own."""
+    if "lookup_timeout_s" not in semantic:
+        semantic = ", ".join(s for s in (semantic, "lookup_timeout_s: 60") if s)
     keys = "\n".join(
         f"        - {{name: {k}, key: sk-{k}-0123456789, team: {t}}}" for k, t in KEYS.items()
     )
@@ -41,7 +44,7 @@ pipeline:
       admin_key: {ADMIN}
       keys:
 {keys}
-  - cache: {{backend: {backend}, ttl_s: 60, semantic: {semantic}}}
+  - cache: {{backend: {backend}, ttl_s: 60, semantic: {{{semantic}}}}}
 """
 
 
@@ -68,6 +71,19 @@ def tag() -> str:
     """A system prompt of its own per test, so that tests sharing a gateway never
     meet each other's entries (the system prompt is part of a lookup's scope)."""
     return f"You are test {uuid.uuid4().hex}."
+
+
+def until_indexed(server, entries: int) -> int:
+    """The semantic index's size once it holds `entries` (or as it is at 30 s):
+    answers are embedded for the index after they were sent."""
+    deadline = time.monotonic() + 30
+    while True:
+        stats = httpx.get(server.url + "/admin/cache/stats",
+                          headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
+        found = stats["semantic"]["entries"]
+        if found >= entries or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 def cache_of(response) -> str:
@@ -189,7 +205,7 @@ def test_embedder_can_be_a_model_the_gateway_serves(tmp_path, upstream):
     # The simulated embeddings model gives one vector per exact text, so the same
     # question sent as text parts instead of a string is an exact miss but a
     # semantic hit at similarity 1 (embedded through the gateway's own upstream).
-    server = start_gateway(tmp_path, config(upstream.port, "{embedder: {model: emb}}"))
+    server = start_gateway(tmp_path, config(upstream.port, "embedder: {model: emb}"))
     try:
         ask(server, "How do I exit vim?")
         parts = [{"type": "text", "text": "How do I exit vim?"}]
@@ -204,14 +220,14 @@ def test_redis_without_the_query_engine_is_named_at_start(tmp_path, upstream):
     redis = RedisServer(tmp_path).start()
     try:
         state = f'state: {{backend: redis, url: "{redis.url}"}}'
-        text = config(upstream.port, "{index: redis}", backend="redis", state=state)
+        text = config(upstream.port, "index: redis", backend="redis", state=state)
         with pytest.raises(RuntimeError, match="exited"):
             start_gateway(tmp_path, text)
         log = "".join(p.read_text() for p in tmp_path.glob("gateway-*.log"))
         assert "has no query engine" in log
         assert "version 7." in log and "Redis 8 or Redis Stack" in log
 
-        fallback = "{index: redis, on_missing_query_engine: embedded}"
+        fallback = "index: redis, on_missing_query_engine: embedded"
         server = start_gateway(tmp_path, config(upstream.port, fallback, "redis", state))
         try:
             assert "using the embedded index instead" in server.output()
@@ -232,7 +248,7 @@ def test_redisvl_index_shared_by_two_gateways(tmp_path, upstream):
     state = (
         f'state: {{backend: redis, url: "{REDIS_SEARCH_URL}", prefix: "mg{uuid.uuid4().hex[:8]}:"}}'
     )
-    text = config(upstream.port, "{index: redis}", backend="redis", state=state)
+    text = config(upstream.port, "index: redis", backend="redis", state=state)
     one, two = start_gateway(tmp_path, text), start_gateway(tmp_path, text)
     try:
         s = tag()
@@ -254,7 +270,7 @@ def test_redisvl_index_shared_by_two_gateways(tmp_path, upstream):
 def test_a_slow_lookup_is_a_miss_and_the_answer_is_still_indexed(tmp_path, upstream):
     # No embedder answers within a microsecond: every lookup times out and is a
     # miss, and the answer is embedded for the index after it was sent.
-    semantic = "{embedder: {model: emb}, lookup_timeout_s: 0.000001}"
+    semantic = "embedder: {model: emb}, lookup_timeout_s: 0.000001"
     server = start_gateway(tmp_path, config(upstream.port, semantic))
     try:
         ask(server, "How do I exit vim?")
@@ -262,8 +278,6 @@ def test_a_slow_lookup_is_a_miss_and_the_answer_is_still_indexed(tmp_path, upstr
         assert cache_of(ask(server, parts)) == "miss"
         metrics = httpx.get(server.url + "/metrics").text
         assert 'meshgate_cache_lookups_total{kind="semantic",result="timeout"} 2.0' in metrics
-        stats = httpx.get(server.url + "/admin/cache/stats",
-                          headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
-        assert stats["semantic"]["entries"] == 2
+        assert until_indexed(server, 2) == 2
     finally:
         server.stop()

@@ -164,3 +164,33 @@ def test_probe_skips_what_it_cannot_compare(semantic):
     assert probe_of(semantic, completion, "t").prompt == "Say hi"
     embeddings = Call("embeddings", {"model": "m", "input": "x"}, Headers(), "r")
     assert probe_of(semantic, embeddings, "t") is None
+
+
+@run
+async def test_the_local_model_runs_on_one_torch_thread_unless_told():
+    pytest.importorskip("sentence_transformers", reason="needs the semantic extra")
+    import torch
+
+    from plugins.cache.embedder import LocalEmbedder
+    from plugins.cache.semantic import EmbedderConfig
+
+    for asked in (None, 2):
+        config = EmbedderConfig() if asked is None else EmbedderConfig(threads=asked)
+        embedder = LocalEmbedder(config)
+        await embedder.start()
+        try:
+            loop = asyncio.get_running_loop()
+            used = await loop.run_in_executor(embedder.pool, torch.get_num_threads)
+            assert used == (asked or 1)
+            vectors = await embedder.encode(["hello there"])
+            assert vectors.shape == (1, 384)
+        finally:
+            await embedder.close()
+
+
+@pytest.mark.parametrize("threads", [0, -1, 257])
+def test_embedder_threads_out_of_range_are_refused(threads):
+    from plugins.cache.semantic import EmbedderConfig
+
+    with pytest.raises(ValueError, match="threads"):
+        EmbedderConfig(threads=threads)

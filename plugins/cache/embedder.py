@@ -107,8 +107,7 @@ class LocalEmbedder(Embedder):
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.disable_progress_bar()
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        torch.set_num_threads(self.threads)
         path = self.path or _bundled_model()
         if not os.path.isdir(path):
             raise FileNotFoundError(f"no sentence-transformers model at {path}")

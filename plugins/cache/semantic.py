@@ -41,13 +41,18 @@ class EmbedderConfig:
     path: str | None = None  # a sentence-transformers model directory; default all-MiniLM-L6-v2
     model: str | None = None  # or an embeddings model served by this gateway
     max_batch: int = 32
-    threads: int | None = None  # torch's CPU threads; default: torch's own choice
+    # torch's CPU threads. One: a short prompt gains little from more, and with
+    # the cores busy serving, torch's default (one per core) made a lookup 10x
+    # slower at the tail, past lookup_timeout_s.
+    threads: int = 1
 
     def __post_init__(self) -> None:
         if self.path and self.model:
             raise ValueError("give either path (a local model) or model (served here), not both")
         if self.max_batch < 1:
             raise ValueError("max_batch must be at least 1")
+        if not 1 <= self.threads <= 256:
+            raise ValueError("threads must be between 1 and 256")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
