@@ -36,6 +36,7 @@ from typing import Literal
 
 import httpx
 
+from proxy.config import SettingError
 from proxy.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -170,18 +171,22 @@ class Fallback:
         self._checks: asyncio.Task | None = None
         self.probes: dict[str, tuple[str, list[str]]] = {}  # provider -> (url, deployments)
         if config.health_checks is not None:
-            for provider in config.health_checks.providers:
+            for j, provider in enumerate(config.health_checks.providers):
                 self.probes[provider] = (
-                    health_url(gateway.config.providers.get(provider), provider),
+                    health_url(gateway.config.providers.get(provider), provider, j),
                     [d.name for m in self.catalog.models.values() for d in m.deployments
                      if d.provider == provider],
                 )  # fmt: skip
         self.retry_on = set(config.retry_on)
         for name, fallbacks in config.models.items():
-            for target in (name, *fallbacks.fallbacks, *fallbacks.context_window,
-                           *fallbacks.content_policy):  # fmt: skip
-                if self.catalog.find(target) is None:
-                    raise ValueError(f"fallback names model '{target}', which is not in models:")
+            if self.catalog.find(name) is None:
+                raise SettingError(("models", name), f"no model named '{name}' under models:")
+            for kind in ("fallbacks", "context_window", "content_policy"):
+                for j, target in enumerate(getattr(fallbacks, kind)):
+                    if self.catalog.find(target) is None:
+                        raise SettingError(
+                            ("models", name, kind, j), f"no model named '{target}' under models:"
+                        )
 
     async def start(self) -> None:
         if self.state.config.shared:
@@ -357,14 +362,15 @@ class Fallback:
         return fallbacks.fallbacks if fallbacks else []
 
 
-def health_url(config, provider: str) -> str:
+def health_url(config, provider: str, j: int) -> str:
+    at = ("health_checks", "providers", j)
     if config is None:
-        raise ValueError(f"health_checks names provider '{provider}', which is not in providers:")
+        raise SettingError(at, f"no provider named '{provider}' under providers:")
     if config.type == "openai":
         return config.base_url.rstrip("/") + "/models"
     if config.type == "tgi":
         return config.base_url.rstrip("/") + "/health"
-    raise ValueError(f"health checks need an openai or tgi provider, not {config.type}")
+    raise SettingError(at, f"health checks need an openai or tgi provider, not {config.type}")
 
 
 def classify(error: GatewayError) -> Failure | None:

@@ -47,6 +47,7 @@ from typing import Literal
 import orjson
 
 from proxy.catalog import Deployment, Model
+from proxy.config import SettingError
 from proxy.errors import InvalidRequest, RateLimited
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted, refuse
 from proxy.protocol import estimate_tokens, prompt_text
@@ -110,11 +111,12 @@ class Routing:
         self.default = ModelRouting(strategy=config.strategy)
         for name, routing in config.models.items():
             if gateway.catalog.find(name) is None:
-                raise ValueError(f"routing names model '{name}', which is not in models:")
-            for rule in routing.rules:
+                raise SettingError(("models", name), f"no model named '{name}' under models:")
+            for j, rule in enumerate(routing.rules):
                 if gateway.catalog.find(rule.model) is None:
-                    raise ValueError(
-                        f"a rule of '{name}' names model '{rule.model}', not in models:"
+                    raise SettingError(
+                        ("models", name, "rules", j, "model"),
+                        f"no model named '{rule.model}' under models:",
                     )
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:

@@ -31,6 +31,15 @@ class ConfigError(ValueError):
     """A config file that cannot be served; the message names where and why."""
 
 
+class SettingError(ValueError):
+    """A bad setting, raised by a config class's checks or a plugin's constructor with
+    the key it is about (a path below that section), so the error names its line."""
+
+    def __init__(self, key: tuple | str, message: str) -> None:
+        super().__init__(message)
+        self.key = key if isinstance(key, tuple) else (key,)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Missing:
     """An environment variable the config names but the environment lacks."""
@@ -58,7 +67,8 @@ class Source:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"{filename}:{mark.line + 1}" if mark else filename
-            raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+            problem = f"{getattr(exc, 'problem', exc)}{_flow_hint(text, mark)}"
+            raise ConfigError(f"{where}: not valid YAML: {problem}") from None
         self.data = {} if node is None else self._value(node, ())
 
     def where(self, path: tuple) -> str:
@@ -110,6 +120,17 @@ class Source:
         if missing:
             return Missing(missing[0])
         return Interpolated(expanded)
+
+
+def _flow_hint(text: str, mark) -> str:
+    """The advice for the one YAML mistake the docs warn about: `${VAR}` unquoted in
+    a `{...}` mapping, where YAML reads its braces as structure."""
+    if mark is None:
+        return ""
+    nearby = text.splitlines()[max(0, mark.line - 1) : mark.line + 1]
+    if any("${" in line and "{" in line.replace("${", "", 1) for line in nearby):
+        return ' (a ${VAR} inside a {...} mapping must be quoted: key: "${VAR}")'
+    return ""
 
 
 def format_path(path: tuple) -> str:
@@ -203,8 +224,17 @@ def _build_dataclass(cls: type, value: Any, path: tuple, src: Source, missing) -
             raise src.error(path, f"missing required key '{name}'")
     try:
         return cls(**kwargs)
-    except ValueError as exc:  # __post_init__ checks
-        raise src.error(path, str(exc)) from None
+    except SettingError as exc:
+        raise src.error(path + exc.key, str(exc)) from None
+    except ValueError as exc:  # __post_init__ checks, which name their key first
+        return _raise_at_key(exc, path, value, src)
+
+
+def _raise_at_key(exc: ValueError, path: tuple, value: dict, src: Source) -> Any:
+    """Point a check's message at the key it starts with ("port must be ..."), else
+    at the section."""
+    first = str(exc).split(" ", 1)[0].strip("`'\",:")
+    raise src.error(path + (first,) if first in value else path, str(exc)) from None
 
 
 def _convert(tp: type, text: str, path: tuple, src: Source) -> Any:

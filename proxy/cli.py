@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
 from pathlib import Path
 
-import orjson
-
-from proxy import __version__
+from proxy import __version__, logs
 from proxy.config import Config, ConfigError, load_config
+
+log = logging.getLogger("meshgate.server")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +36,26 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         _check_plugins(config)
     except ConfigError as exc:
-        print(f"meshgate: invalid config: {exc}", file=sys.stderr)
-        return 1
+        return _fail(args.command, f"invalid config: {exc}")
     if args.command == "check":
         print(describe(config))
         return 0
+    for name, low, high in (("port", 1, 65535), ("workers", 1, 1024)):
+        value = getattr(args, name)
+        if value is not None and not low <= value <= high:
+            return _fail("serve", f"--{name} must be from {low} to {high}, not {value}")
     return run(config, args)
+
+
+def _fail(command: str, message: str) -> int:
+    """Report why the command cannot go on: for `check`, a line for a person; for
+    `serve`, a JSON line like the rest of the gateway's log. Returns the exit code."""
+    if command == "check":
+        print(f"meshgate: {message}", file=sys.stderr)
+    else:
+        logs.configure()
+        log.error(message)
+    return 1
 
 
 def _check_plugins(config: Config) -> None:
@@ -50,6 +66,8 @@ def _check_plugins(config: Config) -> None:
 
     try:
         Gateway(config)
+    except ConfigError:
+        raise
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"{config.source}: {exc}") from None
 
@@ -83,14 +101,14 @@ def run(config: Config, args: argparse.Namespace) -> int:
     port = args.port or server.port
     workers = args.workers or server.workers
     stateful = config.shared_state_plugins()
+    logs.configure(server.log_level, server.access_log)
     if workers > 1 and stateful and not config.state.shared:
-        print(
-            f"meshgate: {workers} workers cannot share the memory state backend that "
+        return _fail(
+            "serve",
+            f"{workers} workers cannot share the memory state backend that "
             f"{', '.join(stateful)} use(s): each worker would count on its own. Set "
             "`state: {backend: redis, url: ...}` or run one worker.",
-            file=sys.stderr,
         )
-        return 1
     hc = HypercornConfig()
     hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hc.graceful_timeout = server.graceful_timeout_s
@@ -99,8 +117,12 @@ def run(config: Config, args: argparse.Namespace) -> int:
     hc.backlog = server.backlog
     _raise_fd_limit()
     hc.accesslog = None  # the gateway writes its own access log
-    hc.errorlog = "-"
+    hc.errorlog = log  # hypercorn's banner and errors, as JSON lines
     hc.worker_class = _worker_class()
+    try:
+        _try_bind(hc)
+    except OSError as exc:
+        return _fail("serve", f"cannot listen on {hc.bind[0]}: {exc.strerror or exc}")
     os.environ["MESHGATE_CONFIG"] = str(Path(config.source).resolve())
     if workers == 1:
         from proxy.app import create_app
@@ -112,15 +134,35 @@ def run(config: Config, args: argparse.Namespace) -> int:
             error = app.state.gateway.start_error
             if error is None:
                 raise
-            print(f"meshgate: cannot start: {error}", file=sys.stderr)
-            return 1
+            return _fail("serve", f"cannot start: {error}")
         return 0
+    return _run_workers(hc, workers)
+
+
+def _run_workers(hc, workers: int) -> int:
+    """Serve with hypercorn's worker processes, sharing metrics through files in a
+    directory of their own, removed when they have stopped."""
     from hypercorn.run import run as hypercorn_run
 
-    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", tempfile.mkdtemp(prefix="meshgate-metrics-"))
+    made = None
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        made = tempfile.mkdtemp(prefix="meshgate-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
     hc.workers = workers
     hc.application_path = "proxy.app:create_app()"
-    return hypercorn_run(hc)
+    try:
+        return hypercorn_run(hc)
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+
+
+def _try_bind(hc) -> None:
+    """Bind the configured address once, so that a busy port is one clear error
+    here rather than a traceback from inside the server."""
+    sockets = hc.create_sockets()
+    for sock in (*sockets.secure_sockets, *sockets.insecure_sockets, *sockets.quic_sockets):
+        sock.close()
 
 
 def _raise_fd_limit() -> None:
@@ -134,8 +176,7 @@ def _raise_fd_limit() -> None:
         except (ValueError, OSError):
             return
         soft = hard
-    line = {"level": "info", "logger": "meshgate.server", "message": f"open file limit: {soft}"}
-    print(orjson.dumps(line).decode(), file=sys.stderr)
+    log.info("open file limit: %d", soft)
 
 
 async def _serve(app, hc) -> None:

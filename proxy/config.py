@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from proxy import upstream
-from proxy._schema import ConfigError, Source, build
+from proxy._schema import ConfigError, SettingError, Source, build, format_path
 from proxy.prices import PriceConfig
 from proxy.state import StateConfig
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config"]
+__all__ = ["Config", "ConfigError", "SettingError", "load_config", "parse_config"]
 
 MiB = 1024 * 1024
 
@@ -103,6 +103,13 @@ class Config:
     models: list[ModelConfig] = field(default_factory=list)
     pipeline: list[PluginSpec] = field(default_factory=list)
     source: str = "<string>"
+    located: Source | None = field(default=None, compare=False, repr=False)  # lines of keys
+
+    def error(self, path: tuple, message: str) -> ConfigError:
+        """An error about the setting at `path`, naming its file and line."""
+        if self.located is None:
+            return ConfigError(f"{self.source}: {format_path(path)}: {message}")
+        return self.located.error(path, message)
 
     def shared_state_plugins(self) -> list[str]:
         """Plugins whose counters must be shared by every worker."""
@@ -133,6 +140,8 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
     data = src.data
     if not isinstance(data, dict):
         raise src.error((), "the config must be a mapping")
+    if not data:
+        raise ConfigError(f"{filename}: the config is empty (see proxy.yaml for an example)")
     known = {"server", "state", "providers", "models", "pipeline"}
     for key in data:
         if key not in known:
@@ -141,6 +150,8 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
     state = build(StateConfig, data.get("state"), ("state",), src)
     providers = _providers(data.get("providers") or {}, src)
     models = build(list[ModelConfig], data.get("models") or [], ("models",), src)
+    if not models:
+        raise src.error(("models",), "no models: the gateway would serve nothing")
     _check_models(models, providers, src)
     pipeline = _pipeline(data.get("pipeline") or [], src)
     return Config(
@@ -150,6 +161,7 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
         models=models,
         pipeline=pipeline,
         source=filename,
+        located=src,
     )
 
 

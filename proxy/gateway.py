@@ -23,11 +23,12 @@ from proxy.asgi import (
     watch_disconnect,
 )
 from proxy.catalog import Catalog
-from proxy.config import Config
+from proxy.config import Config, PluginSpec, SettingError
 from proxy.errors import GatewayError, InternalError, ModelNotFound
 from proxy.metrics import Metrics
 from proxy.pipeline import (
     Call,
+    Plugin,
     Reply,
     build_chain,
     finish_call,
@@ -58,12 +59,22 @@ class Gateway:
         self.admin_key: str | None = None  # set by the auth plugin
         self.admin_routes: list[AdminRoute] = []  # added by plugins
         self.breakers = None  # per-deployment circuit breakers, kept by the fallback plugin
-        self.plugins = [plugin_class(s.name)(s.config, self) for s in config.pipeline]
+        self.plugins = [self._plugin(i, spec) for i, spec in enumerate(config.pipeline)]
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
         self.body_timeout_s = config.server.body_timeout_s
         self.started = False
         self.start_error: BaseException | None = None  # why start() failed, for the CLI
+
+    def _plugin(self, i: int, spec: PluginSpec) -> Plugin:
+        """Build one pipeline entry; a setting it refuses is a ConfigError at its key."""
+        at = ("pipeline", i, spec.name)
+        try:
+            return plugin_class(spec.name)(spec.config, self)
+        except SettingError as exc:
+            raise self.config.error(at + exc.key, str(exc)) from None
+        except ValueError as exc:
+            raise self.config.error(at, str(exc)) from None
 
     async def start(self) -> None:
         await self.state.start()

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
 import httpx
+import orjson
 
 from tests.conftest import ROOT, start_fake_upstream, start_gateway
 
@@ -30,16 +33,50 @@ def test_check_prints_what_would_be_served():
     assert "openai (openai)  NOT USABLE: OPENAI_API_KEY not set" in result.stdout
 
 
+def refusal(result: subprocess.CompletedProcess, command: str) -> str:
+    """Why `command` refused to go on: for check a line for a person, for serve one
+    JSON log line (as everything serve writes), never a traceback."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    if command == "check":
+        assert result.stderr.startswith("meshgate: ")
+        return result.stderr.removeprefix("meshgate: ").strip()
+    lines = [orjson.loads(line) for line in result.stderr.splitlines()]
+    errors = [line for line in lines if line["level"] == "error"]
+    assert len(errors) == 1, lines
+    return errors[0]["message"]
+
+
 def test_invalid_config_refused_by_check_and_serve(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  - name: m\n    deployments: [{provider: ghost, model: x}]\n")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
     for command in ("check", "serve"):
-        result = meshgate(command, "--config", str(bad))
-        assert result.returncode == 1
-        assert (
-            f"{bad}:3: models[0].deployments[0].provider: no provider named 'ghost'"
-            in result.stderr
+        message = refusal(meshgate(command, "--config", str(bad)), command)
+        assert message == (
+            f"invalid config: {bad}:3: models[0].deployments[0].provider: "
+            "no provider named 'ghost' under providers:"
         )
+        message = refusal(meshgate(command, "--config", str(empty)), command)
+        assert (
+            message
+            == f"invalid config: {empty}: the config is empty (see proxy.yaml for an example)"
+        )
+
+
+def test_serve_refuses_a_busy_port_or_one_out_of_range_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = meshgate("serve", "--config", "proxy.yaml", "--host", "127.0.0.1",
+                          "--port", str(port))  # fmt: skip
+        message = refusal(result, "serve")
+        assert message == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+    for flag, value in (("--port", "99999"), ("--port", "-1"), ("--workers", "0")):
+        message = refusal(meshgate("serve", "--config", "proxy.yaml", flag, value), "serve")
+        assert message.startswith(f"{flag} must be from 1 to ")
 
 
 def test_plugin_settings_naming_unknown_models_refused_by_check_and_serve(tmp_path):
@@ -49,18 +86,17 @@ def test_plugin_settings_naming_unknown_models_refused_by_check_and_serve(tmp_pa
     )
     cases = {
         "fallback": ("pipeline: [{fallback: {models: {m: {fallbacks: [ghost]}}}}]\n",
-                     "fallback names model 'ghost', which is not in models:"),
+                     "3: pipeline[0].fallback.models.m.fallbacks[0]"),
         "embedder": ("pipeline: [{cache: {semantic: {embedder: {model: ghost}}}}]\n",
-                     "cache.semantic.embedder names model 'ghost', which is not in models:"),
+                     "3: pipeline[0].cache.semantic.embedder.model"),
     }  # fmt: skip
-    for name, (pipeline, message) in cases.items():
+    for name, (pipeline, where) in cases.items():
         bad = tmp_path / f"{name}.yaml"
         bad.write_text(base + pipeline)
         for command in ("check", "serve"):
-            result = meshgate(command, "--config", str(bad))
-            assert result.returncode == 1, (name, command, result.stderr)
-            assert f"meshgate: invalid config: {bad}: {message}" in result.stderr
-            assert "Traceback" not in result.stderr
+            message = refusal(meshgate(command, "--config", str(bad)), command)
+            expected = f"invalid config: {bad}:{where}: no model named 'ghost' under models:"
+            assert message == expected, (name, command)
 
 
 def test_importing_the_gateway_stays_light():
@@ -122,7 +158,10 @@ models:
 
 def test_two_workers_serve_and_aggregate_metrics(tmp_path):
     config = (ROOT / "proxy.yaml").read_text()
-    gateway = start_gateway(tmp_path, config, "--workers", "2")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    gateway = start_gateway(tmp_path, config, "--workers", "2", env={**env, "TMPDIR": str(tmp)})
     try:
         with httpx.Client(base_url=gateway.url, timeout=10) as http:
             body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
@@ -138,5 +177,7 @@ def test_two_workers_serve_and_aggregate_metrics(tmp_path):
         assert float(line.rsplit(" ", 1)[1]) == 20.0
         started = [x for x in gateway.output().splitlines() if '"serving 4 models' in x]
         assert len(started) == 2  # one per worker
+        assert len(list(tmp.glob("meshgate-metrics-*"))) == 1  # the workers' shared metrics
     finally:
         gateway.stop()
+    assert not list(tmp.glob("meshgate-metrics-*"))  # removed once they stopped

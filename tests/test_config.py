@@ -37,6 +37,7 @@ providers:
     type: openai
     base_url: http://${UP_HOST}:${UP_PORT:-8000}/v1
     api_key: ${KEY}
+models: [{name: m, deployments: [{provider: up, model: m}]}]
 """
     env = {"HOST": "0.0.0.0", "UP_HOST": "vllm", "KEY": "12345"}
     config = parse_config(text, "t.yaml", env=env)
@@ -88,6 +89,85 @@ def test_unset_variable_outside_providers_is_an_error():
 
 def test_invalid_yaml_names_line():
     assert error_of("server: {port: 1\nmodels: [").startswith("test.yaml:")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "  up: {type: openai, base_url: http://h/v1, api_key: ${KEY}}",
+        "  up: {type: openai, base_url: ${URL}/v1}",
+        "  up: {type: openai, headers: {x-key: ${KEY}}, base_url: http://h}",
+    ],
+)
+def test_an_unquoted_variable_in_a_flow_mapping_is_explained(line):
+    message = error_of(f"providers:\n{line}\n", {"KEY": "k", "URL": "http://h"})
+    assert message.startswith("test.yaml:2: not valid YAML")
+    assert 'must be quoted: key: "${VAR}"' in message
+    quoted = line.replace("${KEY}", '"${KEY}"').replace("${URL}/v1", '"${URL}/v1"')
+    text = f"providers:\n{quoted}\nmodels: [{{name: m, deployments: [{{provider: up, model: m}}]}}]"
+    parse_config(text, "t", env={"KEY": "k", "URL": "http://h"})  # quoted, it loads
+
+
+def test_other_yaml_errors_get_no_such_advice():
+    assert "must be quoted" not in error_of("server: {port: 1\nmodels: [")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# nothing here\n", "{}"])
+def test_an_empty_config_is_refused(text):
+    assert error_of(text) == "test.yaml: the config is empty (see proxy.yaml for an example)"
+
+
+def test_a_config_without_models_is_refused():
+    message = error_of("providers: {sim: {type: simulated}}\nmodels: []\n")
+    assert message == "test.yaml:2: models: no models: the gateway would serve nothing"
+
+
+@pytest.mark.parametrize(
+    ("section", "where"),
+    [
+        ("server:\n  host: h\n  port: 99999\n", "3: server.port"),
+        ("server:\n  host: h\n  workers: 0\n", "3: server.workers"),
+        ("server:\n  backlog: 0\n", "2: server.backlog"),
+        ("pipeline:\n  - cache:\n      ttl_s: 5\n      semantic:\n        threshold: 1.5\n",
+         "5: pipeline[0].cache.semantic.threshold"),
+        ("pipeline:\n  - cache:\n      semantic:\n        embedder:\n          threads: 0\n",
+         "5: pipeline[0].cache.semantic.embedder.threads"),
+        ("pipeline:\n  - cache:\n      semantic:\n        lookup_timeout_s: -1\n",
+         "4: pipeline[0].cache.semantic.lookup_timeout_s"),
+        ("pipeline:\n  - quotas:\n      default_completion_tokens: 0\n",
+         "3: pipeline[0].quotas.default_completion_tokens"),
+    ],
+)  # fmt: skip
+def test_a_value_check_points_at_its_key(section, where):
+    message = error_of(section + BASE)
+    assert message.startswith(f"test.yaml:{where}: "), message
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "where", "names"),
+    [
+        ("  - fallback:\n      models:\n        m:\n          fallbacks: [m, ghost]\n",
+         "11: pipeline[0].fallback.models.m.fallbacks[1]", "model named 'ghost'"),
+        ("  - fallback:\n      models:\n        ghost: {fallbacks: [m]}\n",
+         "10: pipeline[0].fallback.models.ghost", "model named 'ghost'"),
+        ("  - fallback:\n      health_checks:\n        providers: [ghost]\n",
+         "10: pipeline[0].fallback.health_checks.providers[0]", "provider named 'ghost'"),
+        ("  - routing:\n      models:\n        m:\n          strategy: complexity\n"
+         "          rules:\n            - {model: ghost}\n",
+         "13: pipeline[0].routing.models.m.rules[0].model", "model named 'ghost'"),
+        ("  - routing:\n      models:\n        ghost: {strategy: cost}\n",
+         "10: pipeline[0].routing.models.ghost", "model named 'ghost'"),
+        ("  - cache:\n      semantic:\n        embedder:\n          model: ghost\n",
+         "11: pipeline[0].cache.semantic.embedder.model", "model named 'ghost'"),
+    ],
+)  # fmt: skip
+def test_a_cross_reference_error_names_its_line_and_key(pipeline, where, names):
+    from proxy.gateway import Gateway
+
+    config = parse_config(BASE + "pipeline:\n" + pipeline, "test.yaml", env={})
+    with pytest.raises(ConfigError) as info:
+        Gateway(config)
+    assert str(info.value).startswith(f"test.yaml:{where}: no {names} under "), str(info.value)
 
 
 def test_pipeline_plugins_validated_at_load():

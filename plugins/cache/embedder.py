@@ -21,6 +21,7 @@ import orjson
 from starlette.datastructures import Headers
 
 from plugins.cache.semantic import EmbedderConfig
+from proxy.config import SettingError
 from proxy.pipeline import Call
 
 if TYPE_CHECKING:
@@ -150,8 +151,8 @@ class GatewayEmbedder(Embedder):
 def create_embedder(config: EmbedderConfig, gateway: Gateway) -> Embedder:
     if config.model:
         if gateway.catalog.find(config.model) is None:
-            raise ValueError(
-                f"cache.semantic.embedder names model '{config.model}', which is not in models:"
+            raise SettingError(
+                ("semantic", "embedder", "model"), f"no model named '{config.model}' under models:"
             )
         return GatewayEmbedder(config, gateway)
     return LocalEmbedder(config)
