@@ -17,7 +17,7 @@ from proxy import logs, server
 from proxy.admin import check_admin
 from proxy.config import Config, load_config
 from proxy.errors import GatewayError, InternalError, MethodNotAllowed, RouteNotFound
-from proxy.gateway import Gateway
+from proxy.gateway import Gateway, request_id_of
 
 log = logging.getLogger("meshgate.app")
 
@@ -64,16 +64,16 @@ def create_app(config: Config | None = None) -> Starlette:
             await gateway.close()
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return _identified(request, JSONResponse({"status": "ok"}))
 
     async def ready(request: Request) -> Response:
         if gateway.ready():
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "starting"}, status_code=503)
+            return _identified(request, JSONResponse({"status": "ready"}))
+        return _identified(request, JSONResponse({"status": "starting"}, status_code=503))
 
     async def metrics(request: Request) -> Response:
         body, content_type = gateway.metrics.render()
-        return Response(body, media_type=content_type)
+        return _identified(request, Response(body, media_type=content_type))
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -107,9 +107,10 @@ def _guarded(gateway: Gateway, handler):
     async def endpoint(request: Request) -> Response:
         try:
             check_admin(request.headers, gateway.admin_key)
-            return Response(orjson.dumps(await handler(request)), media_type="application/json")
+            response = Response(orjson.dumps(await handler(request)), media_type="application/json")
         except GatewayError as exc:
-            return _render(exc)
+            response = _render(exc)
+        return _identified(request, response)
 
     return endpoint
 
@@ -124,12 +125,20 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     else:
         error = GatewayError(str(exc.detail))
         error.status = exc.status_code
-    return _render(error, exc.headers)
+    return _identified(request, _render(error, exc.headers))
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:
     log.exception("unhandled error on %s", request.url.path, exc_info=exc)
-    return _render(InternalError("The gateway failed to process this request."))
+    return _identified(
+        request, _render(InternalError("The gateway failed to process this request."))
+    )
+
+
+def _identified(request: Request, response: Response) -> Response:
+    """Every answer carries an `x-request-id`, as the model routes' do."""
+    response.headers["x-request-id"] = request_id_of(request.headers)
+    return response
 
 
 def _render(error: GatewayError, headers=None) -> Response:

@@ -143,9 +143,7 @@ class Gateway:
         """Serve one request to `endpoint`; `body` is given for GET routes."""
         started = time.perf_counter()
         headers = Headers(scope=scope)
-        request_id = headers.get("x-request-id")
-        if request_id is None or not _REQUEST_ID.fullmatch(request_id):
-            request_id = f"{random.getrandbits(96):024x}"  # unique, not secret: no syscall
+        request_id = request_id_of(headers)
         self.metrics.in_flight.inc()
         call: Call | None = None
         reply: Reply | None = None
@@ -312,6 +310,14 @@ class Gateway:
         if call is not None and call.attempts > 1:
             fields["attempts"] = call.attempts
         logs.access_line(fields)
+
+
+def request_id_of(headers) -> str:
+    """The client's `x-request-id` when it is a sane one, else a new unique id."""
+    given = headers.get("x-request-id")
+    if given is not None and _REQUEST_ID.fullmatch(given):
+        return given
+    return f"{random.getrandbits(96):024x}"  # unique, not secret: no syscall
 
 
 async def _timed_first(events, deployment, started: float):

@@ -216,6 +216,20 @@ def test_unknown_route_and_wrong_method(http):
     assert_error(http.get("/v1/chat/completions"), 405)
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/health"), ("GET", "/ready"), ("GET", "/metrics"), ("GET", "/v1/nothing-here"),
+     ("GET", "/v1/chat/completions"), ("POST", "/health"), ("GET", "/v1/models"),
+     ("GET", "/admin/spend")],
+)  # fmt: skip
+def test_every_answer_carries_a_request_id(http, method, path):
+    mine = http.request(method, path, headers={"x-request-id": "probe-42"})
+    assert mine.headers["x-request-id"] == "probe-42"
+    made = http.request(method, path, headers={"x-request-id": "bad id\twith tab"})
+    assert len(made.headers["x-request-id"]) == 24
+    assert made.headers["x-request-id"] != http.request(method, path).headers["x-request-id"]
+
+
 def test_health_ready_metrics(http):
     assert http.get("/health").json() == {"status": "ok"}
     assert http.get("/ready").json() == {"status": "ready"}

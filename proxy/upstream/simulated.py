@@ -22,16 +22,16 @@ if TYPE_CHECKING:
     from proxy.catalog import Deployment
     from proxy.pipeline import Call
 
-WORDS = (
-    "This is a simulated answer from Meshgate's simulated provider; "
-    "no model was called. Point a model at a real provider in proxy.yaml to get real answers."
-).split()
+SENTENCES = [
+    "This is a simulated answer from Meshgate's simulated provider; no model was called.".split(),
+    "Point a model at a real provider in proxy.yaml to get real answers.".split(),
+]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config(base.ProviderConfig):
     type: Literal["simulated"]
-    tokens: int = 24  # completion length, in words
+    tokens: int = 24  # completion length in words, rounded up to a whole sentence
     latency_ms: float = 0.0  # before a buffered answer
     ttft_ms: float = 0.0  # before a stream's first token
     token_delay_ms: float = 0.0  # between streamed tokens
@@ -46,23 +46,22 @@ class Upstream(base.Upstream):
         prompt_tokens = _count_prompt(call.body)
         if call.endpoint == "embeddings":
             return Reply.json(self._embeddings(call.body, deployment.model, prompt_tokens))
-        words = _answer(self.config.tokens, call.body.get("max_tokens"))
+        words, finish = _answer(self.config.tokens, call.body.get("max_tokens"))
         usage = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": len(words),
             "total_tokens": prompt_tokens + len(words),
         }
         if call.stream:
-            return Reply(
-                events=base.timed(self._stream(call, deployment.model, words, usage), call)
-            )
+            events = self._stream(call, deployment.model, words, finish, usage)
+            return Reply(events=base.timed(events, call))
         if self.config.latency_ms:
             started = time.perf_counter()
             await asyncio.sleep(self.config.latency_ms / 1000)
             call.upstream_s += time.perf_counter() - started
         text = " ".join(words)
         chat = call.endpoint == "chat"
-        choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(words, call.body)}
+        choice: dict[str, Any] = {"index": 0, "finish_reason": finish}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -78,7 +77,7 @@ class Upstream(base.Upstream):
             }
         )
 
-    async def _stream(self, call: Call, model: str, words: list[str], usage: dict):
+    async def _stream(self, call: Call, model: str, words: list[str], finish: str, usage: dict):
         chat = call.endpoint == "chat"
         head = {
             "id": _id(chat),
@@ -97,7 +96,7 @@ class Upstream(base.Upstream):
                 await asyncio.sleep(self.config.token_delay_ms / 1000)
             piece = word if i == 0 else " " + word
             yield Event.of({**head, "choices": [_delta(chat, piece)]})
-        yield Event.of({**head, "choices": [_delta(chat, None, _finish(words, call.body))]})
+        yield Event.of({**head, "choices": [_delta(chat, None, finish)]})
         yield Event.of({**head, "choices": [], "usage": usage})
         yield Event(DONE)
 
@@ -122,16 +121,16 @@ class Upstream(base.Upstream):
         }
 
 
-def _answer(tokens: int, max_tokens: Any) -> list[str]:
-    n = tokens
-    if isinstance(max_tokens, int) and max_tokens > 0:
-        n = min(n, max_tokens)
-    return [WORDS[i % len(WORDS)] for i in range(n)]
-
-
-def _finish(words: list[str], body: dict) -> str:
-    limit = body.get("max_tokens")
-    return "length" if isinstance(limit, int) and len(words) >= limit else "stop"
+def _answer(tokens: int, max_tokens: Any) -> tuple[list[str], str]:
+    """The answer's words and finish_reason: whole sentences, at least `tokens` words
+    ("stop"), or as a model would, cut at `max_tokens` when that is fewer ("length")."""
+    words: list[str] = []
+    while len(words) < max(tokens, 1):
+        words += SENTENCES[sum(1 for w in words if w.endswith(".")) % len(SENTENCES)]
+    limit = max_tokens if type(max_tokens) is int and max_tokens > 0 else None
+    if limit is not None and limit < len(words):
+        return words[:limit], "length"
+    return words, "stop"
 
 
 def _delta(chat: bool, content: Any, finish: str | None = None) -> dict:
