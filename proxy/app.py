@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -45,11 +46,13 @@ def create_app(config: Config | None = None) -> Starlette:
     if config is None:
         config = load_config(os.environ.get(CONFIG_ENV, "proxy.yaml"))
     logs.configure(config.server.log_level, config.server.access_log)
-    server.install()
     gateway = Gateway(config)
+    server.install(config.server.max_connections, gateway.metrics.connections_refused.inc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(server.loop_errors(gateway.metrics.accept_errors.inc))
         try:
             await gateway.start()
         except BaseException as exc:

@@ -33,6 +33,7 @@ class ServerConfig:
     keep_alive_max_requests: int = 100_000
     backlog: int = 4096  # pending connections the kernel queues (capped by somaxconn)
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
+    max_connections: int | None = None  # per worker; default from the open-file limit
     access_log: bool = True
     log_level: str = "info"
 
@@ -47,6 +48,8 @@ class ServerConfig:
             raise ValueError("backlog must be at least 1")
         if self.body_timeout_s <= 0:
             raise ValueError("body_timeout_s must be positive")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

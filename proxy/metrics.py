@@ -77,6 +77,16 @@ class Metrics:
             "State operations refused for values that cannot be counted, dropped not retried.",
             registry=r,
         )
+        self.connections_refused = Counter(
+            "meshgate_connections_refused",
+            "Client connections refused with a 503 at server.max_connections.",
+            registry=r,
+        )
+        self.accept_errors = Counter(
+            "meshgate_accept_errors",
+            "Times accepting connections failed (out of file descriptors).",
+            registry=r,
+        )
         self.cost = Counter(
             "meshgate_cost_usd",
             "Cost of answered calls in USD (usage times the deployment's price).",

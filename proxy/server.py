@@ -12,10 +12,20 @@ worker before serving.
 - A request with both Content-Length and Transfer-Encoding was served on a
   connection kept open; RFC 9112 section 6.3 calls it a smuggling attempt: it is
   refused with 400 and the connection closed.
+- Past the open-file limit, accepting fails: uvloop (libuv) then accepts and
+  closes pending connections with no response and nothing logged, asyncio logs
+  in plain text and leaves them waiting. Here a worker holds at most
+  `max_connections`, below the limit: one more gets a 503 with an OpenAI body
+  and is closed, and that is logged and counted.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import resource
+import time
+from collections.abc import Callable
 from itertools import chain
 
 import h11
@@ -26,6 +36,12 @@ from hypercorn.events import Closed, Updated
 from hypercorn.protocol.h11 import H11Protocol
 
 from proxy.errors import GatewayError
+
+log = logging.getLogger("meshgate.server")
+
+# File descriptors kept back from the connection cap: the worker's own files,
+# sockets to Redis and the like.
+_RESERVED_FDS = 128
 
 _MESSAGES = {
     400: ("The request is not valid HTTP/1.1.", "invalid_request_error", "bad_request"),
@@ -59,10 +75,81 @@ def error_body(status: int, reason: tuple[str, str, str | None] | None = None) -
     return error.body()
 
 
+BUSY = (
+    "The gateway is at its connection limit; retry shortly.",
+    "server_error",
+    "too_many_connections",
+)
+
+
+class Connections:
+    """The worker's client connections: how many are open, and the cap on them."""
+
+    def __init__(self, limit: int, on_refused: Callable[[], None] | None = None) -> None:
+        self.limit = limit
+        self.open = 0
+        self.refused = 0
+        self.on_refused = on_refused
+        self._logged_at = 0.0
+        self._refused_since_log = 0
+
+    def refuse(self) -> None:
+        """Count one refused connection; log at most once a second."""
+        self.refused += 1
+        self._refused_since_log += 1
+        if self.on_refused is not None:
+            self.on_refused()
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            log.warning(
+                "refused %d connection(s): %d open, the limit is %d (server.max_connections)",
+                self._refused_since_log, self.open, self.limit,
+            )  # fmt: skip
+            self._logged_at, self._refused_since_log = now, 0
+
+
+def default_max_connections() -> int:
+    """Half of what the open-file limit leaves: each client connection may need one
+    to an upstream too."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(16, (soft - _RESERVED_FDS) // 2)
+
+
 class MeshgateTCPServer(TCPServer):
-    """Closes a connection as soon as its client has, instead of after keep-alive."""
+    """Closes a connection as soon as its client has, instead of after keep-alive;
+    refuses connections past the worker's cap with a 503."""
 
     _client_gone = False
+    connections = Connections(default_max_connections())
+
+    async def run(self) -> None:
+        connections = MeshgateTCPServer.connections
+        if connections.open >= connections.limit:
+            connections.refuse()
+            await self._refuse()
+            return
+        connections.open += 1
+        try:
+            await super().run()
+        finally:
+            connections.open -= 1
+
+    async def _refuse(self) -> None:
+        body = error_body(503, BUSY)
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+        )
+        try:
+            self.writer.write(head.encode() + body)
+            async with asyncio.timeout(1.0):
+                await self.writer.drain()
+        except (OSError, TimeoutError):
+            pass
+        finally:
+            self.writer.close()
 
     async def _read_data(self) -> None:
         await super()._read_data()  # returns at EOF or a read error
@@ -103,7 +190,27 @@ class MeshgateH11Protocol(H11Protocol):
         await super()._create_stream(request)
 
 
-def install() -> None:
-    """Make hypercorn use the classes above (idempotent; per process)."""
+def install(max_connections: int | None = None, on_refused=None) -> None:
+    """Make hypercorn use the classes above (idempotent; per process), capping the
+    worker's client connections at `max_connections` (default: from the fd limit)."""
     hypercorn_run.TCPServer = MeshgateTCPServer  # type: ignore[misc]
     hypercorn_protocol.H11Protocol = MeshgateH11Protocol  # type: ignore[misc]
+    MeshgateTCPServer.connections = Connections(
+        max_connections or default_max_connections(), on_refused
+    )
+
+
+def loop_errors(on_accept_error: Callable[[], None]):
+    """An event-loop exception handler: errors as JSON log lines, failed accepts
+    (asyncio's loop: out of file descriptors) counted as well."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        message = context.get("message") or "event loop error"
+        exc = context.get("exception")
+        if message.startswith("socket.accept()"):
+            on_accept_error()
+            log.error("cannot accept connections: %s; retrying in 1 s", exc or message)
+            return
+        log.error("%s", message, exc_info=exc)
+
+    return handle

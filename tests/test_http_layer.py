@@ -4,6 +4,7 @@ trickled bodies are refused, and no redirect is built from the client's Host."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -133,3 +134,79 @@ def test_no_redirect_is_built_from_the_clients_host(gateway):
     status, headers, body = split(exchange(gateway.port, raw))
     assert "location" not in headers
     assert status == 404 and orjson.loads(body)["error"]["code"] == "unknown_url"
+
+
+def test_connections_past_the_cap_get_a_503_and_are_logged_and_counted(tmp_path, upstream):
+    # Without the cap a worker out of file descriptors drops connections with no
+    # response and nothing logged (uvloop accepts and closes them).
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1, max_connections: 6}}
+providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
+models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
+""")  # fmt: skip
+    held = []
+    try:
+        for _ in range(6):
+            s = socket.create_connection(("127.0.0.1", gateway.port), timeout=10)
+            s.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")  # served: it counts as open
+            held.append(s)
+        for _ in range(3):
+            refused = exchange(gateway.port, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+            status, headers, body = split(refused)
+            assert (status, headers["retry-after"]) == (503, "1")
+            assert orjson.loads(body)["error"]["code"] == "too_many_connections"
+        held.pop().close()
+        refusals, deadline = 3, time.monotonic() + 20
+        metrics = b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        while True:  # the gateway notices the close, then has room for one more
+            status, _, body = split(exchange(gateway.port, metrics))
+            if status == 200 or time.monotonic() > deadline:
+                break
+            refusals += 1
+            time.sleep(0.05)
+        assert status == 200
+        counted = [
+            x for x in body.split(b"\n") if x.startswith(b"meshgate_connections_refused_total")
+        ]
+        assert counted == [f"meshgate_connections_refused_total {refusals}.0".encode()]
+        assert "refused 1 connection(s): 6 open, the limit is 6" in gateway.output()
+    finally:
+        for s in held:
+            s.close()
+        gateway.stop()
+
+
+class Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_loop_errors_are_logged_and_failed_accepts_counted():
+    import asyncio
+    import errno
+
+    from proxy.server import loop_errors
+
+    failed: list[int] = []
+    handle = loop_errors(lambda: failed.append(1))
+    loop = asyncio.new_event_loop()
+    logger = logging.getLogger("meshgate.server")
+    kept = Kept()
+    logger.addHandler(kept)
+    try:
+        emfile = OSError(errno.EMFILE, "Too many open files")
+        handle(loop, {"message": "socket.accept() out of system resource", "exception": emfile})
+        handle(loop, {"message": "Task exception was never retrieved", "exception": ValueError()})
+    finally:
+        logger.removeHandler(kept)
+        loop.close()
+    assert failed == [1]
+    messages = [r.getMessage() for r in kept.records]
+    assert messages[0].startswith("cannot accept connections: [Errno 24] Too many open files")
+    assert messages[1] == "Task exception was never retrieved"
+    assert kept.records[1].exc_info[0] is ValueError
