@@ -131,6 +131,14 @@ class InternalError(GatewayError):
     code = "internal_error"
 
 
+class ShuttingDown(GatewayError):
+    """The worker is stopping and its graceful timeout is over: the answer is cut."""
+
+    status = 503
+    type = "api_error"
+    code = "server_shutting_down"
+
+
 class UpstreamUnavailable(GatewayError):
     """The upstream could not be reached or broke the connection."""
 

@@ -24,7 +24,7 @@ from proxy.asgi import (
 )
 from proxy.catalog import Catalog
 from proxy.config import Config, PluginSpec, SettingError
-from proxy.errors import GatewayError, InternalError, ModelNotFound
+from proxy.errors import GatewayError, InternalError, ModelNotFound, ShuttingDown
 from proxy.metrics import Metrics
 from proxy.pipeline import (
     Call,
@@ -176,7 +176,9 @@ class Gateway:
         except ClientDisconnected:
             outcome.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            if not gone:
+            if not gone:  # the server is stopping and graceful_timeout_s is over
+                cut = ShuttingDown("The gateway is shutting down; this answer was cut short.")
+                await self._fail(send, cut, call, request_id, started, outcome)
                 raise
             task.uncancel()
             outcome.status = CLIENT_CLOSED

@@ -133,6 +133,13 @@ class MeshgateTCPServer(TCPServer):
         connections.open += 1
         try:
             await super().run()
+        except asyncio.CancelledError:
+            # Cancelled at shutdown, past graceful_timeout: the app has ended its
+            # answer. Ending normally spares asyncio's stream callback a traceback
+            # (Python 3.11 calls exception() on the cancelled task).
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
         finally:
             connections.open -= 1
 

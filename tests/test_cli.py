@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import openai
 import orjson
 
 from tests.conftest import ROOT, start_fake_upstream, start_gateway
@@ -151,6 +152,73 @@ models:
         assert result["body"].endswith("data: [DONE]\n\n")
         tokens = result["body"].count('"content":"tok"') + result["body"].count('"content":" tok"')
         assert tokens == 20
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
+def test_streams_cut_at_shutdown_end_with_an_error_event_and_are_logged_as_cut(tmp_path):
+    upstream = start_fake_upstream(tmp_path)
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1, graceful_timeout_s: 1}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
+models:
+  - name: m
+    deployments: [{{provider: up, model: m}}]
+""")  # fmt: skip
+    results: dict[str, object] = {}
+    started = threading.Barrier(5)
+
+    def raw(i: int) -> None:
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+                "fake": {"tokens": 2000, "token_delay_ms": 20}}  # fmt: skip
+        with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=body,
+                          timeout=30) as r:  # fmt: skip
+            chunks = r.iter_raw()
+            first = next(chunks)
+            started.wait(30)
+            results[f"raw{i}"] = first + b"".join(chunks)
+
+    def sdk() -> None:
+        client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+        stream = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "x"}], stream=True,
+            extra_body={"fake": {"tokens": 2000, "token_delay_ms": 20}},
+        )  # fmt: skip
+        try:
+            next(iter(stream))
+            started.wait(30)
+            for _ in stream:
+                pass
+        except openai.APIError as exc:
+            results["sdk"] = exc
+        client.close()
+
+    threads = [threading.Thread(target=raw, args=(i,)) for i in range(3)]
+    threads.append(threading.Thread(target=sdk))
+    try:
+        for t in threads:
+            t.start()
+        started.wait(30)  # every stream is under way
+        gateway.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert gateway.proc.wait(30) == 0
+        for i in range(3):
+            body = results[f"raw{i}"]
+            *_, last = [e for e in body.split(b"\n\n") if e]
+            assert (
+                orjson.loads(last.removeprefix(b"data: "))["error"]["code"]
+                == "server_shutting_down"
+            )
+        assert isinstance(results["sdk"], openai.APIError)
+        assert not isinstance(results["sdk"], openai.APIConnectionError)
+        assert "shutting down" in str(results["sdk"])
+        lines = [x for x in gateway.access_lines() if x.get("endpoint") == "chat"]
+        assert len(lines) == 4
+        assert {(x["status"], x["error"]) for x in lines} == {(503, "server_shutting_down")}
+        assert "Traceback" not in gateway.output() and "CancelledError" not in gateway.output()
     finally:
         gateway.stop()
         upstream.stop()
