@@ -37,14 +37,13 @@ def write_config(tmp: Path, port: int, upstream_port: int) -> Path:
     config = tmp / "semantic-bench.yaml"
     config.write_text(
         f"""
-server: {{host: 127.0.0.1, port: {port}, access_log: false, log_level: warning}}
+server: {{host: 127.0.0.1, port: {port}, access_log: false, log_level: warning, admin_key: {ADMIN}}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: sk-bench}}
 models:
   - {{name: bench, deployments: [{{provider: up, model: bench}}]}}
 pipeline:
   - auth:
-      admin_key: {ADMIN}
       keys: [{{name: bench, key: {KEY}, team: perf}}]
   - cache: {{semantic: {{}}}}
 """

@@ -4,11 +4,10 @@ API keys from the config (the key itself, usually `${ENV}`, or its SHA-256
 digest) and JWT bearer tokens (HS* secret, or RS*/ES*/PS* public keys from a
 PEM file or a JWKS file or URL). Keys are looked up by digest and compared in
 constant time; no key, token or digest is ever logged or echoed. The admin key
-guards `/admin/*` and is not a client key.
+(`server.admin_key`) guards `/admin/*` and is not a client key.
 
     pipeline:
       - auth:
-          admin_key: ${MESHGATE_ADMIN_KEY}
           keys:
             - {name: team-a, key: "${TEAM_A_KEY}", team: a, models: ["gpt-4o*"]}
             - {name: ci, sha256: 9f86d0..., expires: "2027-01-01"}
@@ -30,6 +29,7 @@ from typing import Any
 
 from plugins._jwt import JWTConfig, JWTVerifier
 from proxy.admin import bearer_token
+from proxy.context import PluginContext
 from proxy.errors import AuthenticationFailed
 from proxy.pipeline import MODEL_CALLS, Call, Identity, Next, Reply, permitted, refuse
 
@@ -73,7 +73,6 @@ class KeyConfig:
 class AuthConfig:
     keys: list[KeyConfig] = field(default_factory=list)
     jwt: JWTConfig | None = None
-    admin_key: str | None = None
 
     def __post_init__(self) -> None:
         names = [k.name for k in self.keys]
@@ -81,8 +80,6 @@ class AuthConfig:
             raise ValueError("key names must be unique")
         if not self.keys and self.jwt is None:
             raise ValueError("auth needs `keys`, `jwt`, or both")
-        if self.admin_key is not None and len(self.admin_key) < 16:
-            raise ValueError("admin_key must be at least 16 characters")
 
 
 @dataclass(slots=True)
@@ -94,7 +91,7 @@ class _Key:
 class Auth:
     Config = AuthConfig
 
-    def __init__(self, config: AuthConfig, gateway) -> None:
+    def __init__(self, config: AuthConfig, context: PluginContext) -> None:
         self.keys: dict[bytes, _Key] = {}
         for k in config.keys:
             identity = Identity(k.name, k.team, k.user, tuple(k.models), dict(k.metadata))
@@ -103,8 +100,6 @@ class Auth:
         if len(self.keys) != len(config.keys):
             raise ValueError("two auth keys have the same value")
         self.jwt = JWTVerifier(config.jwt) if config.jwt is not None else None
-        if config.admin_key is not None:
-            gateway.admin_key = config.admin_key
 
     async def start(self) -> None:
         if self.jwt is not None:
@@ -118,7 +113,9 @@ class Auth:
         return self.jwt is None or self.jwt.ready()
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
-        call.identity = identity = await self.authenticate(call.headers)
+        identity = call.identity  # set only by a call made inside the gateway
+        if identity is None:
+            call.identity = identity = await self.authenticate(call.headers)
         # Refused early here; the gateway checks again whatever model ends up serving.
         if call.endpoint in MODEL_CALLS and call.model is not None:
             if not permitted(identity, call.model):

@@ -30,13 +30,13 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
 import httpx
 
 from proxy.config import SettingError
+from proxy.context import PluginContext
 from proxy.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -44,6 +44,7 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.health import BreakerConfig
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted
 from proxy.state import StateUnavailable
 
@@ -57,13 +58,6 @@ class ModelFallbacks:
     fallbacks: list[str] = field(default_factory=list)
     context_window: list[str] = field(default_factory=list)
     content_policy: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class BreakerConfig:
-    failures: int = 5  # failures within window_s that open the breaker
-    window_s: float = 60.0
-    cooldown_s: float = 30.0  # open this long, then one probe decides
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -99,73 +93,15 @@ class FallbackConfig:
             raise ValueError("backoff_s and deadline_s must be positive")
 
 
-class Breaker:
-    """Per-deployment circuit breaker: closed, open for a cooldown, then half-open
-    for one probe whose outcome closes or reopens it."""
-
-    def __init__(self, config: BreakerConfig, clock=time.monotonic) -> None:
-        self.config = config
-        self.clock = clock
-        self.failures: dict[str, deque[float]] = {}
-        self.open_until: dict[str, float] = {}
-        self.probing: set[str] = set()
-        self.remote_until: dict[str, float] = {}  # opened by any replica, as last synced
-        self.down: set[str] = set()  # failing their active health check
-
-    def allows(self, name: str) -> bool:
-        if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
-            return False
-        until = self.open_until.get(name)
-        if until is None:
-            return True
-        if self.clock() < until or name in self.probing:
-            return False
-        self.probing.add(name)  # half-open: this caller is the probe
-        return True
-
-    def is_open(self, name: str) -> bool:
-        if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
-            return True
-        until = self.open_until.get(name)
-        return until is not None and (self.clock() < until or name in self.probing)
-
-    def was_troubled(self, name: str) -> bool:
-        """Open, probing or opened elsewhere: a success here should close it everywhere."""
-        return name in self.open_until or name in self.remote_until
-
-    def success(self, name: str) -> None:
-        if name in self.open_until:
-            log.info("circuit breaker for %s closed", name)
-        self.open_until.pop(name, None)
-        self.remote_until.pop(name, None)
-        self.probing.discard(name)
-        self.failures.pop(name, None)
-
-    def failure(self, name: str) -> None:
-        now = self.clock()
-        if name in self.probing:  # the probe failed: open again
-            self.probing.discard(name)
-            self.open_until[name] = now + self.config.cooldown_s
-            return
-        recent = self.failures.setdefault(name, deque())
-        recent.append(now)
-        while recent and recent[0] < now - self.config.window_s:
-            recent.popleft()
-        if len(recent) >= self.config.failures and name not in self.open_until:
-            self.open_until[name] = now + self.config.cooldown_s
-            recent.clear()
-            log.warning("circuit breaker for %s opened for %gs", name, self.config.cooldown_s)
-
-
 class Fallback:
     Config = FallbackConfig
 
-    def __init__(self, config: FallbackConfig, gateway) -> None:
+    def __init__(self, config: FallbackConfig, context: PluginContext) -> None:
         self.config = config
-        self.catalog = gateway.catalog
-        self.breaker = Breaker(config.breaker)
-        gateway.breakers = self.breaker  # routing skips deployments whose breaker is open
-        self.state = gateway.state
+        self.catalog = context.catalog
+        self.breaker = context.health  # routing reads it too: open breakers are skipped
+        self.breaker.configure(config.breaker)
+        self.state = context.state
         self.names = [d.name for m in self.catalog.models.values() for d in m.deployments]
         self._sync: asyncio.Task | None = None
         self._checks: asyncio.Task | None = None
@@ -173,7 +109,7 @@ class Fallback:
         if config.health_checks is not None:
             for j, provider in enumerate(config.health_checks.providers):
                 self.probes[provider] = (
-                    health_url(gateway.config.providers.get(provider), provider, j),
+                    health_url(context.config.providers.get(provider), provider, j),
                     [d.name for m in self.catalog.models.values() for d in m.deployments
                      if d.provider == provider],
                 )  # fmt: skip

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from proxy.context import PluginContext
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 
 
@@ -55,7 +56,7 @@ class ParamsConfig:
 class Params:
     Config = ParamsConfig
 
-    def __init__(self, config: ParamsConfig, gateway) -> None:
+    def __init__(self, config: ParamsConfig, context: PluginContext) -> None:
         self.rules = config.rules
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:

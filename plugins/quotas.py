@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from proxy.admin import AdminRoute
+from proxy.context import PluginContext
 from proxy.errors import GatewayError, QuotaExceeded, RateLimited
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
@@ -126,15 +126,15 @@ class Quotas:
     def uses_state(config: QuotasConfig, gateway_config) -> bool:
         return bool(config.limits)
 
-    def __init__(self, config: QuotasConfig, gateway) -> None:
+    def __init__(self, config: QuotasConfig, context: PluginContext) -> None:
         self.config = config
-        self.gateway = gateway
-        self.state = gateway.state
-        self.metrics = gateway.metrics
+        self.catalog = context.catalog
+        self.state = context.state
+        self.metrics = context.metrics
         self._templates: dict[tuple, tuple] = {}
         self._lease_prefix = os.urandom(6).hex() + ":"  # unique to this process
         self._leases = itertools.count()
-        gateway.admin_routes.append(AdminRoute("spend", ("GET",), self.spend_report))
+        context.add_admin_route("spend", ("GET",), self.spend_report)
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         if call.endpoint not in MODEL_CALLS:

@@ -18,7 +18,7 @@
       - fallback: {...}
 
 Strategies choose among a model's deployments, skipping those whose circuit
-breaker (kept by the fallback plugin) is open and those at their `rpm`/`tpm`
+breaker (proxy/health.py, fed by the fallback plugin) is open and those at their `rpm`/`tpm`
 caps:
 
 - `weighted`: at random, by each deployment's `weight`;
@@ -48,6 +48,7 @@ import orjson
 
 from proxy.catalog import Deployment, Model
 from proxy.config import SettingError
+from proxy.context import PluginContext
 from proxy.errors import InvalidRequest, RateLimited
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted, refuse
 from proxy.protocol import estimate_tokens, prompt_text
@@ -105,15 +106,17 @@ class Routing:
         """Per-deployment rpm/tpm caps are counted in the state backend."""
         return any(d.rpm or d.tpm for m in gateway_config.models for d in m.deployments)
 
-    def __init__(self, config: RoutingConfig, gateway) -> None:
+    def __init__(self, config: RoutingConfig, context: PluginContext) -> None:
         self.config = config
-        self.gateway = gateway
+        self.catalog = context.catalog
+        self.state = context.state
+        self.health = context.health
         self.default = ModelRouting(strategy=config.strategy)
         for name, routing in config.models.items():
-            if gateway.catalog.find(name) is None:
+            if self.catalog.find(name) is None:
                 raise SettingError(("models", name), f"no model named '{name}' under models:")
             for j, rule in enumerate(routing.rules):
-                if gateway.catalog.find(rule.model) is None:
+                if self.catalog.find(rule.model) is None:
                     raise SettingError(
                         ("models", name, "rules", j, "model"),
                         f"no model named '{rule.model}' under models:",
@@ -140,7 +143,7 @@ class Routing:
         """The first rule's model that matches the prompt and the caller may use; the
         last rule is the default."""
         text = prompt_text(call.body)
-        catalog = self.gateway.catalog
+        catalog = self.catalog
         matching = [r.model for r in routing.rules if r.matches(text)] + [routing.rules[-1].model]
         for name in matching:
             model = catalog.get(name)
@@ -150,10 +153,8 @@ class Routing:
 
     def rank(self, call: Call, model: Model, routing: ModelRouting) -> list[Deployment]:
         """The model's deployments, best first, by its strategy."""
-        breakers = getattr(self.gateway, "breakers", None)
-        candidates = [
-            d for d in model.deployments if breakers is None or not breakers.is_open(d.name)
-        ] or list(model.deployments)
+        candidates = [d for d in model.deployments if not self.health.is_open(d.name)]
+        candidates = candidates or list(model.deployments)
         if len(candidates) == 1:
             return candidates
         strategy = routing.strategy
@@ -204,7 +205,7 @@ class Routing:
                 tokens = estimate_tokens(call.endpoint, call.body)
             limits = self.caps(deployment, tokens)
             try:
-                verdict = await self.gateway.state.acquire(limits, call.request_id)
+                verdict = await self.state.acquire(limits, call.request_id)
             except StateUnavailable:
                 return deployment, None  # caps are advisory when the state is down
             if verdict.allowed:
@@ -233,7 +234,7 @@ class Routing:
         for limit in limits:
             if limit.key.endswith(":t"):
                 try:
-                    await self.gateway.state.adjust(limit, total - tokens)
+                    await self.state.adjust(limit, total - tokens)
                 except StateUnavailable:
                     return
 

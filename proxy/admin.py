@@ -1,6 +1,6 @@
 """`/admin/*` endpoints: plugins register them, one guard checks the admin key.
 
-The admin key is set by the auth plugin (`admin_key`); without it the admin
+The admin key is the server's (`server.admin_key`); without it the admin
 endpoints answer 403. It is separate from client keys and compared in
 constant time.
 """
@@ -37,7 +37,7 @@ def check_admin(headers, admin_key: str | None) -> None:
     """Refuse unless the request carries the admin key."""
     if admin_key is None:
         raise PermissionDenied(
-            "Admin endpoints are disabled: set `admin_key` in the auth plugin.",
+            "Admin endpoints are disabled: set `server.admin_key` in the config.",
             code="admin_disabled",
         )
     token = bearer_token(headers) or ""

@@ -34,6 +34,7 @@ class ServerConfig:
     backlog: int = 4096  # pending connections the kernel queues (capped by somaxconn)
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
     max_connections: int | None = None  # per worker; default from the open-file limit
+    admin_key: str | None = field(default=None, repr=False)  # guards /admin/*; none: off
     access_log: bool = True
     log_level: str = "info"
 
@@ -50,6 +51,8 @@ class ServerConfig:
             raise ValueError("body_timeout_s must be positive")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.admin_key is not None and len(self.admin_key) < 16:
+            raise ValueError("admin_key must be at least 16 characters")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

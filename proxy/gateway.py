@@ -24,7 +24,9 @@ from proxy.asgi import (
 )
 from proxy.catalog import Catalog
 from proxy.config import Config, PluginSpec, SettingError
+from proxy.context import PluginContext
 from proxy.errors import GatewayError, InternalError, ModelNotFound, ShuttingDown
+from proxy.health import Health
 from proxy.metrics import Metrics
 from proxy.pipeline import (
     Call,
@@ -56,9 +58,21 @@ class Gateway:
         self.metrics = Metrics()
         self.state = create_state(config.state)
         self.state.on_dropped = self.metrics.state_dropped.inc
-        self.admin_key: str | None = None  # set by the auth plugin
-        self.admin_routes: list[AdminRoute] = []  # added by plugins
-        self.breakers = None  # per-deployment circuit breakers, kept by the fallback plugin
+        self.health = Health()
+        self.admin_key = config.server.admin_key
+        self.admin_routes: list[AdminRoute] = []  # plugins add theirs through the context
+        self.context = PluginContext(
+            config=config,
+            catalog=self.catalog,
+            state=self.state,
+            health=self.health,
+            metrics=self.metrics,
+            registry=self.metrics.registry,
+            add_admin_route=lambda path, methods, handler: self.admin_routes.append(
+                AdminRoute(path, tuple(methods), handler)
+            ),
+            call=self.run,
+        )
         self.plugins = [self._plugin(i, spec) for i, spec in enumerate(config.pipeline)]
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
@@ -70,7 +84,7 @@ class Gateway:
         """Build one pipeline entry; a setting it refuses is a ConfigError at its key."""
         at = ("pipeline", i, spec.name)
         try:
-            return plugin_class(spec.name)(spec.config, self)
+            return plugin_class(spec.name)(spec.config, self.context)
         except SettingError as exc:
             raise self.config.error(at + exc.key, str(exc)) from None
         except ValueError as exc:
@@ -134,6 +148,28 @@ class Gateway:
             reply.events = _timed_first(reply.events, deployment, started)
             reply.owns(deployment.leave)
         return reply
+
+    async def run(self, call: Call) -> Reply:
+        """A model call made inside the gateway (by a plugin, a batch runner): through
+        the whole chain and accounted like a client's. Buffered; the Reply comes back
+        finished, with its body."""
+        if call.stream:
+            raise ValueError("calls made inside the gateway are buffered: no stream")
+        started = time.perf_counter()
+        outcome = _Outcome()
+        reply: Reply | None = None
+        try:
+            if call.model is None and "model" in call.body:
+                call.model = self.catalog.find(call.body["model"])
+            reply = await self.handler(call)
+            outcome.status, outcome.completed = reply.status, True
+            return reply
+        except GatewayError as exc:
+            outcome.status, outcome.error = exc.status, exc.code or exc.type
+            raise
+        finally:
+            self._account(call.endpoint, call, reply, call.request_id, started, outcome)
+            await finish_call(call, reply, outcome.completed)
 
     def list_models(self, call: Call) -> dict:
         cards = [m.card() for m in self.catalog.models.values() if permitted(call.identity, m)]

@@ -93,7 +93,6 @@ class Metrics:
             ["key", "team", "model", "deployment"],
             registry=r,
         )
-        self.cache = _CacheMetrics(r)
         self.in_flight = Gauge(
             "meshgate_in_flight_requests",
             "Requests being served now.",
@@ -107,19 +106,3 @@ class Metrics:
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-
-class _CacheMetrics:
-    def __init__(self, r: CollectorRegistry) -> None:
-        self.lookups = Counter(
-            "meshgate_cache_lookups",
-            "Cache lookups by kind and result (hit, miss, bypass, refused, timeout).",
-            ["kind", "result"], registry=r,
-        )  # fmt: skip
-        self.stores = Counter(
-            "meshgate_cache_stores", "Answers stored in the cache.", ["kind"], registry=r
-        )
-        self.latency = Histogram(
-            "meshgate_cache_lookup_seconds", "Time to look an answer up, by kind.",
-            ["kind"], buckets=OVERHEAD_BUCKETS, registry=r,
-        )  # fmt: skip

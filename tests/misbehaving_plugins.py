@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proxy.context import PluginContext
 from proxy.pipeline import Call, Next, Reply
 
 
@@ -24,8 +25,8 @@ class Misbehave:
 
     Config = MisbehaveConfig
 
-    def __init__(self, config: MisbehaveConfig, gateway) -> None:
-        self.gateway = gateway
+    def __init__(self, config: MisbehaveConfig, context: PluginContext) -> None:
+        self.catalog = context.catalog
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         how = call.headers.get("x-test-misbehave")
@@ -35,7 +36,7 @@ class Misbehave:
         if how == "keep-second":
             await call_next(call)
             return await call_next(call)
-        busy = sum(d.in_flight for m in self.gateway.catalog.models.values() for d in m.deployments)
+        busy = sum(d.in_flight for m in self.catalog.models.values() for d in m.deployments)
         reply = await call_next(call)
         reply.headers["x-test-in-flight"] = str(busy)
         return reply

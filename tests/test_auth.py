@@ -82,7 +82,7 @@ def gateway(tmp_path_factory, upstream, jwks):
     tmp = tmp_path_factory.mktemp("auth")
     env = dict(os.environ, TEAM_A_KEY=PLAIN, ADMIN_KEY=ADMIN)
     server = start_gateway(tmp, f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, admin_key: "${{ADMIN_KEY}}"}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
 models:
@@ -91,7 +91,6 @@ models:
   - {{name: claude, deployments: [{{provider: up, model: claude}}]}}
 pipeline:
   - auth:
-      admin_key: ${{ADMIN_KEY}}
       keys:
         - {{name: team-a, key: "${{TEAM_A_KEY}}", team: a, user: ann, models: ["gpt-4o*"]}}
         - {{name: hashed, sha256: {hashlib.sha256(HASHED.encode()).hexdigest()}}}

@@ -26,7 +26,7 @@ def config(upstream_port: int, backend: str = "memory", redis_url: str = "") -> 
     )
     state = f'state: {{backend: redis, url: "{redis_url}"}}' if redis_url else ""
     return f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, admin_key: {ADMIN}}}
 {state}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
@@ -34,7 +34,6 @@ models:
   - {{name: m, deployments: [{{provider: up, model: m}}]}}
 pipeline:
   - auth:
-      admin_key: {ADMIN}
       keys:
 {keys}
       jwt: {{algorithms: [HS256], secret: {JWT_SECRET}}}

@@ -11,7 +11,7 @@ import openai
 import orjson
 import pytest
 
-from plugins.fallback import Breaker, BreakerConfig
+from proxy.health import BreakerConfig, Health
 from tests.conftest import free_port, start_fake_upstream, start_gateway, upstream_stats
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -170,7 +170,7 @@ pipeline:
 
 def test_breaker_unit():
     now = [0.0]
-    breaker = Breaker(BreakerConfig(failures=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
+    breaker = Health(BreakerConfig(failures=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
     breaker.failure("d")
     now[0] = 11  # the first failure left the window
     breaker.failure("d")

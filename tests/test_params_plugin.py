@@ -10,7 +10,7 @@ def test_rules_apply_by_model_pattern():
             ParamsRule(models=["gpt-*"], defaults={"temperature": 0.2}, overrides={"user": "gw"},
                        max_tokens=100, remove=["logit_bias"]),
         ]),
-        gateway=None,
+        context=None,
     )  # fmt: skip
     seen = []
 

@@ -29,7 +29,7 @@ def config(
         for k in KEYS
     )
     return f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, admin_key: {ADMIN}}}
 state: {{backend: redis, url: "{redis_url}", prefix: "{prefix}"}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
@@ -42,7 +42,6 @@ models:
     deployments: [{{provider: up, model: cent, price: {{input_usd_per_mtok: 100, output_usd_per_mtok: 100}}}}]
 pipeline:
   - auth:
-      admin_key: {ADMIN}
       keys:
 {keys}
   - quotas:

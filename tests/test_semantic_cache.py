@@ -31,7 +31,7 @@ def config(upstream_port: int, semantic: str = "", backend: str = "memory", stat
         f"        - {{name: {k}, key: sk-{k}-0123456789, team: {t}}}" for k, t in KEYS.items()
     )
     return f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, admin_key: {ADMIN}}}
 {state}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
@@ -41,7 +41,6 @@ models:
   - {{name: emb, deployments: [{{provider: sim, model: e}}]}}
 pipeline:
   - auth:
-      admin_key: {ADMIN}
       keys:
 {keys}
   - cache: {{backend: {backend}, ttl_s: 60, semantic: {{{semantic}}}}}
@@ -204,7 +203,8 @@ def test_admin_stats_and_delete_cover_the_semantic_index(gateway):
 def test_embedder_can_be_a_model_the_gateway_serves(tmp_path, upstream):
     # The simulated embeddings model gives one vector per exact text, so the same
     # question sent as text parts instead of a string is an exact miss but a
-    # semantic hit at similarity 1 (embedded through the gateway's own upstream).
+    # semantic hit at similarity 1. The embeddings go through the gateway's own
+    # chain, as the internal caller semantic-cache, and are accounted like any call.
     server = start_gateway(tmp_path, config(upstream.port, "embedder: {model: emb}"))
     try:
         ask(server, "How do I exit vim?")
@@ -212,6 +212,16 @@ def test_embedder_can_be_a_model_the_gateway_serves(tmp_path, upstream):
         hit = ask(server, parts)
         assert cache_of(hit) == "hit-semantic"
         assert float(hit.headers["x-meshgate-cache-similarity"]) > 0.999
+        deadline = time.monotonic() + 20
+        while True:
+            embedded = [x for x in server.access_lines() if x["endpoint"] == "embeddings"]
+            if len(embedded) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert len(embedded) >= 2  # the prompt of each lookup; answers reuse them
+        assert {(x["key"], x["model"], x["status"]) for x in embedded} == {
+            ("semantic-cache", "emb", 200)
+        }
     finally:
         server.stop()
 

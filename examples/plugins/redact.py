@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from proxy.context import PluginContext
 from proxy.pipeline import Call, Next, Reply
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+\.[\w.-]+")
@@ -18,7 +19,7 @@ class RedactConfig:
 class RedactEmails:
     Config = RedactConfig
 
-    def __init__(self, config: RedactConfig, gateway) -> None:
+    def __init__(self, config: RedactConfig, context: PluginContext) -> None:
         self.replacement = config.replacement
         self.redacted = 0
 

@@ -31,11 +31,13 @@ from typing import Literal
 from urllib.parse import quote
 
 import orjson
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from plugins.cache.semantic import Probe, SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
-from proxy.admin import AdminRoute
+from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
+from proxy.metrics import OVERHEAD_BUCKETS
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
@@ -76,9 +78,9 @@ class CacheConfig:
 class Cache:
     Config = CacheConfig
 
-    def __init__(self, config: CacheConfig, gateway) -> None:
+    def __init__(self, config: CacheConfig, context: PluginContext) -> None:
         self.config = config
-        state = gateway.config.state
+        state = context.config.state
         url = config.url or state.url
         if config.backend == "redis":
             self.store = RedisStore(url, state.prefix + "cache:", state.timeout_s)
@@ -87,10 +89,10 @@ class Cache:
         self.semantic = None
         if config.semantic is not None:
             prefix = state.prefix + "cache:"
-            self.semantic = create_semantic_cache(config.semantic, gateway, url, prefix)
-        self.metrics = gateway.metrics.cache
-        gateway.admin_routes.append(AdminRoute("cache/stats", ("GET",), self.stats))
-        gateway.admin_routes.append(AdminRoute("cache", ("DELETE",), self.clear))
+            self.semantic = create_semantic_cache(config.semantic, context, url, prefix)
+        self.metrics = CacheMetrics(context.registry)
+        context.add_admin_route("cache/stats", ("GET",), self.stats)
+        context.add_admin_route("cache", ("DELETE",), self.clear)
 
     async def start(self) -> None:
         if self.semantic is not None:
@@ -301,3 +303,21 @@ def _reply(stored: bytes) -> Reply:
 async def _replay(data: bytes):
     for event in EventSplitter().feed(data):
         yield event
+
+
+class CacheMetrics:
+    """The cache's own metrics, registered on the gateway's registry."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.lookups = Counter(
+            "meshgate_cache_lookups",
+            "Cache lookups by kind and result (hit, miss, bypass, refused, timeout).",
+            ["kind", "result"], registry=r,
+        )  # fmt: skip
+        self.stores = Counter(
+            "meshgate_cache_stores", "Answers stored in the cache.", ["kind"], registry=r
+        )
+        self.latency = Histogram(
+            "meshgate_cache_lookup_seconds", "Time to look an answer up, by kind.",
+            ["kind"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )  # fmt: skip

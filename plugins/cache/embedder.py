@@ -22,10 +22,10 @@ from starlette.datastructures import Headers
 
 from plugins.cache.semantic import EmbedderConfig
 from proxy.config import SettingError
-from proxy.pipeline import Call
+from proxy.pipeline import Call, Identity
 
 if TYPE_CHECKING:
-    from proxy.gateway import Gateway
+    from proxy.context import PluginContext
 
 log = logging.getLogger("meshgate.cache")
 
@@ -128,18 +128,23 @@ class LocalEmbedder(Embedder):
         return vectors.astype(np.float32, copy=False)
 
 
-class GatewayEmbedder(Embedder):
-    """An embeddings model served by this gateway, called through its own upstreams."""
+CALLER = Identity("semantic-cache", kind="internal")
 
-    def __init__(self, config: EmbedderConfig, gateway: Gateway) -> None:
+
+class GatewayEmbedder(Embedder):
+    """An embeddings model served by this gateway, called through the gateway's own
+    chain as the internal caller `semantic-cache`."""
+
+    def __init__(self, config: EmbedderConfig, context: PluginContext) -> None:
         super().__init__(config.max_batch)
         self.model = config.model
-        self.gateway = gateway
+        self.call = context.call
 
     async def encode(self, texts: list[str]) -> np.ndarray:
         body = {"model": self.model, "input": texts}
         call = Call("embeddings", body, Headers(), f"semantic-cache-{self.batches}")
-        reply = await self.gateway.dispatch(call)
+        call.identity = CALLER  # through the whole chain: quotas count it, the log shows it
+        reply = await self.call(call)
         if reply.status != 200 or reply.body is None:
             raise RuntimeError(f"embeddings model '{self.model}' answered {reply.status}")
         data = sorted(orjson.loads(reply.body)["data"], key=lambda item: item["index"])
@@ -148,13 +153,13 @@ class GatewayEmbedder(Embedder):
         return vectors / np.maximum(norms, 1e-12)
 
 
-def create_embedder(config: EmbedderConfig, gateway: Gateway) -> Embedder:
+def create_embedder(config: EmbedderConfig, context: PluginContext) -> Embedder:
     if config.model:
-        if gateway.catalog.find(config.model) is None:
+        if context.catalog.find(config.model) is None:
             raise SettingError(
                 ("semantic", "embedder", "model"), f"no model named '{config.model}' under models:"
             )
-        return GatewayEmbedder(config, gateway)
+        return GatewayEmbedder(config, context)
     return LocalEmbedder(config)
 
 

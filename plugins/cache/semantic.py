@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from plugins.cache.embedded_index import EmbeddedIndex
     from plugins.cache.embedder import Embedder
     from plugins.cache.redis_index import RedisIndex
-    from proxy.gateway import Gateway
+    from proxy.context import PluginContext
 
     Index = EmbeddedIndex | RedisIndex
 
@@ -197,7 +197,7 @@ class SemanticCache:
 
 
 def create_semantic_cache(
-    config: SemanticConfig, gateway: Gateway, redis_url: str, prefix: str
+    config: SemanticConfig, context: PluginContext, redis_url: str, prefix: str
 ) -> SemanticCache:
     """Imported only when `semantic:` is configured: numpy and the model stay optional."""
     from plugins.cache.embedder import create_embedder
@@ -206,12 +206,12 @@ def create_semantic_cache(
     if config.index == "redis":
         from plugins.cache.redis_index import RedisIndex
 
-        index = RedisIndex(config.url or redis_url, prefix, gateway.config.state.timeout_s)
+        index = RedisIndex(config.url or redis_url, prefix, context.config.state.timeout_s)
     else:
         from plugins.cache.embedded_index import EmbeddedIndex
 
         index = EmbeddedIndex(config.max_entries)
-    return SemanticCache(config, create_embedder(config.embedder, gateway), index)
+    return SemanticCache(config, create_embedder(config.embedder, context), index)
 
 
 class QueryEngineMissing(Exception):
