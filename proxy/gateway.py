@@ -139,13 +139,15 @@ class Gateway:
         except BaseException:
             deployment.in_flight -= 1
             raise
+        finally:
+            call.upstream_s += time.perf_counter() - started
         reply.deployment = deployment
         keep(call, reply)
         if reply.events is None:
             deployment.in_flight -= 1
             deployment.observe(time.perf_counter() - started)
         else:
-            reply.events = _timed_first(reply.events, deployment, started)
+            reply.events = _timed(reply.events, call, deployment, started)
             reply.owns(deployment.leave)
         return reply
 
@@ -358,15 +360,19 @@ def request_id_of(headers) -> str:
     return f"{random.getrandbits(96):024x}"  # unique, not secret: no syscall
 
 
-async def _timed_first(events, deployment, started: float):
-    """Time a stream's first event on its deployment."""
+async def _timed(events, call: Call, deployment, started: float):
+    """Count the wait for each event of a stream as upstream time, whatever the
+    adapter (the one place streams are timed), and time its first on its deployment."""
     try:
-        first = True
+        waited = time.perf_counter()
         async for event in events:
-            if first:
-                deployment.observe(time.perf_counter() - started)
-                first = False
+            now = time.perf_counter()
+            call.upstream_s += now - waited
+            if started:
+                deployment.observe(now - started)
+                started = 0.0
             yield event
+            waited = time.perf_counter()
     finally:
         await events.aclose()
 

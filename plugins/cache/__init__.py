@@ -26,6 +26,7 @@ import hashlib
 import logging
 import math
 import time
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import quote
@@ -216,9 +217,10 @@ class Cache:
         captured: list[bytes] = []
 
         async def tap(events):
-            async for event in events:
-                captured.append(event.raw)
-                yield event
+            async with aclosing(events):  # closing the tap closes the stream it wraps
+                async for event in events:
+                    captured.append(event.raw)
+                    yield event
 
         async def store(r: Reply) -> None:
             data = b"".join(captured)

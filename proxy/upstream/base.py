@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -19,7 +17,6 @@ from proxy.redact import Redactor
 if TYPE_CHECKING:
     from proxy.catalog import Deployment
     from proxy.pipeline import Call, Reply
-    from proxy.sse import Event
 
 ENDPOINT_PATHS = {
     "chat": "/chat/completions",
@@ -118,15 +115,3 @@ def secrets_of(config: ProviderConfig) -> list[str]:
 
 def _path(endpoint: str) -> str:
     return ENDPOINT_PATHS[endpoint].lstrip("/")
-
-
-async def timed(events: AsyncIterator[Event], call: Call) -> AsyncIterator[Event]:
-    """Count the time spent waiting for each event as upstream time."""
-    try:
-        waited = time.perf_counter()
-        async for event in events:
-            call.upstream_s += time.perf_counter() - waited
-            yield event
-            waited = time.perf_counter()
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -152,13 +151,10 @@ class Upstream(base.Upstream):
             "completions": self.litellm.atext_completion,
             "embeddings": self.litellm.aembedding,
         }[call.endpoint]
-        started = time.perf_counter()
         try:
             result = await function(**kwargs)
         except Exception as exc:
             raise self.translate(exc) from exc
-        finally:
-            call.upstream_s += time.perf_counter() - started
         if call.stream:
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
@@ -169,13 +165,10 @@ class Upstream(base.Upstream):
 
     async def _events(self, stream: Any, call: Call) -> AsyncIterator[Event]:
         try:
-            waited = time.perf_counter()
             async for chunk in stream:
-                call.upstream_s += time.perf_counter() - waited
                 event = Event.of(chunk.model_dump(exclude_none=True))
                 event.raw = self.redact.stream_bytes(event.raw)
                 yield event
-                waited = time.perf_counter()
             yield Event(DONE)
         except GatewayError:
             raise

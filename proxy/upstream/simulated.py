@@ -54,11 +54,9 @@ class Upstream(base.Upstream):
         }
         if call.stream:
             events = self._stream(call, deployment.model, words, finish, usage)
-            return Reply(events=base.timed(events, call))
+            return Reply(events=events)
         if self.config.latency_ms:
-            started = time.perf_counter()
             await asyncio.sleep(self.config.latency_ms / 1000)
-            call.upstream_s += time.perf_counter() - started
         text = " ".join(words)
         chat = call.endpoint == "chat"
         choice: dict[str, Any] = {"index": 0, "finish_reason": finish}

@@ -126,7 +126,6 @@ class Upstream(base.Upstream):
             content=payload,
             headers={"content-type": "application/json", "x-request-id": call.request_id},
         )
-        started = time.perf_counter()
         try:
             response = await self.client.send(request, stream=True)
             if response.status_code >= 300 or not call.stream:
@@ -136,8 +135,6 @@ class Upstream(base.Upstream):
             raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"provider '{self.name}' is unreachable: {exc}") from exc
-        finally:
-            call.upstream_s += time.perf_counter() - started
         if response.status_code >= 300:
             error = self.status_error(response.status_code, raw, response.headers)
             if response.status_code == 422 and isinstance(error, UpstreamStatus):
