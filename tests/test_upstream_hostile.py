@@ -8,6 +8,7 @@ import inspect
 from collections.abc import Iterator
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import Server, free_port, start_fake_upstream, start_gateway
@@ -244,3 +245,17 @@ models: [{{name: m, deployments: [{{provider: dead, model: m}}]}}]
     assert response.status_code == 502
     assert f"cannot connect to 127.0.0.1:{dead}" in message
     assert "ssl" not in message.lower()
+
+
+@pytest.mark.parametrize("after", [1, 3, 8])
+def test_a_stream_broken_by_the_upstream_is_said_in_plain_words(servers, after):
+    _, gateway, _ = servers
+    response = chat(gateway, "plain", stream=True, fake={"abort_after": after, "tokens": 20})
+    assert response.status_code == 200
+    *_, last = [e for e in response.text.split("\n\n") if e]
+    error = orjson.loads(last.removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_unavailable"
+    assert error["message"].endswith(
+        "broke off the stream: the connection closed before the answer was complete"
+    )
+    assert "<" not in error["message"] and "Error" not in error["message"]
