@@ -124,16 +124,22 @@ def test_default_config_serves_chat_and_stream_with_no_keys(tmp_path):
         gateway.stop()
 
 
-def test_sigterm_drains_in_flight_stream(tmp_path):
+def gateway_with_grace(tmp_path, graceful_timeout_s: float):
+    """A fake upstream, and a gateway in front of it that stops within this grace."""
     upstream = start_fake_upstream(tmp_path)
     gateway = start_gateway(tmp_path, f"""
-server: {{host: 127.0.0.1, graceful_timeout_s: 10}}
+server: {{host: 127.0.0.1, graceful_timeout_s: {graceful_timeout_s}}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
 models:
   - name: m
     deployments: [{{provider: up, model: m}}]
 """)  # fmt: skip
+    return upstream, gateway
+
+
+def test_sigterm_drains_in_flight_stream(tmp_path):
+    upstream, gateway = gateway_with_grace(tmp_path, 10)
     result = {}
 
     def stream():
@@ -158,15 +164,7 @@ models:
 
 
 def test_streams_cut_at_shutdown_end_with_an_error_event_and_are_logged_as_cut(tmp_path):
-    upstream = start_fake_upstream(tmp_path)
-    gateway = start_gateway(tmp_path, f"""
-server: {{host: 127.0.0.1, graceful_timeout_s: 1}}
-providers:
-  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
-models:
-  - name: m
-    deployments: [{{provider: up, model: m}}]
-""")  # fmt: skip
+    upstream, gateway = gateway_with_grace(tmp_path, 1)
     results: dict[str, object] = {}
     started = threading.Barrier(5)
 
