@@ -25,7 +25,8 @@ import orjson
 
 from plugins.cache.embedded_index import EmbeddedIndex
 from plugins.cache.embedder import LocalEmbedder
-from plugins.cache.semantic import EmbedderConfig, Probe, SemanticCache, SemanticConfig
+from plugins.cache.parts import EmbedderConfig, Probe
+from plugins.cache.semantic import SemanticCache, SemanticConfig
 
 HERE = Path(__file__).resolve().parent
 SETS = [HERE / "semantic_pairs.tsv", HERE / "semantic_pairs_holdout.tsv"]

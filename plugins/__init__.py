@@ -1,10 +1,3 @@
-"""Built-in plugins, named in `pipeline:` by these names."""
-
-BUILTIN = {
-    "auth": "plugins.auth:Auth",
-    "cache": "plugins.cache:Cache",
-    "fallback": "plugins.fallback:Fallback",
-    "params": "plugins.params:Params",
-    "quotas": "plugins.quotas:Quotas",
-    "routing": "plugins.routing:Routing",
-}
+"""The built-in plugins. Each registers its `pipeline:` name as an entry point in
+the group `meshgate.plugins` (see pyproject.toml), as a plugin package of your
+own would."""

@@ -1,11 +1,13 @@
-"""The models the gateway serves and the deployments behind each."""
+"""The models the gateway serves and the deployments behind each.
+
+A deployment names its provider; the adapter that talks to it belongs to the
+gateway (`Gateway.upstreams`), so the catalog is plain data about models."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
-from proxy import upstream
 from proxy.config import Config, DeploymentConfig
 from proxy.errors import ModelNotFound
 from proxy.prices import Price, bundled_prices, lookup, price_of
@@ -17,8 +19,7 @@ class Deployment:
 
     name: str
     model: str  # the model name sent upstream
-    provider: str
-    upstream: upstream.Upstream
+    provider: str  # a key of `providers:`
     config: DeploymentConfig
     price: Price | None = None
     context_window: int | None = None
@@ -57,7 +58,6 @@ class Model:
 
 class Catalog:
     def __init__(self, config: Config) -> None:
-        self.upstreams = {name: upstream.create(name, p) for name, p in config.providers.items()}
         created = int(time.time())
         table = {}
         if any(
@@ -74,7 +74,6 @@ class Catalog:
                     d.label,
                     d.model,
                     d.provider,
-                    self.upstreams[d.provider],
                     d,
                     price_of(d.price, d.model, table),
                     _window(d, table),
@@ -95,14 +94,6 @@ class Catalog:
         if model is None:
             raise ModelNotFound(name)
         return model
-
-    async def start(self) -> None:
-        for u in self.upstreams.values():
-            await u.start()
-
-    async def close(self) -> None:
-        for u in self.upstreams.values():
-            await u.close()
 
 
 def _window(config: DeploymentConfig, table: dict) -> int | None:

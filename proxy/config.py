@@ -15,6 +15,7 @@ from typing import Any
 from proxy import upstream
 from proxy._schema import ConfigError, SettingError, Source, build, format_path
 from proxy.prices import PriceConfig
+from proxy.registry import plugin_class
 from proxy.state import StateConfig
 
 __all__ = ["Config", "ConfigError", "SettingError", "load_config", "parse_config"]
@@ -119,8 +120,6 @@ class Config:
 
     def shared_state_plugins(self) -> list[str]:
         """Plugins whose counters must be shared by every worker."""
-        from proxy.pipeline import plugin_class
-
         stateful = []
         for spec in self.pipeline:
             uses_state = getattr(plugin_class(spec.name), "uses_state", None)
@@ -211,8 +210,6 @@ def _check_models(models: list[ModelConfig], providers: dict, src: Source) -> No
 
 
 def _pipeline(raw: Any, src: Source) -> list[PluginSpec]:
-    from proxy.pipeline import plugin_class
-
     if not isinstance(raw, list):
         raise src.error(("pipeline",), "must be a list of plugins")
     specs = []

@@ -36,12 +36,14 @@ from proxy.pipeline import (
     finish_call,
     keep,
     permitted,
-    plugin_class,
     refuse,
 )
 from proxy.protocol import clean_usage, parse_request
+from proxy.registry import plugin_class
 from proxy.sse import Event
 from proxy.state import create_state
+from proxy.upstream import adapter_class
+from proxy.upstream.base import Upstream
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -55,6 +57,9 @@ class Gateway:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.catalog = Catalog(config)
+        self.upstreams: dict[str, Upstream] = {
+            name: adapter_class(p.type)(name, p) for name, p in config.providers.items()
+        }
         self.metrics = Metrics()
         self.state = create_state(config.state)
         self.state.on_dropped = self.metrics.state_dropped.inc
@@ -92,7 +97,8 @@ class Gateway:
 
     async def start(self) -> None:
         await self.state.start()
-        await self.catalog.start()
+        for u in self.upstreams.values():
+            await u.start()
         for plugin in self.plugins:
             if hasattr(plugin, "start"):
                 await plugin.start()
@@ -108,7 +114,8 @@ class Gateway:
         for plugin in reversed(self.plugins):
             if hasattr(plugin, "close"):
                 await plugin.close()
-        await self.catalog.close()
+        for u in self.upstreams.values():
+            await u.close()
         await self.state.close()
 
     def ready(self) -> bool:
@@ -135,7 +142,7 @@ class Gateway:
         deployment.in_flight += 1
         started = time.perf_counter()
         try:
-            reply = await deployment.upstream.send(call, deployment)
+            reply = await self.upstreams[deployment.provider].send(call, deployment.model)
         except BaseException:
             deployment.in_flight -= 1
             raise

@@ -11,7 +11,6 @@ See docs/plugins.md.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -318,30 +317,6 @@ def keep(call: Call, reply: Reply) -> None:
     if not reply._owned:
         reply._owned = True
         call.replies.append(reply)
-
-
-def plugin_class(name: str) -> type:
-    """A built-in plugin by name (`plugins/<name>.py`) or a user's by `module:Class`."""
-    if ":" in name:
-        module_name, _, attr = name.partition(":")
-    else:
-        from plugins import BUILTIN
-
-        if name not in BUILTIN:
-            known = ", ".join(sorted(BUILTIN)) or "none"
-            raise ImportError(
-                f"no built-in plugin '{name}' (built-ins: {known}; "
-                "a plugin of your own is named module:Class)"
-            )
-        module_name, _, attr = BUILTIN[name].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ImportError(f"cannot import plugin module '{module_name}': {exc}") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        raise ImportError(f"module '{module_name}' has no '{attr}'")
-    return cls
 
 
 async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:

@@ -175,7 +175,7 @@ def test_pipeline_plugins_validated_at_load():
     assert ok.pipeline[0].config.rules[0].max_tokens == 10
     message = error_of(BASE + "pipeline:\n  - params: {rulez: []}\n")
     assert "test.yaml:8: pipeline[0].params.rulez: unknown key" in message
-    assert "no built-in plugin 'nope'" in error_of(BASE + "pipeline:\n  - nope: {}\n")
+    assert "no plugin registered as 'nope'" in error_of(BASE + "pipeline:\n  - nope: {}\n")
     assert "cannot import plugin module" in error_of(BASE + "pipeline:\n  - no.such.mod:X: {}\n")
 
 

@@ -12,7 +12,8 @@ from starlette.datastructures import Headers
 from plugins.cache import canonical_request
 from plugins.cache.embedded_index import EmbeddedIndex
 from plugins.cache.embedder import Embedder
-from plugins.cache.semantic import Probe, SemanticCache, SemanticConfig
+from plugins.cache.parts import Probe
+from plugins.cache.semantic import SemanticCache, SemanticConfig
 from proxy.pipeline import Call
 
 
@@ -172,7 +173,7 @@ async def test_the_local_model_runs_on_one_torch_thread_unless_told():
     import torch
 
     from plugins.cache.embedder import LocalEmbedder
-    from plugins.cache.semantic import EmbedderConfig
+    from plugins.cache.parts import EmbedderConfig
 
     for asked in (None, 2):
         config = EmbedderConfig() if asked is None else EmbedderConfig(threads=asked)
@@ -190,7 +191,7 @@ async def test_the_local_model_runs_on_one_torch_thread_unless_told():
 
 @pytest.mark.parametrize("threads", [0, -1, 257])
 def test_embedder_threads_out_of_range_are_refused(threads):
-    from plugins.cache.semantic import EmbedderConfig
+    from plugins.cache.parts import EmbedderConfig
 
     with pytest.raises(ValueError, match="threads"):
         EmbedderConfig(threads=threads)

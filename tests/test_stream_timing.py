@@ -18,7 +18,7 @@ class Bare(Upstream):
     """An adapter that times nothing itself (as TGI's did not): 30 ms to the first
     event, then 20 ms between events."""
 
-    async def send(self, call, deployment) -> Reply:
+    async def send(self, call, model) -> Reply:
         async def events():
             for i in range(12):
                 await asyncio.sleep(0.030 if i == 0 else 0.020)
@@ -37,7 +37,7 @@ models: [{name: slow, deployments: [{provider: sim, model: s}]}]
 def test_the_wait_for_every_event_counts_as_upstream_time():
     async def main() -> tuple[float, int, float | None]:
         g = Gateway(parse_config(CONFIG, "t.yaml", env={}))
-        g.catalog.get("slow").deployments[0].upstream = Bare("bare", ProviderConfig(type="bare"))
+        g.upstreams["sim"] = Bare("bare", ProviderConfig(type="bare"))
         await g.start()
         try:
             body = {"model": "slow", "messages": [{"role": "user", "content": "x"}],

@@ -12,8 +12,6 @@ import respx
 pytest.importorskip("litellm", reason="the litellm extra is not installed")
 os.environ["DISABLE_AIOHTTP_TRANSPORT"] = "True"  # let respx see litellm's httpx calls
 
-from proxy.catalog import Deployment
-from proxy.config import DeploymentConfig
 from proxy.errors import UpstreamStatus
 from proxy.pipeline import Call
 from proxy.upstream import litellm as adapter
@@ -27,10 +25,8 @@ MODEL = "anthropic/claude-3-5-haiku-20241022"
 def setup():
     config = adapter.Config(type="litellm", api_key="sk-ant-secret")
     upstream = adapter.Upstream("claude", config)
-    deployment = Deployment(
-        "claude/haiku", MODEL, "claude", upstream, DeploymentConfig(provider="claude", model=MODEL)
-    )
-    return upstream, deployment
+    model = MODEL  # the provider's name for it
+    return upstream, model
 
 
 def call(**body):
@@ -72,8 +68,8 @@ def test_chat_translated_from_anthropic():
         "stop_reason": "end_turn", "stop_sequence": None,
         "usage": {"input_tokens": 10, "output_tokens": 5},
     })  # fmt: skip
-    upstream, deployment = setup()
-    reply = run(upstream, lambda: upstream.send(call(max_tokens=50), deployment))
+    upstream, model = setup()
+    reply = run(upstream, lambda: upstream.send(call(max_tokens=50), model))
     sent = route.calls.last.request
     assert sent.headers["x-api-key"] == "sk-ant-secret"
     assert orjson.loads(sent.content)["max_tokens"] == 50
@@ -104,10 +100,10 @@ STREAM = b"".join(
 @respx.mock
 def test_stream_translated_to_openai_chunks():
     respx.post(MESSAGES_URL).respond(content=STREAM, headers={"content-type": "text/event-stream"})
-    upstream, deployment = setup()
+    upstream, model = setup()
 
     async def collect():
-        reply = await upstream.send(call(stream=True, max_tokens=50), deployment)
+        reply = await upstream.send(call(stream=True, max_tokens=50), model)
         return [e async for e in reply.events]
 
     events = run(upstream, collect)
@@ -127,11 +123,11 @@ def test_errors_mapped_by_status():
     respx.post(MESSAGES_URL).respond(
         429, json={"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}}
     )
-    upstream, deployment = setup()
+    upstream, model = setup()
 
     async def main():
         with pytest.raises(UpstreamStatus) as info:
-            await upstream.send(call(max_tokens=10), deployment)
+            await upstream.send(call(max_tokens=10), model)
         return info.value
 
     error = run(upstream, main)
@@ -148,7 +144,7 @@ def test_only_openai_parameters_pass_from_a_client_to_litellm():
         api_version="2024-01-01", headers={"x-team": "a"}, extra={"vertex_project": "p"},
     )  # fmt: skip
     upstream = adapter.Upstream("claude", config)
-    _, deployment = setup()
+    _, model = setup()
     controlled = {"model", "timeout", "drop_params", "extra_headers", "api_key", "api_base",
                   "api_version", "stream_options", "vertex_project"}  # fmt: skip
     names = st.sampled_from(
@@ -164,7 +160,7 @@ def test_only_openai_parameters_pass_from_a_client_to_litellm():
     @given(st.dictionaries(st.one_of(names, st.text()), values))
     def check(fields):
         body = {**fields, "model": "haiku", "messages": [{"role": "user", "content": "x"}]}
-        kwargs = upstream.request_kwargs(Call("chat", body, {}, "rid"), deployment)
+        kwargs = upstream.request_kwargs(Call("chat", body, {}, "rid"), model)
         assert set(kwargs) <= adapter.OPENAI_PARAMS["chat"] | controlled
         assert kwargs["api_key"] == "sk-ant-secret"
         assert kwargs["api_base"] == "http://configured.invalid"

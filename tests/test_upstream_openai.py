@@ -7,8 +7,6 @@ import asyncio
 import orjson
 import pytest
 
-from proxy.catalog import Deployment
-from proxy.config import DeploymentConfig
 from proxy.errors import UpstreamStatus, UpstreamUnavailable
 from proxy.pipeline import Call
 from proxy.upstream import openai as adapter
@@ -18,10 +16,8 @@ from proxy.upstream.base import TimeoutsConfig
 def make(**settings):
     config = adapter.Config(type="openai", base_url="http://up/v1", **settings)
     upstream = adapter.Upstream("up", config)
-    deployment = Deployment(
-        "up/real", "real-model", "up", upstream, DeploymentConfig(provider="up", model="real-model")
-    )
-    return upstream, deployment
+    model = "real-model"  # the provider's name for it
+    return upstream, model
 
 
 def call(**body):
@@ -34,21 +30,21 @@ def call(**body):
 
 
 def test_model_is_rewritten_and_everything_else_kept():
-    upstream, deployment = make()
-    body = orjson.loads(upstream.request_body(call(tools=[{"x": 1}], seed=7), deployment))
+    upstream, model = make()
+    body = orjson.loads(upstream.request_body(call(tools=[{"x": 1}], seed=7), model))
     assert body == {"model": "real-model", "messages": [{"role": "user", "content": "hi"}],
                     "tools": [{"x": 1}], "seed": 7}  # fmt: skip
 
 
 def test_streams_ask_for_usage_keeping_other_stream_options():
-    upstream, deployment = make()
+    upstream, model = make()
     body = orjson.loads(
-        upstream.request_body(call(stream=True, stream_options={"x": 1}), deployment)
+        upstream.request_body(call(stream=True, stream_options={"x": 1}), model)
     )
     assert body["stream_options"] == {"x": 1, "include_usage": True}
-    upstream, deployment = make(stream_usage=False)
+    upstream, model = make(stream_usage=False)
     assert "stream_options" not in orjson.loads(
-        upstream.request_body(call(stream=True), deployment)
+        upstream.request_body(call(stream=True), model)
     )
 
 
@@ -81,14 +77,12 @@ def test_connection_refused_is_unavailable():
         type="openai", base_url="http://127.0.0.1:9/v1", timeouts=TimeoutsConfig(connect_s=1)
     )
     upstream = adapter.Upstream("gone", config)
-    deployment = Deployment(
-        "gone/m", "m", "gone", upstream, DeploymentConfig(provider="gone", model="m")
-    )
+    model = "m"  # the provider's name for it
 
     async def main():
         await upstream.start()
         try:
-            await upstream.send(call(), deployment)
+            await upstream.send(call(), model)
         finally:
             await upstream.close()
 

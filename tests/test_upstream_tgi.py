@@ -9,8 +9,6 @@ import orjson
 import pytest
 import respx
 
-from proxy.catalog import Deployment
-from proxy.config import DeploymentConfig
 from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.pipeline import Call
 from proxy.upstream import tgi
@@ -21,10 +19,8 @@ def setup(prompt_format="chatml"):
         type="tgi", base_url="http://tgi:8080", api_key="hf-key", prompt_format=prompt_format
     )
     upstream = tgi.Upstream("tgi", config)
-    deployment = Deployment(
-        "tgi/llama", "llama", "tgi", upstream, DeploymentConfig(provider="tgi", model="llama")
-    )
-    return upstream, deployment
+    model = "llama"  # the provider's name for it
+    return upstream, model
 
 
 def chat_call(**body):
@@ -67,8 +63,8 @@ def test_generate_translated_to_chat_completion():
         "generated_text": "Hello!",
         "details": {"finish_reason": "eos_token", "generated_tokens": 3, "prefill": [{}, {}, {}, {}]},
     })  # fmt: skip
-    upstream, deployment = setup()
-    reply = run(upstream, lambda: upstream.send(chat_call(), deployment))
+    upstream, model = setup()
+    reply = run(upstream, lambda: upstream.send(chat_call(), model))
     request = route.calls.last.request
     assert request.headers["authorization"] == "Bearer hf-key"
     assert request.headers["x-request-id"] == "rid"
@@ -93,10 +89,10 @@ def test_generate_stream_translated_to_chunks():
     respx.post("http://tgi:8080/generate_stream").respond(
         content=STREAM, headers={"content-type": "text/event-stream"}
     )
-    upstream, deployment = setup()
+    upstream, model = setup()
 
     async def collect():
-        reply = await upstream.send(chat_call(stream=True), deployment)
+        reply = await upstream.send(chat_call(stream=True), model)
         return [e async for e in reply.events]
 
     events = run(upstream, collect)
@@ -118,15 +114,15 @@ def test_completions_and_errors():
         httpx.Response(422, json={"error": "Input validation error: too long", "error_type": "validation"}),
         httpx.ConnectError("refused"),
     ])  # fmt: skip
-    upstream, deployment = setup()
+    upstream, model = setup()
     call = Call("completions", {"model": "llama", "prompt": "Hello"}, {}, "rid")
 
     async def main():
-        ok = await upstream.send(call, deployment)
+        ok = await upstream.send(call, model)
         with pytest.raises(Exception) as bad:
-            await upstream.send(call, deployment)
+            await upstream.send(call, model)
         with pytest.raises(UpstreamUnavailable):
-            await upstream.send(call, deployment)
+            await upstream.send(call, model)
         return ok, bad.value
 
     ok, bad = run(upstream, main)

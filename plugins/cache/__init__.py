@@ -34,7 +34,8 @@ from urllib.parse import quote
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from plugins.cache.semantic import Probe, SemanticConfig, create_semantic_cache
+from plugins.cache.parts import Probe
+from plugins.cache.semantic import SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest

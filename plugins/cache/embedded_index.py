@@ -9,7 +9,7 @@ from fnmatch import fnmatchcase
 
 import numpy as np
 
-from plugins.cache.semantic import Candidate, Probe
+from plugins.cache.parts import Candidate, Probe
 
 
 class EmbeddedIndex:

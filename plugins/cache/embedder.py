@@ -20,7 +20,7 @@ import numpy as np
 import orjson
 from starlette.datastructures import Headers
 
-from plugins.cache.semantic import EmbedderConfig
+from plugins.cache.parts import EmbedderConfig
 from proxy.config import SettingError
 from proxy.pipeline import Call, Identity
 

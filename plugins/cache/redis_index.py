@@ -15,7 +15,7 @@ import numpy as np
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from plugins.cache.semantic import Candidate, Probe, QueryEngineMissing
+from plugins.cache.parts import Candidate, Probe, QueryEngineMissing
 from proxy.state import StateUnavailable
 
 

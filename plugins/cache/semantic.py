@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Literal
 
 import orjson
 
+from plugins.cache.parts import Candidate, EmbedderConfig, Probe, QueryEngineMissing
 from plugins.cache.verify import Prompt, analyse, same_question
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from plugins.cache.embedded_index import EmbeddedIndex
     from plugins.cache.embedder import Embedder
     from plugins.cache.redis_index import RedisIndex
@@ -34,25 +33,6 @@ if TYPE_CHECKING:
     Index = EmbeddedIndex | RedisIndex
 
 log = logging.getLogger("meshgate.cache")
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class EmbedderConfig:
-    path: str | None = None  # a sentence-transformers model directory; default all-MiniLM-L6-v2
-    model: str | None = None  # or an embeddings model served by this gateway
-    max_batch: int = 32
-    # torch's CPU threads. One: a short prompt gains little from more, and with
-    # the cores busy serving, torch's default (one per core) made a lookup 10x
-    # slower at the tail, past lookup_timeout_s.
-    threads: int = 1
-
-    def __post_init__(self) -> None:
-        if self.path and self.model:
-            raise ValueError("give either path (a local model) or model (served here), not both")
-        if self.max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        if not 1 <= self.threads <= 256:
-            raise ValueError("threads must be between 1 and 256")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,24 +56,6 @@ class SemanticConfig:
             raise ValueError("candidates, max_entries and max_prompt_chars must be positive")
         if self.lookup_timeout_s <= 0:
             raise ValueError("lookup_timeout_s must be positive")
-
-
-@dataclass(slots=True)
-class Probe:
-    """One request's side of a semantic lookup."""
-
-    scope: str  # digest of everything but the prompt
-    namespace: str
-    model: str
-    prompt: str
-    vector: np.ndarray | None = None  # set by the lookup
-
-
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    similarity: float
-    prompt: str
-    key: str  # the exact-cache entry holding the answer
 
 
 class SemanticCache:
@@ -212,10 +174,6 @@ def create_semantic_cache(
 
         index = EmbeddedIndex(config.max_entries)
     return SemanticCache(config, create_embedder(config.embedder, context), index)
-
-
-class QueryEngineMissing(Exception):
-    """The Redis named for the semantic index cannot run vector queries."""
 
 
 def _last_user(messages) -> int | None:

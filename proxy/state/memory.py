@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 
-from proxy.state import (
+from proxy.state.base import (
     LEASE_TTL_S,
     MAX_TAT_S,
     Limit,

@@ -26,7 +26,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
-from proxy.state import (
+from proxy.state.base import (
     LEASE_TTL_S,
     MAX_TAT_S,
     Limit,

@@ -1,15 +1,14 @@
-"""Upstream adapters, one module per provider type.
+"""Upstream adapters, one module per provider type, found by name.
 
 Each module defines `Config` (its `providers:` entry) and `Upstream` (the
-adapter). Modules import only light dependencies at import time; litellm is
-imported when a litellm provider starts.
+adapter, a `proxy.upstream.base.Upstream`). This registry imports a module only
+when its type is used, so litellm and the rest stay unimported until configured,
+and the config loader can read `providers:` without the adapters' code.
 """
 
 from __future__ import annotations
 
 import importlib
-
-from proxy.upstream.base import ProviderConfig, Upstream
 
 PROVIDER_TYPES = {
     "openai": "proxy.upstream.openai",
@@ -19,13 +18,14 @@ PROVIDER_TYPES = {
 }
 
 
-def config_class(kind: str) -> type[ProviderConfig]:
-    return importlib.import_module(PROVIDER_TYPES[kind]).Config
+def config_class(kind: str) -> type:
+    """The settings class of provider type `kind`."""
+    return importlib.import_module(PROVIDER_TYPES[kind]).Config  # type: ignore[no-any-return]
 
 
-def create(name: str, config: ProviderConfig) -> Upstream:
-    module = importlib.import_module(PROVIDER_TYPES[config.type])
-    return module.Upstream(name, config)
+def adapter_class(kind: str) -> type:
+    """The adapter class of provider type `kind`."""
+    return importlib.import_module(PROVIDER_TYPES[kind]).Upstream  # type: ignore[no-any-return]
 
 
-__all__ = ["PROVIDER_TYPES", "ProviderConfig", "Upstream", "config_class", "create"]
+__all__ = ["PROVIDER_TYPES", "adapter_class", "config_class"]

@@ -15,7 +15,6 @@ from proxy.errors import (
 from proxy.redact import Redactor
 
 if TYPE_CHECKING:
-    from proxy.catalog import Deployment
     from proxy.pipeline import Call, Reply
 
 ENDPOINT_PATHS = {
@@ -61,7 +60,8 @@ class Upstream:
     async def close(self) -> None:
         """Release what start() opened."""
 
-    async def send(self, call: Call, deployment: Deployment) -> Reply:
+    async def send(self, call: Call, model: str) -> Reply:
+        """Send `call` as a request for `model` (the provider's name for it)."""
         raise NotImplementedError
 
     def check_ready(self, endpoint: str) -> None:

@@ -27,7 +27,6 @@ from proxy.sse import DONE, Event
 from proxy.upstream import base
 
 if TYPE_CHECKING:
-    from proxy.catalog import Deployment
     from proxy.pipeline import Call
 
 # The OpenAI request parameters a client may pass on to litellm. Everything else
@@ -125,13 +124,13 @@ class Upstream(base.Upstream):
             self.litellm.aclient_session = None
             await session.aclose()
 
-    def request_kwargs(self, call: Call, deployment: Deployment) -> dict[str, Any]:
+    def request_kwargs(self, call: Call, model: str) -> dict[str, Any]:
         allowed = OPENAI_PARAMS[call.endpoint]
         kwargs = {k: v for k, v in call.body.items() if k in allowed}
         if call.stream:
             kwargs["stream_options"] = {"include_usage": True}
         kwargs.update(self.config.extra)
-        kwargs["model"] = deployment.model
+        kwargs["model"] = model
         kwargs["timeout"] = self.config.timeouts.total_s
         kwargs["drop_params"] = self.config.drop_params
         headers = dict(self.config.headers)
@@ -143,9 +142,9 @@ class Upstream(base.Upstream):
                 kwargs[key] = value
         return kwargs
 
-    async def send(self, call: Call, deployment: Deployment) -> Reply:
+    async def send(self, call: Call, model: str) -> Reply:
         self.check_ready(call.endpoint)
-        kwargs = self.request_kwargs(call, deployment)
+        kwargs = self.request_kwargs(call, model)
         function = {
             "chat": self.litellm.acompletion,
             "completions": self.litellm.atext_completion,

@@ -28,7 +28,6 @@ from proxy.sse import Event, EventSplitter
 from proxy.upstream import base
 
 if TYPE_CHECKING:
-    from proxy.catalog import Deployment
     from proxy.pipeline import Call
 
 
@@ -94,7 +93,7 @@ class Upstream(base.Upstream):
             self._urls[key] = url
         return url
 
-    def request_body(self, call: Call, deployment: Deployment) -> bytes:
+    def request_body(self, call: Call, model: str) -> bytes:
         body = call.body
         ask_usage = (
             call.stream
@@ -102,9 +101,9 @@ class Upstream(base.Upstream):
             and self.config.stream_usage
             and not call.wants_usage
         )
-        if ask_usage or body.get("model") != deployment.model:
+        if ask_usage or body.get("model") != model:
             body = dict(body)
-            body["model"] = deployment.model
+            body["model"] = model
             if ask_usage:
                 options = body.get("stream_options")
                 options = dict(options) if isinstance(options, dict) else {}
@@ -112,10 +111,10 @@ class Upstream(base.Upstream):
                 body["stream_options"] = options
         return orjson.dumps(body)
 
-    async def send(self, call: Call, deployment: Deployment) -> Reply:
+    async def send(self, call: Call, model: str) -> Reply:
         self.check_ready(call.endpoint)
         assert self.session is not None, "upstream used before start()"
-        data = self.request_body(call, deployment)
+        data = self.request_body(call, model)
         headers = dict(self.headers)
         headers["x-request-id"] = call.request_id
         started = time.perf_counter()
@@ -123,7 +122,7 @@ class Upstream(base.Upstream):
         try:
             async with asyncio.timeout(self.config.timeouts.total_s):
                 response = await self.session.post(
-                    self.url(call.endpoint, deployment.model),
+                    self.url(call.endpoint, model),
                     data=data,
                     headers=headers,
                     allow_redirects=False,

@@ -19,7 +19,6 @@ from proxy.sse import DONE, Event
 from proxy.upstream import base
 
 if TYPE_CHECKING:
-    from proxy.catalog import Deployment
     from proxy.pipeline import Call
 
 SENTENCES = [
@@ -41,11 +40,11 @@ class Config(base.ProviderConfig):
 class Upstream(base.Upstream):
     config: Config
 
-    async def send(self, call: Call, deployment: Deployment) -> Reply:
+    async def send(self, call: Call, model: str) -> Reply:
         self.check_ready(call.endpoint)
         prompt_tokens = _count_prompt(call.body)
         if call.endpoint == "embeddings":
-            return Reply.json(self._embeddings(call.body, deployment.model, prompt_tokens))
+            return Reply.json(self._embeddings(call.body, model, prompt_tokens))
         words, finish = _answer(self.config.tokens, call.body.get("max_tokens"))
         usage = {
             "prompt_tokens": prompt_tokens,
@@ -53,7 +52,7 @@ class Upstream(base.Upstream):
             "total_tokens": prompt_tokens + len(words),
         }
         if call.stream:
-            events = self._stream(call, deployment.model, words, finish, usage)
+            events = self._stream(call, model, words, finish, usage)
             return Reply(events=events)
         if self.config.latency_ms:
             await asyncio.sleep(self.config.latency_ms / 1000)
@@ -69,7 +68,7 @@ class Upstream(base.Upstream):
                 "id": _id(chat),
                 "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
-                "model": deployment.model,
+                "model": model,
                 "choices": [choice],
                 "usage": usage,
             }

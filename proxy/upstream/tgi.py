@@ -30,7 +30,6 @@ from proxy.sse import DONE, Event, EventSplitter
 from proxy.upstream import base
 
 if TYPE_CHECKING:
-    from proxy.catalog import Deployment
     from proxy.pipeline import Call
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
@@ -115,7 +114,7 @@ class Upstream(base.Upstream):
             params["stop"] = [stop] if isinstance(stop, str) else list(stop)
         return {"inputs": inputs, "parameters": params}
 
-    async def send(self, call: Call, deployment: Deployment) -> Reply:
+    async def send(self, call: Call, model: str) -> Reply:
         self.check_ready(call.endpoint)
         assert self.client is not None, "upstream used before start()"
         payload = orjson.dumps(self.request_body(call))
@@ -142,8 +141,8 @@ class Upstream(base.Upstream):
                 error.status, error.type, error.raw = 400, "invalid_request_error", None
             raise error
         if not call.stream:
-            return Reply.json(to_openai(orjson.loads(raw), call, deployment.model))
-        reply = Reply(events=self._events(response, call, deployment.model))
+            return Reply.json(to_openai(orjson.loads(raw), call, model))
+        reply = Reply(events=self._events(response, call, model))
         return reply.owns(response.aclose)  # if the stream is never iterated
 
     async def _events(

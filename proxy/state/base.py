@@ -1,0 +1,144 @@
+"""State shared by plugins across requests, processes and replicas.
+
+Two backends with one contract: `memory` (one process, the default) and `redis`
+(any number of processes). Limits are checked and counted in one atomic step:
+
+- `rate`: GCRA (generic cell rate algorithm). A limit of L per period P lets
+  one unit through every P/L seconds with bursts up to L, and no burst at
+  window boundaries. A request of cost c moves the key's theoretical arrival
+  time (TAT) by c·P/L; settling later moves it back or on, so token
+  reservations are refunded exactly.
+- `concurrency`: a sorted set of leases, each expiring on its own, so a crashed
+  process cannot hold a slot forever.
+- `budget`: the amount spent so far (a field of a spend hash), reservations of
+  calls in flight included, must be below the limit; an admitted call reserves
+  its estimated cost (`cost`) there at once, so concurrent calls cannot all pass
+  a budget that only a few of them fit in. Overshoot is bounded by one call.
+
+No single operation can poison the state: values are checked before they are
+counted (finite, in range), a rate limit's debt is bounded (MAX_TAT_S), and an
+operation the backend refuses is dropped and counted, never retried forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+log = logging.getLogger("meshgate.state")
+
+LEASE_TTL_S = 900.0  # longest a concurrency slot is held without being released
+MAX_TAT_S = 7 * 86400  # how far a rate limit's debt may reach
+
+
+class StateUnavailable(Exception):
+    """The state backend did not answer (Redis down or slow)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StateConfig:
+    backend: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    timeout_s: float = 0.25  # a slower Redis counts as unavailable
+    max_connections: int = 64
+    prefix: str = "meshgate:"
+
+    @property
+    def shared(self) -> bool:
+        return self.backend == "redis"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit to check: `key` names its counter."""
+
+    kind: Literal["rate", "concurrency", "budget"]
+    key: str
+    limit: float
+    period_s: float = 60.0  # rate only
+    cost: float = 1.0  # rate only: requests (1) or tokens
+    field: str = ""  # budget only: the spend hash field
+
+
+@dataclass(slots=True)
+class Verdict:
+    allowed: bool
+    denied: int = -1  # index of the limit that refused
+    retry_after_s: float = 0.0
+    remaining: tuple[float, ...] = ()  # per limit (rate: units left now)
+    reset_s: tuple[float, ...] = ()  # per limit (rate: until fully replenished)
+
+
+def valid_limit(limit: Limit) -> bool:
+    """Whether a limit's numbers can be counted: finite, positive limits and periods,
+    and a cost that is not negative."""
+    numbers = (limit.limit, limit.period_s, limit.cost)
+    return (
+        all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers)
+        and limit.limit > 0
+        and limit.period_s > 0
+        and limit.cost >= 0
+    )
+
+
+def valid_amount(amount: float) -> bool:
+    return isinstance(amount, (int, float)) and math.isfinite(amount) and abs(amount) < 1e15
+
+
+class State:
+    """The contract both backends implement."""
+
+    on_dropped: Callable[[int], None] | None = None  # counts dropped operations (metrics)
+
+    def dropped(self, count: int) -> None:
+        """`count` operations were refused (a value out of range): dropped, not retried."""
+        log.warning("state: dropped %d operation(s) with values that cannot be counted", count)
+        if self.on_dropped is not None:
+            self.on_dropped(count)
+
+    def refuse_invalid(self, limits: list[Limit]) -> None:
+        if not all(valid_limit(limit) for limit in limits):
+            self.dropped(1)
+            raise StateUnavailable("a limit with values that cannot be counted was refused")
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+        """Check every limit; if all pass, count them all (atomically) and take a lease."""
+        raise NotImplementedError
+
+    async def adjust(self, limit: Limit, delta: float) -> None:
+        """Move a rate limit by `delta` units (negative refunds part of a reservation)."""
+        raise NotImplementedError
+
+    async def release(self, keys: list[str], lease: str) -> None:
+        """Give back the concurrency slots `lease` holds under `keys`."""
+        raise NotImplementedError
+
+    async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
+        """Add amounts to spend hashes: (hash key, field, amount)."""
+        raise NotImplementedError
+
+    async def read_spend(self, key: str) -> dict[str, float]:
+        raise NotImplementedError
+
+    async def flush(self) -> None:
+        """Make after-call work (adjust, release, add_spend) visible to every process now."""
+
+    async def breaker_failure(self, name: str, failures: int, window_s: float, cooldown_s: float):
+        """Count a failure of `name` for every process; True when that opened its breaker.
+        None when breakers are not shared (one process)."""
+        return None
+
+    async def breaker_close(self, name: str) -> None:
+        """Close `name`'s breaker for every process."""
+
+    async def breakers_open(self, names: list[str]) -> dict[str, float] | None:
+        """Seconds each open breaker among `names` stays open, for every process;
+        None when breakers are not shared."""
+        return None
