@@ -1,4 +1,4 @@
-"""fallback: retries, fallback models and circuit breakers, invisible to the client.
+"""fallback: retries and fallback models, invisible to the client.
 
     pipeline:
       - auth: {...}
@@ -12,7 +12,6 @@
               fallbacks: [gpt-4o-mini]        # when gpt-4o keeps failing
               context_window: [gpt-4o-long]   # when the prompt is too long for it
               content_policy: [claude]        # when its provider refuses the content
-          breaker: {failures: 5, window_s: 60, cooldown_s: 30}
 
 Only upstream failures are retried: 429s from the provider, 5xx, timeouts and
 broken connections. The gateway's own refusals (auth, quotas) and the client's
@@ -21,36 +20,31 @@ is retried only until its first event: the plugin waits for that event before
 the answer is committed to the client, so a stream that fails at once, or
 opens with an error event, falls over like any request. After the first byte
 has reached the client it never is.
+
+Each attempt goes back through the rest of the chain, so the gateway chooses
+its deployment afresh (proxy/choice.py): one this call has not failed on, with
+an open breaker skipped and caps checked, ranked by the model's own routing
+strategy. Breakers and health checks are the core's (`health:` in the config);
+every attempt's outcome is recorded there whether or not this plugin is on.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
-import httpx
-
+from proxy.choice import CapsReached, NoDeployment, untried
 from proxy.config import SettingError
 from proxy.context import PluginContext
-from proxy.errors import (
-    GatewayError,
-    ProviderNotConfigured,
-    UpstreamStatus,
-    UpstreamTimeout,
-    UpstreamUnavailable,
-)
-from proxy.health import BreakerConfig
+from proxy.errors import GatewayError, UpstreamTimeout
+from proxy.health import classify
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted
-from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.fallback")
-
-Failure = Literal["rate_limit", "server_error", "timeout", "unavailable"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,17 +52,6 @@ class ModelFallbacks:
     fallbacks: list[str] = field(default_factory=list)
     context_window: list[str] = field(default_factory=list)
     content_policy: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class HealthChecksConfig:
-    providers: list[str]  # openai-type servers are asked for /models, tgi for /health
-    interval_s: float = 10.0
-    timeout_s: float = 2.0
-
-    def __post_init__(self) -> None:
-        if min(self.interval_s, self.timeout_s) <= 0:
-            raise ValueError("interval_s and timeout_s must be positive")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -82,9 +65,12 @@ class FallbackConfig:
         default_factory=lambda: ["rate_limit", "server_error", "timeout", "unavailable"]
     )
     models: dict[str, ModelFallbacks] = field(default_factory=dict)
-    breaker: BreakerConfig = field(default_factory=BreakerConfig)
-    breaker_sync_s: float = 1.0  # with Redis: how often each replica reads the shared breakers
-    health_checks: HealthChecksConfig | None = None
+
+    MOVED: ClassVar[dict[str, str]] = {
+        "breaker": "health.breaker (a top-level section)",
+        "breaker_sync_s": "health.sync_s (a top-level section)",
+        "health_checks": "health.checks (a top-level section)",
+    }
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
@@ -99,20 +85,7 @@ class Fallback:
     def __init__(self, config: FallbackConfig, context: PluginContext) -> None:
         self.config = config
         self.catalog = context.catalog
-        self.breaker = context.health  # routing reads it too: open breakers are skipped
-        self.breaker.configure(config.breaker)
-        self.state = context.state
-        self.names = [d.name for m in self.catalog.models.values() for d in m.deployments]
-        self._sync: asyncio.Task | None = None
-        self._checks: asyncio.Task | None = None
-        self.probes: dict[str, tuple[str, list[str]]] = {}  # provider -> (url, deployments)
-        if config.health_checks is not None:
-            for j, provider in enumerate(config.health_checks.providers):
-                self.probes[provider] = (
-                    health_url(context.config.providers.get(provider), provider, j),
-                    [d.name for m in self.catalog.models.values() for d in m.deployments
-                     if d.provider == provider],
-                )  # fmt: skip
+        self.health = context.health
         self.retry_on = set(config.retry_on)
         for name, fallbacks in config.models.items():
             if self.catalog.find(name) is None:
@@ -123,76 +96,6 @@ class Fallback:
                         raise SettingError(
                             ("models", name, kind, j), f"no model named '{target}' under models:"
                         )
-
-    async def start(self) -> None:
-        if self.state.config.shared:
-            self._sync = asyncio.create_task(self._sync_forever())
-        if self.probes:
-            self._checks = asyncio.create_task(self._check_forever())
-
-    async def close(self) -> None:
-        for task in (self._sync, self._checks):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-    async def _check_forever(self) -> None:
-        """Probe local backends; while a probe fails its deployments are skipped."""
-        checks = self.config.health_checks
-        async with httpx.AsyncClient(timeout=checks.timeout_s) as client:
-            while True:
-                await asyncio.gather(*(self._check(client, p) for p in self.probes))
-                await asyncio.sleep(checks.interval_s)
-
-    async def _check(self, client: httpx.AsyncClient, provider: str) -> None:
-        url, deployments = self.probes[provider]
-        try:
-            healthy = (await client.get(url)).status_code < 400
-        except httpx.HTTPError:
-            healthy = False
-        was_down = bool(deployments) and deployments[0] in self.breaker.down
-        if healthy:
-            self.breaker.down.difference_update(deployments)
-            if was_down:
-                log.info("provider %s passes its health check again", provider)
-        else:
-            self.breaker.down.update(deployments)
-            if not was_down:
-                log.warning("provider %s fails its health check (%s)", provider, url)
-
-    async def _sync_forever(self) -> None:
-        """Keep this replica's view of breakers opened by any replica fresh."""
-        while True:
-            try:
-                remaining = await self.state.breakers_open(self.names)
-            except StateUnavailable as exc:
-                log.debug("breaker sync skipped: %s", exc)
-            else:
-                now = self.breaker.clock()
-                self.breaker.remote_until = {n: now + s for n, s in (remaining or {}).items()}
-            await asyncio.sleep(self.config.breaker_sync_s)
-
-    async def _failed(self, name: str) -> None:
-        self.breaker.failure(name)
-        if not self.state.config.shared:
-            return
-        b = self.config.breaker
-        try:
-            if await self.state.breaker_failure(name, b.failures, b.window_s, b.cooldown_s):
-                self.breaker.remote_until[name] = self.breaker.clock() + b.cooldown_s
-                log.warning("circuit breaker for %s opened for every replica", name)
-        except StateUnavailable as exc:
-            log.warning("could not share a failure of %s: %s", name, exc)
-
-    async def _succeeded(self, name: str) -> None:
-        troubled = self.breaker.was_troubled(name)
-        self.breaker.success(name)
-        if troubled and self.state.config.shared:
-            try:
-                await self.state.breaker_close(name)
-            except StateUnavailable as exc:
-                log.warning("could not share the recovery of %s: %s", name, exc)
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         if call.endpoint not in MODEL_CALLS or call.model is None:
@@ -218,61 +121,34 @@ class Fallback:
                          call.request_id, name, queue[0], exc.message)  # fmt: skip
 
     async def _model(self, call: Call, call_next: Next, name: str, deadline: float) -> Reply:
-        """Try one model: up to `attempts` calls over its deployments, skipping open breakers."""
-        model = self.catalog.get(name)
-        call.model = model
-        ranked = call.state.get("ranked")  # a routing plugin's order, best first
-        if ranked and all(d in model.deployments for d in ranked):
-            order = list(ranked)
-        else:
-            order = list(model.deployments)
-            if call.deployment in order:
-                i = order.index(call.deployment)
-                order = order[i:] + order[:i]
+        """Up to `attempts` attempts at one model. Each goes to a deployment the call
+        has not failed on while there is one; then the wait before reusing one
+        backs off (or honours the upstream's Retry-After)."""
+        call.model = self.catalog.get(name)
         last: GatewayError | None = None
-        previous = None
         for attempt in range(self.config.attempts):
-            candidates = [d for d in order if not self.breaker.is_open(d.name)]
-            if not candidates:
-                raise last or UpstreamUnavailable(
-                    f"every deployment of '{name}' is failing (circuit breaker open)"
-                )
-            deployment = candidates[0]
-            if previous is not None:  # the next one after the deployment that failed
-                after = order.index(previous) + 1
-                deployment = next(d for d in order[after:] + order[:after] if d in candidates)
-            if deployment is previous:
+            if attempt and not untried(call, self.health):
                 await self._wait(attempt, last, deadline)
             if time.monotonic() >= deadline:
                 break
-            self.breaker.allows(deployment.name)  # marks the probe of a half-open breaker
-            call.deployment = previous = deployment
+            call.deployment = None
             try:
                 async with asyncio.timeout(deadline - time.monotonic()):
-                    reply = await self._attempt(call, call_next)
+                    return await call_next(call)
             except TimeoutError:
-                await self._failed(deployment.name)
+                if call.deployment is not None:  # cut short by the deadline: a failure
+                    await self.health.failed(call.deployment.name)
                 raise UpstreamTimeout(
                     "the request's deadline passed before an upstream answered"
                 ) from None
+            except (NoDeployment, CapsReached):
+                raise  # nothing of this model can take it now: its fallbacks may
             except GatewayError as exc:
                 kind = classify(exc)
-                if kind is None:
-                    raise
-                await self._failed(deployment.name)
-                if kind not in self.retry_on:
+                if kind is None or kind not in self.retry_on:
                     raise
                 last = exc
-                continue
-            await self._succeeded(deployment.name)
-            return reply
         raise last or UpstreamTimeout("the request's deadline passed before an upstream answered")
-
-    async def _attempt(self, call: Call, call_next: Next) -> Reply:
-        reply = await call_next(call)
-        if not reply.streamed:
-            return reply
-        return await first_event_or_raise(reply)
 
     async def _wait(self, attempt: int, error: GatewayError | None, deadline: float) -> None:
         retry_after = _retry_after(error) if error is not None else None
@@ -289,6 +165,8 @@ class Fallback:
         """Models to try next after `error`, or None when the error is final."""
         fallbacks = self.config.models.get(model)
         code = getattr(error, "code", None)
+        if isinstance(error, (NoDeployment, CapsReached)):
+            return fallbacks.fallbacks if fallbacks else None
         if code == "context_length_exceeded":
             return fallbacks.context_window if fallbacks else None
         if code in ("content_policy_violation", "content_filter"):
@@ -296,55 +174,6 @@ class Fallback:
         if classify(error) is None:
             return None
         return fallbacks.fallbacks if fallbacks else []
-
-
-def health_url(config, provider: str, j: int) -> str:
-    at = ("health_checks", "providers", j)
-    if config is None:
-        raise SettingError(at, f"no provider named '{provider}' under providers:")
-    if config.type == "openai":
-        return config.base_url.rstrip("/") + "/models"
-    if config.type == "tgi":
-        return config.base_url.rstrip("/") + "/health"
-    raise SettingError(at, f"health checks need an openai or tgi provider, not {config.type}")
-
-
-def classify(error: GatewayError) -> Failure | None:
-    """What kind of upstream failure `error` is, or None when it is not one."""
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if isinstance(error, (UpstreamUnavailable, ProviderNotConfigured)):
-        return "unavailable"
-    if isinstance(error, UpstreamStatus):
-        if error.status == 429:
-            return "rate_limit"
-        if error.status >= 500:
-            return "server_error"
-    return None
-
-
-async def first_event_or_raise(reply: Reply) -> Reply:
-    """Wait for a stream's first event; raise if it fails or opens with an error."""
-    try:
-        first = await reply.peek()
-    except BaseException:
-        await reply.events.aclose()
-        raise
-    if first is None:
-        await reply.events.aclose()
-        raise UpstreamUnavailable("the upstream ended the stream before any event")
-    try:
-        data = first.json()
-    except GatewayError:
-        await reply.events.aclose()
-        raise
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        await reply.events.aclose()
-        error = data["error"]
-        raise UpstreamStatus(
-            502, str(error.get("message") or "upstream stream error"), code=error.get("code")
-        )
-    return reply
 
 
 def _retry_after(error: GatewayError) -> float | None:

@@ -17,9 +17,11 @@
                 - {model: gpt-4o-mini}       # no condition: the default
       - fallback: {...}
 
-Strategies choose among a model's deployments, skipping those whose circuit
-breaker (proxy/health.py, fed by the fallback plugin) is open and those at their `rpm`/`tpm`
-caps:
+The plugin gives each call a ranking (`call.rank`); the gateway's one
+deployment choice (proxy/choice.py) applies it on every attempt, to the
+deployments still worth trying (healthy, not failed by this call), and keeps
+each under its `rpm`/`tpm` caps. A fallback model is ranked by its own strategy.
+Where the plugin sits in the pipeline does not matter. Strategies:
 
 - `weighted`: at random, by each deployment's `weight`;
 - `least-busy`: the fewest calls in flight from this process;
@@ -49,10 +51,9 @@ import orjson
 from proxy.catalog import Deployment, Model
 from proxy.config import SettingError
 from proxy.context import PluginContext
-from proxy.errors import InvalidRequest, RateLimited
+from proxy.errors import InvalidRequest
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted, refuse
-from proxy.protocol import estimate_tokens, prompt_text
-from proxy.state import Limit, StateUnavailable
+from proxy.protocol import estimate_prompt_tokens, prompt_text
 
 Strategy = Literal["weighted", "least-busy", "latency", "cost", "prefix-affinity", "complexity"]
 CODE = re.compile(r"```|\bdef |\bclass |\bfunction\b|#include|\bimport |;\s*$|=>", re.MULTILINE)
@@ -101,16 +102,9 @@ class RoutingConfig:
 class Routing:
     Config = RoutingConfig
 
-    @staticmethod
-    def uses_state(config: RoutingConfig, gateway_config) -> bool:
-        """Per-deployment rpm/tpm caps are counted in the state backend."""
-        return any(d.rpm or d.tpm for m in gateway_config.models for d in m.deployments)
-
     def __init__(self, config: RoutingConfig, context: PluginContext) -> None:
         self.config = config
         self.catalog = context.catalog
-        self.state = context.state
-        self.health = context.health
         self.default = ModelRouting(strategy=config.strategy)
         for name, routing in config.models.items():
             if self.catalog.find(name) is None:
@@ -128,16 +122,8 @@ class Routing:
         routing = self.config.models.get(call.model.name, self.default)
         if routing.strategy == "complexity":
             call.model = self.by_rules(call, routing)
-            routing = self.config.models.get(call.model.name, self.default)
-        ranked = self.rank(call, call.model, routing)
-        deployment, reserved = await self.admit(call, ranked)
-        call.deployment = deployment
-        i = ranked.index(deployment)
-        call.state["ranked"] = ranked[i:] + ranked[:i]  # fallback tries them in this order
-        reply = await call_next(call)
-        if reserved is not None:
-            reply.on_complete(lambda r: self.settle(reserved, r))
-        return reply
+        call.rank = self.rank
+        return await call_next(call)
 
     def by_rules(self, call: Call, routing: ModelRouting) -> Model:
         """The first rule's model that matches the prompt and the caller may use; the
@@ -151,12 +137,10 @@ class Routing:
                 return model
         raise refuse(call.identity, catalog.get(matching[0]))
 
-    def rank(self, call: Call, model: Model, routing: ModelRouting) -> list[Deployment]:
-        """The model's deployments, best first, by its strategy."""
-        candidates = [d for d in model.deployments if not self.health.is_open(d.name)]
-        candidates = candidates or list(model.deployments)
-        if len(candidates) == 1:
-            return candidates
+    def rank(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
+        """`candidates` (deployments of `call.model`), best first, by the model's strategy."""
+        assert call.model is not None
+        routing = self.config.models.get(call.model.name, self.default)
         strategy = routing.strategy
         if strategy == "weighted":
             return weighted_order(candidates)
@@ -179,7 +163,7 @@ class Routing:
         return sorted(candidates, key=lambda d: (d.in_flight, random.random()))
 
     def by_cost(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
-        needed = len(prompt_text(call.body)) // 4 + 1
+        needed = estimate_prompt_tokens(call.endpoint, call.body)
         fitting = [d for d in candidates if d.context_window is None or needed <= d.context_window]
         if not fitting:
             largest = max(d.context_window or 0 for d in candidates)
@@ -194,49 +178,6 @@ class Routing:
             return p.input_per_token + p.output_per_token if p else float("inf")
 
         return sorted(fitting, key=price)
-
-    async def admit(self, call: Call, ranked: list[Deployment]):
-        """The first ranked deployment under its rpm/tpm caps, with what was counted."""
-        tokens = 0
-        for deployment in ranked:
-            if not (deployment.config.rpm or deployment.config.tpm):
-                return deployment, None
-            if not tokens:
-                tokens = estimate_tokens(call.endpoint, call.body)
-            limits = self.caps(deployment, tokens)
-            try:
-                verdict = await self.state.acquire(limits, call.request_id)
-            except StateUnavailable:
-                return deployment, None  # caps are advisory when the state is down
-            if verdict.allowed:
-                return deployment, (limits, tokens)
-        raise RateLimited(
-            f"Every deployment of '{call.model.name}' is at its rate cap.",
-            retry_after_s=1.0,
-        )
-
-    @staticmethod
-    def caps(deployment: Deployment, tokens: int) -> list[Limit]:
-        c = deployment.config
-        limits = []
-        if c.rpm:
-            limits.append(Limit("rate", f"cap:{deployment.name}:r", c.rpm, 60.0, 1.0))
-        if c.tpm:
-            limits.append(Limit("rate", f"cap:{deployment.name}:t", c.tpm, 60.0, float(tokens)))
-        return limits
-
-    async def settle(self, reserved, reply: Reply) -> None:
-        limits, tokens = reserved
-        usage = reply.get_usage()
-        total = usage.get("total_tokens") if usage else None
-        if not isinstance(total, int):
-            return
-        for limit in limits:
-            if limit.key.endswith(":t"):
-                try:
-                    await self.state.adjust(limit, total - tokens)
-                except StateUnavailable:
-                    return
 
 
 def weighted_order(candidates: list[Deployment]) -> list[Deployment]:

@@ -212,7 +212,10 @@ def _build_dataclass(cls: type, value: Any, path: tuple, src: Source, missing) -
     fields = {
         f.name: f for f in dataclasses.fields(cls) if f.init and not f.metadata.get("internal")
     }
+    moved = getattr(cls, "MOVED", {})  # keys that now live elsewhere: where
     for key in value:
+        if key in moved and key not in fields:
+            raise src.error(path + (key,), f"this setting moved to {moved[key]}")
         if key not in fields:
             known = ", ".join(sorted(fields))
             raise src.error(path + (key,), f"unknown key (expected one of: {known})")

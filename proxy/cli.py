@@ -100,7 +100,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     host = args.host or server.host
     port = args.port or server.port
     workers = args.workers or server.workers
-    stateful = config.shared_state_plugins()
+    stateful = config.shared_state_users()
     logs.configure(server.log_level, server.access_log)
     if workers > 1 and stateful and not config.state.shared:
         return _fail(

@@ -14,6 +14,7 @@ from typing import Any
 
 from proxy import upstream
 from proxy._schema import ConfigError, SettingError, Source, build, format_path
+from proxy.health import HealthConfig, check_url
 from proxy.prices import PriceConfig
 from proxy.registry import plugin_class
 from proxy.state import StateConfig
@@ -64,7 +65,7 @@ class DeploymentConfig:
     price: PriceConfig | None = None  # else litellm's bundled price list, if installed
     weight: float = 1.0  # share of traffic under the weighted strategy
     context_window: int | None = None  # prompt tokens it takes; else the bundled price list's
-    rpm: int | None = None  # caps the routing plugin keeps this deployment under
+    rpm: int | None = None  # caps every attempt is kept under (proxy/choice.py)
     tpm: int | None = None
     max_in_flight: int | None = None  # prefix-affinity spills over past this
 
@@ -106,6 +107,7 @@ class PluginSpec:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     state: StateConfig = field(default_factory=StateConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     providers: dict[str, Any] = field(default_factory=dict)
     models: list[ModelConfig] = field(default_factory=list)
     pipeline: list[PluginSpec] = field(default_factory=list)
@@ -118,9 +120,12 @@ class Config:
             return ConfigError(f"{self.source}: {format_path(path)}: {message}")
         return self.located.error(path, message)
 
-    def shared_state_plugins(self) -> list[str]:
-        """Plugins whose counters must be shared by every worker."""
+    def shared_state_users(self) -> list[str]:
+        """What keeps counters that must be shared by every worker: deployment caps
+        and plugins that say they use the state."""
         stateful = []
+        if any(d.rpm or d.tpm for m in self.models for d in m.deployments):
+            stateful.append("deployment caps (rpm/tpm)")
         for spec in self.pipeline:
             uses_state = getattr(plugin_class(spec.name), "uses_state", None)
             if uses_state is not None and uses_state(spec.config, self):
@@ -147,7 +152,7 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
         raise src.error((), "the config must be a mapping")
     if not data:
         raise ConfigError(f"{filename}: the config is empty (see proxy.yaml for an example)")
-    known = {"server", "state", "providers", "models", "pipeline"}
+    known = {"server", "state", "health", "providers", "models", "pipeline"}
     for key in data:
         if key not in known:
             raise src.error((key,), f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -158,10 +163,13 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
     if not models:
         raise src.error(("models",), "no models: the gateway would serve nothing")
     _check_models(models, providers, src)
+    health = build(HealthConfig, data.get("health"), ("health",), src)
+    _check_health(health, providers, src)
     pipeline = _pipeline(data.get("pipeline") or [], src)
     return Config(
         server=server,
         state=state,
+        health=health,
         providers=providers,
         models=models,
         pipeline=pipeline,
@@ -207,6 +215,17 @@ def _check_models(models: list[ModelConfig], providers: dict, src: Source) -> No
                     ("models", i, "deployments", j, "provider"),
                     f"no provider named '{dep.provider}' under providers:",
                 )
+
+
+def _check_health(health: HealthConfig, providers: dict, src: Source) -> None:
+    for j, name in enumerate(health.checks.providers if health.checks else []):
+        at = ("health", "checks", "providers", j)
+        if name not in providers:
+            raise src.error(at, f"no provider named '{name}' under providers:")
+        try:
+            check_url(providers[name], name)
+        except ValueError as exc:
+            raise src.error(at, str(exc)) from None
 
 
 def _pipeline(raw: Any, src: Source) -> list[PluginSpec]:

@@ -23,10 +23,18 @@ from proxy.asgi import (
     watch_disconnect,
 )
 from proxy.catalog import Catalog
+from proxy.choice import Chooser
 from proxy.config import Config, PluginSpec, SettingError
 from proxy.context import PluginContext
-from proxy.errors import GatewayError, InternalError, ModelNotFound, ShuttingDown
-from proxy.health import Health
+from proxy.errors import (
+    GatewayError,
+    InternalError,
+    ModelNotFound,
+    ShuttingDown,
+    UpstreamStatus,
+    UpstreamUnavailable,
+)
+from proxy.health import Health, check_url
 from proxy.metrics import Metrics
 from proxy.pipeline import (
     Call,
@@ -63,7 +71,9 @@ class Gateway:
         self.metrics = Metrics()
         self.state = create_state(config.state)
         self.state.on_dropped = self.metrics.state_dropped.inc
-        self.health = Health()
+        names = [d.name for m in self.catalog.models.values() for d in m.deployments]
+        self.health = Health(config.health, state=self.state, probes=_probes(config), names=names)
+        self.chooser = Chooser(self.health, self.state)
         self.admin_key = config.server.admin_key
         self.admin_routes: list[AdminRoute] = []  # plugins add theirs through the context
         self.context = PluginContext(
@@ -97,6 +107,7 @@ class Gateway:
 
     async def start(self) -> None:
         await self.state.start()
+        await self.health.start()
         for u in self.upstreams.values():
             await u.start()
         for plugin in self.plugins:
@@ -116,13 +127,17 @@ class Gateway:
                 await plugin.close()
         for u in self.upstreams.values():
             await u.close()
+        await self.health.close()
         await self.state.close()
 
     def ready(self) -> bool:
         return self.started and all(p.ready() for p in self.plugins if hasattr(p, "ready"))
 
     async def dispatch(self, call: Call) -> Reply:
-        """The chain's innermost step: answer from the catalog, or call the upstream."""
+        """The chain's innermost step, run once per attempt: answer from the catalog,
+        or choose a deployment (proxy/choice.py) and call its upstream. The outcome
+        is recorded in deployment health; a stream has answered once its first
+        event arrives, so one that fails before that is an error fallback can retry."""
         if call.endpoint == "models":
             return Reply.json(self.list_models(call))
         if call.endpoint == "model":
@@ -134,28 +149,41 @@ class Gateway:
             call.model = self.catalog.get(call.body["model"])
         if not permitted(call.identity, call.model):
             raise refuse(call.identity, call.model)
-        deployment = call.deployment or call.model.deployments[0]
-        if deployment not in call.model.deployments:
-            deployment = call.model.deployments[0]
-        call.deployment = deployment
+        deployment = await self.chooser.choose(call)
         call.attempts += 1
         deployment.in_flight += 1
         started = time.perf_counter()
+        reply: Reply | None = None
         try:
             reply = await self.upstreams[deployment.provider].send(call, deployment.model)
-        except BaseException:
-            deployment.in_flight -= 1
-            raise
-        finally:
+            reply.deployment = deployment
+            keep(call, reply)
+            if reply.events is not None:
+                reply.owns(deployment.leave)
+                await _opening(reply)
+        except BaseException as exc:
             call.upstream_s += time.perf_counter() - started
-        reply.deployment = deployment
-        keep(call, reply)
+            if reply is not None and reply.events is not None:
+                await reply.aclose()  # gives the in-flight count back
+            else:
+                deployment.in_flight -= 1
+            call.failed[deployment.name] = time.monotonic()
+            await self.chooser.settle(call.reserved, None)
+            call.reserved = None
+            if isinstance(exc, GatewayError):
+                await self.health.record(deployment.name, exc)
+            raise
+        waited = time.perf_counter() - started
+        call.upstream_s += waited
+        deployment.observe(waited)  # the whole call, or a stream's first event
         if reply.events is None:
             deployment.in_flight -= 1
-            deployment.observe(time.perf_counter() - started)
         else:
-            reply.events = _timed(reply.events, call, deployment, started)
-            reply.owns(deployment.leave)
+            reply.wrap_events(lambda events: _timed(events, call))
+        if call.reserved is not None:
+            reserved, call.reserved = call.reserved, None
+            reply.on_complete(lambda r: self.chooser.settle(reserved, r))
+        await self.health.record(deployment.name, None)
         return reply
 
     async def run(self, call: Call) -> Reply:
@@ -367,21 +395,44 @@ def request_id_of(headers) -> str:
     return f"{random.getrandbits(96):024x}"  # unique, not secret: no syscall
 
 
-async def _timed(events, call: Call, deployment, started: float):
+async def _timed(events, call: Call):
     """Count the wait for each event of a stream as upstream time, whatever the
-    adapter (the one place streams are timed), and time its first on its deployment."""
+    adapter: the one place streams are timed (the first event, awaited in
+    dispatch, is counted there)."""
     try:
         waited = time.perf_counter()
         async for event in events:
-            now = time.perf_counter()
-            call.upstream_s += now - waited
-            if started:
-                deployment.observe(now - started)
-                started = 0.0
+            call.upstream_s += time.perf_counter() - waited
             yield event
             waited = time.perf_counter()
     finally:
         await events.aclose()
+
+
+async def _opening(reply: Reply) -> None:
+    """Wait for a stream's first event; raise if the stream fails, ends, or opens with
+    an error or something that is not JSON, before anything reached the client."""
+    first = await reply.peek()
+    if first is None:
+        raise UpstreamUnavailable("the upstream ended the stream before any event")
+    data = first.json()  # a GatewayError when it is not JSON
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        error = data["error"]
+        raise UpstreamStatus(
+            502, str(error.get("message") or "upstream stream error"), code=error.get("code")
+        )
+
+
+def _probes(config: Config) -> dict[str, tuple[str, list[str]]]:
+    """Each health-checked provider: its check URL and its deployments' names."""
+    checks = config.health.checks
+    return {
+        provider: (
+            check_url(config.providers[provider], provider),
+            [d.label for m in config.models for d in m.deployments if d.provider == provider],
+        )
+        for provider in (checks.providers if checks else [])
+    }
 
 
 class _Outcome:

@@ -1,13 +1,45 @@
-"""Deployment health: the core's one view of which deployments may be tried now."""
+"""Deployment health: the core's one view of which deployments may be tried now.
+
+    health:
+      breaker: {failures: 5, window_s: 60, cooldown_s: 30}
+      sync_s: 1                 # with Redis: how often each replica reads the shared breakers
+      checks:                   # active checks of local backends (vLLM, TGI, Ollama)
+        providers: [local-vllm]
+        interval_s: 10
+        timeout_s: 2
+
+The gateway records the outcome of every attempt here (`record`), whichever
+plugins are configured; the deployment choice (proxy/choice.py) skips what is
+not healthy; routing and fallback read it.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import httpx
+
+from proxy.errors import (
+    GatewayError,
+    ProviderNotConfigured,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.state import StateUnavailable
+
+if TYPE_CHECKING:
+    from proxy.state import State
 
 log = logging.getLogger("meshgate.health")
+
+Failure = Literal["rate_limit", "server_error", "timeout", "unavailable"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -16,23 +48,108 @@ class BreakerConfig:
     window_s: float = 60.0
     cooldown_s: float = 30.0  # open this long, then one probe decides
 
+    def __post_init__(self) -> None:
+        if self.failures < 1:
+            raise ValueError("failures must be at least 1")
+        if min(self.window_s, self.cooldown_s) <= 0:
+            raise ValueError("window_s and cooldown_s must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChecksConfig:
+    providers: list[str]  # openai-type servers are asked for /models, tgi for /health
+    interval_s: float = 10.0
+    timeout_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if min(self.interval_s, self.timeout_s) <= 0:
+            raise ValueError("interval_s and timeout_s must be positive")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HealthConfig:
+    breaker: BreakerConfig = field(default_factory=BreakerConfig)
+    sync_s: float = 1.0  # with Redis: how often each replica reads the shared breakers
+    checks: ChecksConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.sync_s <= 0:
+            raise ValueError("sync_s must be positive")
+
+
+def classify(error: GatewayError) -> Failure | None:
+    """What kind of upstream failure `error` is, or None when it is not one (the
+    client's mistake, the gateway's own refusal): the one place that decides
+    what counts against a deployment and what fallback may retry."""
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, (UpstreamUnavailable, ProviderNotConfigured)):
+        return "unavailable"
+    if isinstance(error, UpstreamStatus):
+        if error.status == 429:
+            return "rate_limit"
+        if error.status >= 500:
+            return "server_error"
+    return None
+
+
+def check_url(provider_config, name: str) -> str:
+    """Where a provider's active health check asks; ValueError for a type without one."""
+    if provider_config.type == "openai":
+        return str(provider_config.base_url).rstrip("/") + "/models"
+    if provider_config.type == "tgi":
+        return str(provider_config.base_url).rstrip("/") + "/health"
+    raise ValueError(f"health checks need an openai or tgi provider, not {provider_config.type}")
+
 
 class Health:
     """Which deployments may be tried now. Per deployment, a circuit breaker
     (closed; open for a cooldown; then half-open for one probe whose outcome closes
     or reopens it), breakers opened by other replicas, and failed health checks.
-    The gateway owns one; routing reads it, fallback records outcomes into it."""
 
-    def __init__(self, config: BreakerConfig | None = None, clock=time.monotonic) -> None:
-        self.config = config or BreakerConfig()
+    `probes` maps a provider to its check URL and its deployments' names;
+    `state`, when shared (Redis), carries breakers to every replica."""
+
+    def __init__(
+        self,
+        config: HealthConfig | None = None,
+        *,
+        state: State | None = None,
+        probes: dict[str, tuple[str, list[str]]] | None = None,
+        names: list[str] | None = None,
+        clock=time.monotonic,
+    ) -> None:
+        self.config = config or HealthConfig()
+        self.state = state
+        self.probes = probes or {}
+        self.names = names or []  # every deployment, for the breaker sync
         self.clock = clock
         self.failures: dict[str, deque[float]] = {}
         self.open_until: dict[str, float] = {}
         self.probing: set[str] = set()
         self.remote_until: dict[str, float] = {}  # opened by any replica, as last synced
         self.down: set[str] = set()  # failing their active health check
+        self._tasks: list[asyncio.Task] = []
+
+    @property
+    def shared(self) -> bool:
+        return self.state is not None and self.state.config.shared
+
+    async def start(self) -> None:
+        if self.shared:
+            self._tasks.append(asyncio.create_task(self._sync_forever()))
+        if self.probes:
+            self._tasks.append(asyncio.create_task(self._check_forever()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
 
     def allows(self, name: str) -> bool:
+        """Whether `name` may take an attempt now; a half-open breaker lets one through."""
         if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
             return False
         until = self.open_until.get(name)
@@ -49,9 +166,34 @@ class Health:
         until = self.open_until.get(name)
         return until is not None and (self.clock() < until or name in self.probing)
 
-    def was_troubled(self, name: str) -> bool:
-        """Open, probing or opened elsewhere: a success here should close it everywhere."""
-        return name in self.open_until or name in self.remote_until
+    async def record(self, name: str, error: GatewayError | None) -> None:
+        """The outcome of one attempt on `name`: a success, or an error that counts
+        against it when it is an upstream failure."""
+        if error is None:
+            await self.succeeded(name)
+        elif classify(error) is not None:
+            await self.failed(name)
+
+    async def failed(self, name: str) -> None:
+        self.failure(name)
+        if not self.shared:
+            return
+        b = self.config.breaker
+        try:
+            if await self.state.breaker_failure(name, b.failures, b.window_s, b.cooldown_s):
+                self.remote_until[name] = self.clock() + b.cooldown_s
+                log.warning("circuit breaker for %s opened for every replica", name)
+        except StateUnavailable as exc:  # the local breaker stands
+            log.warning("could not share a failure of %s: %s", name, exc)
+
+    async def succeeded(self, name: str) -> None:
+        troubled = name in self.open_until or name in self.remote_until
+        self.success(name)
+        if troubled and self.shared:
+            try:
+                await self.state.breaker_close(name)
+            except StateUnavailable as exc:
+                log.warning("could not share the recovery of %s: %s", name, exc)
 
     def success(self, name: str) -> None:
         if name in self.open_until:
@@ -63,19 +205,52 @@ class Health:
 
     def failure(self, name: str) -> None:
         now = self.clock()
+        config = self.config.breaker
         if name in self.probing:  # the probe failed: open again
             self.probing.discard(name)
-            self.open_until[name] = now + self.config.cooldown_s
+            self.open_until[name] = now + config.cooldown_s
             return
         recent = self.failures.setdefault(name, deque())
         recent.append(now)
-        while recent and recent[0] < now - self.config.window_s:
+        while recent and recent[0] < now - config.window_s:
             recent.popleft()
-        if len(recent) >= self.config.failures and name not in self.open_until:
-            self.open_until[name] = now + self.config.cooldown_s
+        if len(recent) >= config.failures and name not in self.open_until:
+            self.open_until[name] = now + config.cooldown_s
             recent.clear()
-            log.warning("circuit breaker for %s opened for %gs", name, self.config.cooldown_s)
+            log.warning("circuit breaker for %s opened for %gs", name, config.cooldown_s)
 
-    def configure(self, config: BreakerConfig) -> None:
-        """Use these thresholds (the fallback plugin's `breaker:` settings)."""
-        self.config = config
+    async def _sync_forever(self) -> None:
+        """Keep this replica's view of breakers opened by any replica fresh."""
+        while True:
+            try:
+                remaining = await self.state.breakers_open(self.names)
+            except StateUnavailable as exc:
+                log.debug("breaker sync skipped: %s", exc)
+            else:
+                now = self.clock()
+                self.remote_until = {n: now + s for n, s in (remaining or {}).items()}
+            await asyncio.sleep(self.config.sync_s)
+
+    async def _check_forever(self) -> None:
+        """Probe local backends; while a probe fails its deployments are skipped."""
+        checks = self.config.checks
+        async with httpx.AsyncClient(timeout=checks.timeout_s) as client:
+            while True:
+                await asyncio.gather(*(self._check(client, p) for p in self.probes))
+                await asyncio.sleep(checks.interval_s)
+
+    async def _check(self, client: httpx.AsyncClient, provider: str) -> None:
+        url, deployments = self.probes[provider]
+        try:
+            healthy = (await client.get(url)).status_code < 400
+        except httpx.HTTPError:
+            healthy = False
+        was_down = bool(deployments) and deployments[0] in self.down
+        if healthy:
+            self.down.difference_update(deployments)
+            if was_down:
+                log.info("provider %s passes its health check again", provider)
+        else:
+            self.down.update(deployments)
+            if not was_down:
+                log.warning("provider %s fails its health check (%s)", provider, url)

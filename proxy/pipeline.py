@@ -85,6 +85,10 @@ def refuse(identity: Identity, model: Model) -> PermissionDenied:
     )
 
 
+# Orders a model's deployments, best first, for one attempt of a call.
+Rank = Callable[["Call", "list[Deployment]"], "list[Deployment]"]
+
+
 @dataclass(slots=True, eq=False)
 class Call:
     """One client request on its way through the pipeline.
@@ -99,10 +103,15 @@ class Call:
     request_id: str
     identity: Identity | None = None
     model: Model | None = None  # resolved from body["model"] by the gateway
-    deployment: Deployment | None = None  # set by routing, or the model's first
+    deployment: Deployment | None = None  # this attempt's, chosen by proxy/choice.py
     state: dict[str, Any] = field(default_factory=dict)  # per-request plugin scratch space
     upstream_s: float = 0.0  # time spent waiting on upstreams, summed over attempts
     attempts: int = 0
+    # How to order a model's deployments for an attempt (set by a routing plugin;
+    # None keeps the config's order), and the deployments this call has failed on.
+    rank: Rank | None = None
+    failed: dict[str, float] = field(default_factory=dict)  # name -> when (monotonic)
+    reserved: Any = None  # what the chosen deployment's caps counted for this attempt
     # Every Reply the chain produced for this call, so the gateway can close the
     # ones a plugin dropped (raised after call_next, kept one of several).
     replies: list[Reply] = field(default_factory=list)

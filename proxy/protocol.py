@@ -224,7 +224,7 @@ def estimate_tokens(endpoint: str, body: dict, default_completion: int | None = 
     (every string of the input counts: tool calls and arguments are tokens too), plus
     the answer's limit (`max_completion_tokens`, `max_tokens`, else
     `default_completion`) times `n`."""
-    prompt = _characters(body.get(INPUT_FIELD[endpoint])) // 4 + 1
+    prompt = estimate_prompt_tokens(endpoint, body)
     if endpoint == "embeddings":
         return prompt
     answer = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -232,6 +232,11 @@ def estimate_tokens(endpoint: str, body: dict, default_completion: int | None = 
         answer = DEFAULT_COMPLETION_TOKENS if default_completion is None else default_completion
     n = body.get("n")
     return prompt + answer * (n if isinstance(n, int) and n > 0 else 1)
+
+
+def estimate_prompt_tokens(endpoint: str, body: dict) -> int:
+    """The prompt's tokens, before it is sent: about four characters a token."""
+    return _characters(body.get(INPUT_FIELD[endpoint])) // 4 + 1
 
 
 def _require(body: dict, name: str, types) -> Any:

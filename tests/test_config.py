@@ -150,8 +150,6 @@ def test_a_value_check_points_at_its_key(section, where):
          "11: pipeline[0].fallback.models.m.fallbacks[1]", "model named 'ghost'"),
         ("  - fallback:\n      models:\n        ghost: {fallbacks: [m]}\n",
          "10: pipeline[0].fallback.models.ghost", "model named 'ghost'"),
-        ("  - fallback:\n      health_checks:\n        providers: [ghost]\n",
-         "10: pipeline[0].fallback.health_checks.providers[0]", "provider named 'ghost'"),
         ("  - routing:\n      models:\n        m:\n          strategy: complexity\n"
          "          rules:\n            - {model: ghost}\n",
          "13: pipeline[0].routing.models.m.rules[0].model", "model named 'ghost'"),
@@ -168,6 +166,21 @@ def test_a_cross_reference_error_names_its_line_and_key(pipeline, where, names):
     with pytest.raises(ConfigError) as info:
         Gateway(config)
     assert str(info.value).startswith(f"test.yaml:{where}: no {names} under "), str(info.value)
+
+
+def test_health_settings_are_checked_where_they_are_and_old_places_say_where_they_moved():
+    message = error_of(BASE + "health:\n  checks:\n    providers: [up, ghost]\n")
+    assert "test.yaml:9: health.checks.providers[1]: no provider named 'ghost'" in message
+    simulated = ("providers:\n  sim: {type: simulated}\nmodels: [{name: m, deployments: "
+                 "[{provider: sim, model: x}]}]\nhealth:\n  checks: {providers: [sim]}\n")  # fmt: skip
+    assert "health checks need an openai or tgi provider, not simulated" in error_of(simulated)
+    for key, place in [("breaker", "health.breaker"), ("health_checks", "health.checks"),
+                       ("breaker_sync_s", "health.sync_s")]:  # fmt: skip
+        message = error_of(BASE + f"pipeline:\n  - fallback:\n      {key}: {{}}\n")
+        assert f"pipeline[0].fallback.{key}: this setting moved to {place}" in message
+    assert "failures must be at least 1" in error_of(
+        BASE + "health:\n  breaker: {failures: 0}\n"
+    )
 
 
 def test_pipeline_plugins_validated_at_load():

@@ -11,7 +11,6 @@ import openai
 import orjson
 import pytest
 
-from proxy.health import BreakerConfig, Health
 from tests.conftest import free_port, start_fake_upstream, start_gateway, upstream_stats
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -44,7 +43,8 @@ pipeline:
       models:
         primary: {{fallbacks: [backup], context_window: [long]}}
         gone: {{fallbacks: [backup]}}
-      breaker: {{failures: 3, window_s: 30, cooldown_s: 1}}
+health:
+  breaker: {{failures: 3, window_s: 30, cooldown_s: 1}}
 """)  # fmt: skip
     yield server
     server.stop()
@@ -168,25 +168,6 @@ pipeline:
         gateway.stop()
 
 
-def test_breaker_unit():
-    now = [0.0]
-    breaker = Health(BreakerConfig(failures=2, window_s=10, cooldown_s=5), clock=lambda: now[0])
-    breaker.failure("d")
-    now[0] = 11  # the first failure left the window
-    breaker.failure("d")
-    assert breaker.allows("d")
-    breaker.failure("d")
-    assert breaker.is_open("d") and not breaker.allows("d")
-    now[0] = 17
-    assert breaker.allows("d") and not breaker.allows("d")  # one probe only
-    breaker.failure("d")  # the probe failed
-    assert breaker.is_open("d")
-    now[0] = 23
-    assert breaker.allows("d")
-    breaker.success("d")
-    assert not breaker.is_open("d")
-
-
 def test_async_concurrent_fallbacks(gateway):
     async def main():
         c = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
@@ -221,8 +202,9 @@ models:
 pipeline:
   - fallback:
       attempts: 2
-      breaker_sync_s: 0.1
-      breaker: {{failures: 3, window_s: 30, cooldown_s: 30}}
+health:
+  sync_s: 0.1
+  breaker: {{failures: 3, window_s: 30, cooldown_s: 30}}
 """  # fmt: skip
     first, second = start_gateway(tmp_path, config), start_gateway(tmp_path, config)
     try:
@@ -255,8 +237,9 @@ models:
     deployments: [{{provider: a, model: m, name: replica-a}}, {{provider: b, model: m, name: replica-b}}]
 pipeline:
   - routing: {{strategy: least-busy}}
-  - fallback:
-      health_checks: {{providers: [a, b], interval_s: 0.1, timeout_s: 0.5}}
+  - fallback: {{}}
+health:
+  checks: {{providers: [a, b], interval_s: 0.1, timeout_s: 0.5}}
 """)  # fmt: skip
 
     def answered_by():

@@ -110,13 +110,16 @@ def test_upstream_failure_before_first_event_is_an_ordinary_error(http):
     assert_error(r, 503)
 
 
-def test_upstream_error_event_passes_through(http):
+def test_an_upstream_error_event_is_an_error_before_the_stream_starts_and_passes_after(http):
     body = {"model": "gpt-test", "messages": MESSAGES, "stream": True, "fake": {"error_event": 1}}
     r = http.post("/v1/chat/completions", json=body)
+    assert r.status_code == 502  # nothing was sent yet: an ordinary error (and retryable)
+    assert r.json()["error"]["message"] == "injected stream error"
+    body["fake"] = {"error_event_after": 2}
+    r = http.post("/v1/chat/completions", json=body)
     assert r.status_code == 200
-    assert (
-        orjson.loads(r.content.split(b"\n\n")[0][6:])["error"]["message"] == "injected stream error"
-    )
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert orjson.loads(events[2][6:])["error"]["message"] == "injected stream error"
 
 
 @pytest.mark.parametrize(

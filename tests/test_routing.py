@@ -78,7 +78,9 @@ pipeline:
             - {{model: strong, keywords: [prove, "step by step"]}}
             - {{model: strong, min_prompt_chars: 2000}}
             - {{model: small}}
-  - fallback: {{attempts: 2, backoff_s: 0.05, breaker: {{failures: 1, cooldown_s: 60}}}}
+  - fallback: {{attempts: 2, backoff_s: 0.05}}
+health:
+  breaker: {{failures: 1, cooldown_s: 60}}
 """)  # fmt: skip
     yield server
     server.stop()
@@ -189,3 +191,59 @@ def test_in_flight_returns_to_zero_after_streams(gateway):
         return sorted(r.headers["x-meshgate-deployment"] for r in rs)
 
     assert asyncio.run(main()) == ["busy-a", "busy-b"]
+
+
+def test_every_attempt_is_routed_afresh_with_the_models_own_strategy_and_caps(tmp_path, upstream):
+    """Routing after fallback here (the module's gateway has it before): the order
+    makes no difference, since the choice is made for each attempt by the gateway."""
+    fast, dead = upstream.port, free_port()
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  fast: {{type: openai, base_url: "http://127.0.0.1:{fast}/v1"}}
+  dead: {{type: openai, base_url: "http://127.0.0.1:{dead}/v1", timeouts: {{connect_s: 1}}}}
+models:
+  - name: main
+    deployments: [{{provider: dead, model: x, name: main-dead}}]
+  - name: spare
+    deployments:
+      - {{provider: fast, model: s, name: spare-dear, price: {{input_usd_per_mtok: 5, output_usd_per_mtok: 15}}}}
+      - {{provider: fast, model: s, name: spare-cheap, rpm: 1, price: {{input_usd_per_mtok: 0.1, output_usd_per_mtok: 0.1}}}}
+  - name: retried
+    deployments:
+      - {{provider: dead, model: r, name: retried-dead}}
+      - {{provider: fast, model: r, name: retried-capped, rpm: 1}}
+      - {{provider: fast, model: r, name: retried-open}}
+pipeline:
+  - fallback:
+      attempts: 2
+      backoff_s: 0.01
+      models: {{main: {{fallbacks: [spare]}}}}
+  - routing:
+      strategy: weighted
+      models: {{spare: {{strategy: cost}}, retried: {{strategy: least-busy}}}}
+health:
+  breaker: {{failures: 1000}}
+""")  # fmt: skip
+
+    def served(model):
+        r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                       json={"model": model, "messages": MESSAGES})  # fmt: skip
+        return r.status_code, r.headers.get("x-meshgate-deployment"), r.json()
+
+    try:
+        # main fails; its fallback is ranked by cost, its own strategy...
+        assert served("main")[:2] == (200, "spare-cheap")
+        # ...and its caps hold: the cheap one took its one request this minute.
+        assert served("main")[:2] == (200, "spare-dear")
+        # A retry is routed and capped too: it never returns to the dead one
+        # (least-busy would tie them) and it skips the capped one once it is full.
+        picks = []
+        for _ in range(6):
+            status, deployment, _ = served("retried")
+            assert status == 200
+            picks.append(deployment)
+        assert picks.count("retried-capped") == 1, picks
+        assert "retried-dead" not in picks
+    finally:
+        gateway.stop()

@@ -1,0 +1,104 @@
+"""Deployment health: breakers, the outcome of attempts, and what counts as a failure."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.errors import (
+    GatewayError,
+    InvalidRequest,
+    PermissionDenied,
+    ProviderNotConfigured,
+    QuotaExceeded,
+    RateLimited,
+    UpstreamStatus,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from proxy.health import BreakerConfig, Health, HealthConfig, classify
+from proxy.state import StateConfig, create_state
+
+
+def health(clock, **breaker) -> Health:
+    return Health(HealthConfig(breaker=BreakerConfig(**breaker)), clock=clock)
+
+
+def test_a_breaker_opens_lets_one_probe_through_and_closes():
+    now = [0.0]
+    h = health(lambda: now[0], failures=2, window_s=10, cooldown_s=5)
+    h.failure("d")
+    now[0] = 11  # the first failure left the window
+    h.failure("d")
+    assert h.allows("d")
+    h.failure("d")
+    assert h.is_open("d") and not h.allows("d")
+    now[0] = 17
+    assert h.allows("d") and not h.allows("d")  # one probe only
+    h.failure("d")  # the probe failed
+    assert h.is_open("d")
+    now[0] = 23
+    assert h.allows("d")
+    h.success("d")
+    assert not h.is_open("d")
+
+
+def test_only_upstream_failures_count_against_a_deployment():
+    async def main():
+        h = health(lambda: 0.0, failures=1)
+        for error in (InvalidRequest("bad"), PermissionDenied("no"), UpstreamStatus(404, "x"),
+                      QuotaExceeded("spent"), RateLimited("slow", retry_after_s=1)):  # fmt: skip
+            await h.record("d", error)
+        assert not h.is_open("d")
+        await h.record("d", UpstreamStatus(503, "down"))
+        assert h.is_open("d")
+
+    asyncio.run(main())
+
+
+@given(st.integers(100, 599))
+def test_upstream_statuses_are_failures_exactly_when_retrying_could_help(status):
+    kind = classify(UpstreamStatus(status, "x"))
+    assert kind == ("rate_limit" if status == 429 else "server_error" if status >= 500 else None)
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (UpstreamTimeout("t"), "timeout"),
+        (UpstreamUnavailable("u"), "unavailable"),
+        (ProviderNotConfigured("p"), "unavailable"),
+        (GatewayError("internal"), None),
+    ],
+)
+def test_kinds_of_failure(error, kind):
+    assert classify(error) == kind
+
+
+def test_breaker_settings_are_range_checked():
+    with pytest.raises(ValueError, match="failures"):
+        BreakerConfig(failures=0)
+    with pytest.raises(ValueError, match="positive"):
+        BreakerConfig(cooldown_s=0)
+    with pytest.raises(ValueError, match="sync_s"):
+        HealthConfig(sync_s=0)
+
+
+def test_without_shared_state_nothing_is_sent_to_the_state():
+    class Refusing:
+        config = StateConfig()
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the memory state was asked {name}")
+
+    async def main():
+        h = Health(HealthConfig(breaker=BreakerConfig(failures=1)), state=Refusing())
+        await h.record("d", UpstreamTimeout("t"))
+        await h.record("d", None)
+        assert not h.is_open("d")
+
+    asyncio.run(main())
+    assert create_state(StateConfig()).config.shared is False
