@@ -121,7 +121,9 @@ def test_a_finished_answer_counts_its_real_tokens():
         taken = call_for(catalog, "capped", max_tokens=50)
         taken.failed["x"] = 0.0
         await chooser.choose(taken)
-        reply = Reply.json({"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}})
+        reply = Reply.json(
+            {"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+        )
         await chooser.settle(taken.reserved, reply)  # 5 of 100 used: room for another
         other = call_for(catalog, "capped", max_tokens=50)
         other.failed["x"] = 0.0

@@ -178,9 +178,7 @@ def test_health_settings_are_checked_where_they_are_and_old_places_say_where_the
                        ("breaker_sync_s", "health.sync_s")]:  # fmt: skip
         message = error_of(BASE + f"pipeline:\n  - fallback:\n      {key}: {{}}\n")
         assert f"pipeline[0].fallback.{key}: this setting moved to {place}" in message
-    assert "failures must be at least 1" in error_of(
-        BASE + "health:\n  breaker: {failures: 0}\n"
-    )
+    assert "failures must be at least 1" in error_of(BASE + "health:\n  breaker: {failures: 0}\n")
 
 
 def test_pipeline_plugins_validated_at_load():

@@ -99,7 +99,9 @@ def test_the_import_graph_has_no_circle():
 
     def visit(module: str, path: list[str]) -> None:
         if module in path:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(module) :] + [module]))
+            raise AssertionError(
+                "import circle: " + " -> ".join(path[path.index(module) :] + [module])
+            )
         if module in done:
             return
         for target in sorted(graph[module]):

@@ -38,14 +38,10 @@ def test_model_is_rewritten_and_everything_else_kept():
 
 def test_streams_ask_for_usage_keeping_other_stream_options():
     upstream, model = make()
-    body = orjson.loads(
-        upstream.request_body(call(stream=True, stream_options={"x": 1}), model)
-    )
+    body = orjson.loads(upstream.request_body(call(stream=True, stream_options={"x": 1}), model))
     assert body["stream_options"] == {"x": 1, "include_usage": True}
     upstream, model = make(stream_usage=False)
-    assert "stream_options" not in orjson.loads(
-        upstream.request_body(call(stream=True), model)
-    )
+    assert "stream_options" not in orjson.loads(upstream.request_body(call(stream=True), model))
 
 
 def test_azure_url_and_header():
