@@ -105,6 +105,7 @@ class JWTVerifier:
         """Fetch the JWKS; on failure keep the keys already known."""
         self._last_fetch = time.monotonic()
         try:
+            assert self._client is not None and self.config.jwks_url is not None
             response = await self._client.get(self.config.jwks_url)
             response.raise_for_status()
             keys = parse_jwks(response.content)

@@ -66,6 +66,7 @@ class KeyConfig:
     def digest(self) -> bytes:
         if self.sha256 is not None:
             return bytes.fromhex(self.sha256)
+        assert self.key is not None  # exactly one of them, checked above
         return hashlib.sha256(self.key.encode()).digest()
 
 

@@ -209,7 +209,12 @@ class Quotas:
         caller, model and day."""
         subjects = dict(zip(("key", "team", "user", "model"), who, strict=True))
         subjects["global"] = "all"
-        requests, tokens, concurrency, budget, limits = [], [], [], [], []
+        # indices into `limits`, by kind
+        requests: list[int] = []
+        tokens: list[int] = []
+        concurrency: list[int] = []
+        budget: list[int] = []
+        limits: list[Limit] = []
         for lc in self.config.limits:
             if not lc.matches(subjects):
                 continue

@@ -148,7 +148,7 @@ class Routing:
             if random.random() < self.config.explore:
                 return random.sample(candidates, len(candidates))
             unknown = [d for d in candidates if d.samples == 0]
-            known = sorted((d for d in candidates if d.samples), key=lambda d: d.latency_s)
+            known = sorted((d for d in candidates if d.samples), key=lambda d: d.latency_s or 0.0)
             return unknown + known
         if strategy == "cost":
             return self.by_cost(call, candidates)
@@ -163,6 +163,7 @@ class Routing:
         return sorted(candidates, key=lambda d: (d.in_flight, random.random()))
 
     def by_cost(self, call: Call, candidates: list[Deployment]) -> list[Deployment]:
+        assert call.model is not None
         needed = estimate_prompt_tokens(call.endpoint, call.body)
         fitting = [d for d in candidates if d.context_window is None or needed <= d.context_window]
         if not fitting:

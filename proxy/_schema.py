@@ -24,7 +24,7 @@ import yaml
 try:
     from yaml import CSafeLoader as _Loader
 except ImportError:  # pragma: no cover - PyYAML built without libyaml
-    from yaml import SafeLoader as _Loader  # type: ignore[assignment]
+    from yaml import SafeLoader as _Loader
 
 
 class ConfigError(ValueError):
@@ -155,7 +155,7 @@ def _build(tp: Any, value: Any, path: tuple, src: Source, missing: list | None) 
         missing.append(value.var)
         value = ""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build_dataclass(tp, value, path, src, missing)
     if origin in (Union, types.UnionType):
         options = get_args(tp)

@@ -222,6 +222,7 @@ class Gateway:
         reply: Reply | None = None
         outcome = _Outcome()
         task = asyncio.current_task()
+        assert task is not None  # a request is served in a task
         gone: list = []
         watcher = None
         try:
@@ -239,6 +240,7 @@ class Gateway:
             if reply.streamed:
                 await self._send_stream(send, call, reply, wants_usage, started, outcome)
             else:
+                assert reply.body is not None  # a reply has a body or events
                 await send_bytes(
                     send, reply.status, reply.body, self._headers(call, reply, started)
                 )

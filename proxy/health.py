@@ -132,8 +132,10 @@ class Health:
         self._tasks: list[asyncio.Task] = []
 
     @property
-    def shared(self) -> bool:
-        return self.state is not None and self.state.config.shared
+    def shared(self) -> State | None:
+        """The state that carries breakers to every replica; None with one process."""
+        state = self.state
+        return state if state is not None and state.config.shared else None
 
     async def start(self) -> None:
         if self.shared:
@@ -176,11 +178,12 @@ class Health:
 
     async def failed(self, name: str) -> None:
         self.failure(name)
-        if not self.shared:
+        state = self.shared
+        if state is None:
             return
         b = self.config.breaker
         try:
-            if await self.state.breaker_failure(name, b.failures, b.window_s, b.cooldown_s):
+            if await state.breaker_failure(name, b.failures, b.window_s, b.cooldown_s):
                 self.remote_until[name] = self.clock() + b.cooldown_s
                 log.warning("circuit breaker for %s opened for every replica", name)
         except StateUnavailable as exc:  # the local breaker stands
@@ -189,9 +192,10 @@ class Health:
     async def succeeded(self, name: str) -> None:
         troubled = name in self.open_until or name in self.remote_until
         self.success(name)
-        if troubled and self.shared:
+        state = self.shared
+        if troubled and state is not None:
             try:
-                await self.state.breaker_close(name)
+                await state.breaker_close(name)
             except StateUnavailable as exc:
                 log.warning("could not share the recovery of %s: %s", name, exc)
 
@@ -221,9 +225,11 @@ class Health:
 
     async def _sync_forever(self) -> None:
         """Keep this replica's view of breakers opened by any replica fresh."""
+        state = self.shared
+        assert state is not None
         while True:
             try:
-                remaining = await self.state.breakers_open(self.names)
+                remaining = await state.breakers_open(self.names)
             except StateUnavailable as exc:
                 log.debug("breaker sync skipped: %s", exc)
             else:
@@ -234,6 +240,7 @@ class Health:
     async def _check_forever(self) -> None:
         """Probe local backends; while a probe fails its deployments are skipped."""
         checks = self.config.checks
+        assert checks is not None
         async with httpx.AsyncClient(timeout=checks.timeout_s) as client:
             while True:
                 await asyncio.gather(*(self._check(client, p) for p in self.probes))

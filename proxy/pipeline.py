@@ -79,10 +79,9 @@ def permitted(identity: Identity | None, model: Model) -> bool:
     return allowed
 
 
-def refuse(identity: Identity, model: Model) -> PermissionDenied:
-    return PermissionDenied(
-        f"The API key '{identity.name}' may not use the model `{model.name}`.", param="model"
-    )
+def refuse(identity: Identity | None, model: Model) -> PermissionDenied:
+    who = f"The API key '{identity.name}'" if identity is not None else "This caller"
+    return PermissionDenied(f"{who} may not use the model `{model.name}`.", param="model")
 
 
 # Orders a model's deployments, best first, for one attempt of a call.
@@ -238,6 +237,8 @@ class Reply:
 
         Exceptions from the upstream propagate, so a caller can retry before
         anything reached the client."""
+        if self.events is None:
+            raise TypeError("a buffered reply has no events")
         if self._first is None:
             self._first = (await anext(self.events, None),)
         return self._first[0]
@@ -247,6 +248,8 @@ class Reply:
         if self._first is not None:
             (first,), self._first = self._first, None
             return first
+        if self.events is None:
+            raise TypeError("a buffered reply has no events")
         return await anext(self.events, None)
 
     def owns(self, closer: Closer) -> Reply:

@@ -32,6 +32,9 @@ _BYTES = re.compile("|".join(_PATTERNS).encode().replace(b"\\u2022", "\u2022".en
 _KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.*")
 
 
+Bytes = bytes  # inside Redactor, `bytes` names its method
+
+
 class Redactor:
     """Redacts a fixed set of secrets (a provider's key and header values)."""
 
@@ -61,7 +64,7 @@ class Redactor:
             clean = self._fragments(text).encode()
         return _BYTES.sub(REDACTED.encode(), clean)
 
-    def stream_bytes(self, raw: bytes) -> bytes:
+    def stream_bytes(self, raw: Bytes) -> Bytes:
         """For every event of a stream: whole secrets always, everything in an error."""
         if b'"error"' in raw:
             return self.bytes(raw)

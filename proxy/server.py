@@ -43,7 +43,7 @@ log = logging.getLogger("meshgate.server")
 # sockets to Redis and the like.
 _RESERVED_FDS = 128
 
-_MESSAGES = {
+_MESSAGES: dict[int, tuple[str, str, str | None]] = {
     400: ("The request is not valid HTTP/1.1.", "invalid_request_error", "bad_request"),
     413: ("The request is too large.", "invalid_request_error", "request_too_large"),
     431: (

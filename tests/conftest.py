@@ -4,6 +4,7 @@ on a loopback port, driven over sockets."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import orjson
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 def free_port() -> int:
@@ -116,6 +118,63 @@ models:
   - name: sim
     deployments: [{{provider: sim, model: simulated}}]
 """
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+        self.port = port or free_port()
+        self.workdir = workdir
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.extra = list(extra)
+
+    def start(self) -> RedisServer:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.extra]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> Iterator[RedisServer]:
+    """A real redis-server for one test module."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateways(tmp_path_factory):
+    """Start gateways for one test module: `gateways(config_text, *cli_args, env=...)`
+    returns a running Server; all are stopped when the module is done."""
+    tmp = tmp_path_factory.mktemp("gateways")
+    started: list[Server] = []
+
+    def start(config_text: str, *extra: str, env=None) -> Server:
+        server = start_gateway(tmp, config_text, *extra, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -16,12 +16,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from tests.conftest import free_port, start_gateway
+from tests.conftest import MESSAGES, free_port, start_gateway
 
 ADMIN = "admin-key-0123456789abcdef"
 PLAIN = "sk-team-a-0123456789"
 HASHED = "sk-hashed-0123456789"
-MESSAGES = [{"role": "user", "content": "hi"}]
 
 
 class JWKSServer:

@@ -11,8 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import start_gateway, upstream_stats
-from tests.redis_server import RedisServer
+from tests.conftest import RedisServer, start_gateway, upstream_stats
 
 ADMIN = "admin-key-0123456789abcdef"
 KEYS = {"a1": "a", "a2": "a", "b1": "b", "b": None}  # key name -> team

@@ -11,9 +11,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import free_port, start_fake_upstream, start_gateway, upstream_stats
-
-MESSAGES = [{"role": "user", "content": "hi"}]
+from tests.conftest import MESSAGES, free_port, start_fake_upstream, start_gateway, upstream_stats
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +184,7 @@ def test_async_concurrent_fallbacks(gateway):
 
 
 def test_breaker_state_is_shared_through_redis(tmp_path, upstream):
-    from tests.redis_server import RedisServer
+    from tests.conftest import RedisServer
 
     redis = RedisServer(tmp_path).start()
     dead = free_port()

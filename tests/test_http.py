@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import socket
 import time
+import uuid
 
 import httpx
 import orjson
 import pytest
 
-from tests.conftest import upstream_stats
-
-MESSAGES = [{"role": "user", "content": "Hello!"}]
+from tests.conftest import MESSAGES, upstream_stats
 
 
 @pytest.fixture
@@ -103,11 +102,19 @@ def test_upstream_dies_mid_stream_gives_error_event(http):
     assert len(events) == 3 + 2  # three events, the error event, the final empty piece
 
 
-def test_upstream_failure_before_first_event_is_an_ordinary_error(http):
-    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True, "fake": {"abort_after": 0.0}}
-    body["fake"] = {"error_rate": 1, "error_status": 503}
+@pytest.mark.parametrize(
+    ("fault", "status", "kind"),
+    [
+        ({"error_rate": 1, "error_status": 503}, 503, "server_error"),  # the upstream's own
+        ({"fail_times": 1, "fail_mode": "abort"}, 502, "upstream_error"),  # dropped
+        ({"malformed_event": 1}, 502, "upstream_error"),  # not JSON
+    ],
+)
+def test_upstream_failure_before_first_event_is_an_ordinary_error(http, fault, status, kind):
+    fault = {**fault, "fail_key": uuid.uuid4().hex} if "fail_times" in fault else fault
+    body = {"model": "gpt-test", "messages": MESSAGES, "stream": True, "fake": fault}
     r = http.post("/v1/chat/completions", json=body)
-    assert_error(r, 503)
+    assert_error(r, status, type=kind)
 
 
 def test_an_upstream_error_event_is_an_error_before_the_stream_starts_and_passes_after(http):

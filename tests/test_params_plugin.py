@@ -1,5 +1,7 @@
 import asyncio
 
+from starlette.datastructures import Headers
+
 from plugins.params import Params, ParamsConfig, ParamsRule
 from proxy.pipeline import Call, Reply
 
@@ -19,8 +21,8 @@ def test_rules_apply_by_model_pattern():
         return Reply.json({})
 
     body = {"model": "gpt-x", "messages": [], "max_tokens": 500, "logit_bias": {"1": 2}}
-    asyncio.run(plugin(Call("chat", body, {}, "r"), terminal))
-    asyncio.run(plugin(Call("chat", {"model": "other", "messages": []}, {}, "r"), terminal))
+    asyncio.run(plugin(Call("chat", body, Headers(), "r"), terminal))
+    asyncio.run(plugin(Call("chat", {"model": "other", "messages": []}, Headers(), "r"), terminal))
     assert seen[0] == {"model": "gpt-x", "messages": [], "max_tokens": 100,
                        "temperature": 0.2, "user": "gw"}  # fmt: skip
     assert seen[1] == {"model": "other", "messages": []}

@@ -10,9 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import free_port, start_fake_upstream, start_gateway
-
-MESSAGES = [{"role": "user", "content": "hi"}]
+from tests.conftest import MESSAGES, free_port, start_fake_upstream, start_gateway
 
 
 @pytest.fixture(scope="module")

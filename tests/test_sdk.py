@@ -7,6 +7,8 @@ import asyncio
 import openai
 import pytest
 
+from tests.conftest import MESSAGES
+
 
 @pytest.fixture
 def client(gateway):
@@ -17,9 +19,6 @@ def client(gateway):
 @pytest.fixture
 def aclient(gateway):
     return openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key="sk-client", max_retries=0)
-
-
-MESSAGES = [{"role": "user", "content": "Hello!"}]
 
 
 def test_chat_completion(client):

@@ -11,8 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import start_gateway, upstream_stats
-from tests.redis_server import RedisServer
+from tests.conftest import RedisServer, start_gateway, upstream_stats
 
 pytest.importorskip("sentence_transformers", reason="needs the semantic extra")
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from proxy.state import Limit, StateConfig, StateUnavailable, create_state
-from tests.redis_server import RedisServer
+from tests.conftest import RedisServer
 
 
 @pytest.fixture(scope="module")

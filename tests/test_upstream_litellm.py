@@ -12,6 +12,8 @@ import respx
 pytest.importorskip("litellm", reason="the litellm extra is not installed")
 os.environ["DISABLE_AIOHTTP_TRANSPORT"] = "True"  # let respx see litellm's httpx calls
 
+from starlette.datastructures import Headers
+
 from proxy.errors import UpstreamStatus
 from proxy.pipeline import Call
 from proxy.upstream import litellm as adapter
@@ -156,11 +158,21 @@ def test_only_openai_parameters_pass_from_a_client_to_litellm():
     )
     values = st.one_of(st.text(), st.integers(), st.dictionaries(st.text(), st.text()))
 
+    # What a client might send to steer the gateway's own request, in any case.
+    header_names = st.sampled_from(["authorization", "Authorization", "api-key", "X-Api-Key",
+                                    "x-team", "X-TEAM", "OpenAI-Organization", "x-request-id",
+                                    "anthropic-version", "Host"])  # fmt: skip
+    header_values = st.text(st.characters(min_codepoint=33, max_codepoint=126), min_size=1)
+
     @settings(max_examples=300, deadline=None)
-    @given(st.dictionaries(st.one_of(names, st.text()), values))
-    def check(fields):
+    @given(
+        st.dictionaries(st.one_of(names, st.text()), values),
+        st.dictionaries(header_names, header_values),
+    )
+    def check(fields, client_headers):
         body = {**fields, "model": "haiku", "messages": [{"role": "user", "content": "x"}]}
-        kwargs = upstream.request_kwargs(Call("chat", body, {}, "rid"), model)
+        call = Call("chat", body, Headers(headers=client_headers), "rid")
+        kwargs = upstream.request_kwargs(call, model)
         assert set(kwargs) <= adapter.OPENAI_PARAMS["chat"] | controlled
         assert kwargs["api_key"] == "sk-ant-secret"
         assert kwargs["api_base"] == "http://configured.invalid"

@@ -35,7 +35,7 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from plugins.cache.parts import Probe
-from plugins.cache.semantic import SemanticConfig, create_semantic_cache
+from plugins.cache.semantic import SemanticCache, SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
@@ -84,11 +84,12 @@ class Cache:
         self.config = config
         state = context.config.state
         url = config.url or state.url
+        self.store: MemoryStore | RedisStore
         if config.backend == "redis":
             self.store = RedisStore(url, state.prefix + "cache:", state.timeout_s)
         else:
             self.store = MemoryStore(config.max_entries, config.max_bytes)
-        self.semantic = None
+        self.semantic: SemanticCache | None = None
         if config.semantic is not None:
             prefix = state.prefix + "cache:"
             self.semantic = create_semantic_cache(config.semantic, context, url, prefix)
@@ -153,6 +154,7 @@ class Cache:
         digest = hashlib.sha256(
             call.endpoint.encode() + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
         ).hexdigest()
+        assert call.model is not None
         return f"{namespace}:{call.model.name}:{digest}"
 
     async def lookup(self, key: str) -> Reply | None:
@@ -176,14 +178,16 @@ class Cache:
         """The answer to a verified near-repeat of this prompt, if one is cached."""
         started = time.perf_counter()
         result = "miss"
+        semantic = self.semantic
+        assert semantic is not None  # a probe is made only when it is configured
         try:
             matches, refused = await asyncio.wait_for(
-                self.semantic.find(probe), self.semantic.config.lookup_timeout_s
+                semantic.find(probe), semantic.config.lookup_timeout_s
             )
             for match in matches:
                 stored = await self.store.get(match.key)
                 if stored is None:  # the answer expired or was evicted
-                    await self.semantic.forget(match.key)
+                    await semantic.forget(match.key)
                     continue
                 result = "hit"
                 reply = _reply(stored)
@@ -208,7 +212,7 @@ class Cache:
 
     def capture(self, key: str, reply: Reply, probe: Probe | None, ttl: float) -> None:
         """Store the answer once it has been delivered whole, without delaying it."""
-        if not reply.streamed:
+        if reply.body is not None:
             body = reply.body
             if b'"tool_calls"' not in body:
                 reply.on_complete(
@@ -253,7 +257,7 @@ class Cache:
             log.warning("cache store failed: %s", exc)
             return
         self.metrics.stores.labels("exact").inc()
-        if probe is None:
+        if probe is None or self.semantic is None:
             return
         try:
             await self.semantic.add(probe, key, ttl)
@@ -267,7 +271,7 @@ class Cache:
 
     async def stats(self, request) -> dict:
         entries, size = await self.store.size()
-        lookups = {}
+        lookups: dict[str, dict[str, float]] = {}
         for metric in self.metrics.lookups.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):

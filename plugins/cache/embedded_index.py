@@ -63,6 +63,7 @@ class EmbeddedIndex:
 
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
         vector = probe.vector
+        assert vector is not None, "the lookup embeds the probe before it is added"
         if self.vectors is None:
             self.vectors = np.zeros((self.max_entries, vector.shape[0]), dtype=np.float32)
         if key in self.rows_by_key:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -86,7 +86,7 @@ class LocalEmbedder(Embedder):
         super().__init__(config.max_batch)
         self.path = config.path
         self.threads = config.threads
-        self.model = None
+        self.model: Any = None  # a SentenceTransformer, loaded in start()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="embedder")
 
     async def start(self) -> None:
@@ -98,7 +98,7 @@ class LocalEmbedder(Embedder):
         await super().close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
-    def _load(self):
+    def _load(self) -> Any:
         # Offline: a model that is not on disk is an error, never a download.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -10,6 +10,7 @@ when the first vector shows its size.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -28,7 +29,7 @@ class RedisIndex:
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=max(timeout_s, 1.0), socket_connect_timeout=max(timeout_s, 1.0)
         )
-        self.index = None  # redisvl's AsyncSearchIndex, once the vector size is known
+        self.index: Any = None  # redisvl's AsyncSearchIndex, once the vector size is known
 
     async def start(self) -> None:
         try:
@@ -102,16 +103,18 @@ class RedisIndex:
         return sorted(found, key=lambda c: -c.similarity)
 
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
+        vector = probe.vector
+        assert vector is not None, "the lookup embeds the probe before it is added"
         try:
             if self.index is None:
-                self.index = await self._create(int(probe.vector.shape[0]))
+                self.index = await self._create(int(vector.shape[0]))
             doc = {
                 "scope": probe.scope,
                 "namespace": probe.namespace,
                 "model": probe.model,
                 "key": key,
                 "prompt": probe.prompt,
-                "vector": probe.vector.astype(np.float32).tobytes(),
+                "vector": vector.astype(np.float32).tobytes(),
             }
             await self.index.load([doc], keys=[self._id(key)], ttl=max(1, int(ttl_s)))
         except (RedisError, OSError) as exc:

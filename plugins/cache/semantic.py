@@ -94,6 +94,8 @@ class SemanticCache:
         body = canonical
         if endpoint == "chat":
             messages = body.get("messages")
+            if not isinstance(messages, list):
+                return None
             last = _last_user(messages)
             if last is None:
                 return None

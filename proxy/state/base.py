@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -91,6 +91,8 @@ def valid_amount(amount: float) -> bool:
 class State:
     """The contract both backends implement."""
 
+    config: StateConfig
+
     on_dropped: Callable[[int], None] | None = None  # counts dropped operations (metrics)
 
     def dropped(self, count: int) -> None:
@@ -99,7 +101,7 @@ class State:
         if self.on_dropped is not None:
             self.on_dropped(count)
 
-    def refuse_invalid(self, limits: list[Limit]) -> None:
+    def refuse_invalid(self, limits: Sequence[Limit]) -> None:
         if not all(valid_limit(limit) for limit in limits):
             self.dropped(1)
             raise StateUnavailable("a limit with values that cannot be counted was refused")
@@ -108,7 +110,7 @@ class State:
 
     async def close(self) -> None: ...
 
-    async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+    async def acquire(self, limits: Sequence[Limit], lease: str) -> Verdict:
         """Check every limit; if all pass, count them all (atomically) and take a lease."""
         raise NotImplementedError
 

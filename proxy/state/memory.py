@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 
 from proxy.state.base import (
     LEASE_TTL_S,
@@ -26,7 +27,7 @@ class MemoryState(State):
         self.spend_expiry: dict[str, float] = {}
         self._ops = 0
 
-    async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+    async def acquire(self, limits: Sequence[Limit], lease: str) -> Verdict:
         self.refuse_invalid(limits)
         now = self.clock()
         self._sweep(now)

@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -159,8 +161,8 @@ class _Pending:
         for key, seconds in other.adjust.items():
             self.adjust[key] += seconds
         self.release.extend(other.release)
-        for key, amount in other.spend.items():
-            self.spend[key] += amount
+        for spent, amount in other.spend.items():
+            self.spend[spent] += amount
 
 
 class RedisState(State):
@@ -177,7 +179,7 @@ class RedisState(State):
         )
         self._script = self.redis.register_script(SCRIPT)
         self._breaker_failure = self.redis.register_script(BREAKER_FAILURE)
-        self._queue: list[tuple[list[Limit], str, asyncio.Future]] = []
+        self._queue: list[tuple[Sequence[Limit], str, asyncio.Future]] = []
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
         self._pending = _Pending()
@@ -202,7 +204,7 @@ class RedisState(State):
             log.warning("redis unreachable at shutdown: unsent spend and refunds are lost")
         await self.redis.aclose()
 
-    async def acquire(self, limits: list[Limit], lease: str) -> Verdict:
+    async def acquire(self, limits: Sequence[Limit], lease: str) -> Verdict:
         self.refuse_invalid(limits)
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -244,7 +246,7 @@ class RedisState(State):
     async def _call(self, batch) -> list[Verdict | None]:
         pending, self._pending = self._pending, _Pending()
         p = self.prefix
-        payload = {
+        payload: dict[str, Any] = {
             "lease_ttl": LEASE_TTL_S,
             "spend_ttl": self._spend_ttl,
             "req": [

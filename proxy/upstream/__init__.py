@@ -20,12 +20,12 @@ PROVIDER_TYPES = {
 
 def config_class(kind: str) -> type:
     """The settings class of provider type `kind`."""
-    return importlib.import_module(PROVIDER_TYPES[kind]).Config  # type: ignore[no-any-return]
+    return importlib.import_module(PROVIDER_TYPES[kind]).Config
 
 
 def adapter_class(kind: str) -> type:
     """The adapter class of provider type `kind`."""
-    return importlib.import_module(PROVIDER_TYPES[kind]).Upstream  # type: ignore[no-any-return]
+    return importlib.import_module(PROVIDER_TYPES[kind]).Upstream
 
 
 __all__ = ["PROVIDER_TYPES", "adapter_class", "config_class"]

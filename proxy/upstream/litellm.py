@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import orjson
+
 from proxy.errors import (
     GatewayError,
     InvalidRequest,
@@ -94,8 +96,8 @@ def _no_redirects(litellm) -> None:
         client.follow_redirects = False
         return client
 
-    handler.create_client = create_client
-    handler._meshgate_no_redirects = True
+    handler.create_client = create_client  # type: ignore[method-assign]
+    handler._meshgate_no_redirects = True  # type: ignore[attr-defined]
 
 
 class Upstream(base.Upstream):
@@ -158,9 +160,8 @@ class Upstream(base.Upstream):
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
             return reply.owns(close) if close is not None else reply
-        reply = Reply.json(result.model_dump(exclude_none=True))
-        reply.body = self.redact.stream_bytes(reply.body)  # a hostile upstream echoing the key
-        return reply
+        body = orjson.dumps(result.model_dump(exclude_none=True))
+        return Reply(body=self.redact.stream_bytes(body))  # a hostile upstream echoing the key
 
     async def _events(self, stream: Any, call: Call) -> AsyncIterator[Event]:
         try:

@@ -195,7 +195,7 @@ class Upstream(base.Upstream):
                     if text:
                         yield Event.of({**head, "choices": [_chunk_choice(chat, text, None)]})
                     if details:
-                        finish = FINISH.get(details.get("finish_reason"), "stop")
+                        finish = FINISH.get(str(details.get("finish_reason")), "stop")
                         yield Event.of({**head, "choices": [_chunk_choice(chat, "", finish)]})
                         n = details.get("generated_tokens", 0)
                         usage = {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
@@ -232,7 +232,7 @@ def to_openai(data: Any, call: Call, model: str) -> dict:
         data = data[0]
     details = data.get("details") or {}
     text = data.get("generated_text", "")
-    finish = FINISH.get(details.get("finish_reason"), "stop")
+    finish = FINISH.get(str(details.get("finish_reason")), "stop")
     completion = details.get("generated_tokens", 0)
     prompt = len(details.get("prefill") or ())
     chat = call.endpoint == "chat"

@@ -1,0 +1,271 @@
+"""Each built-in plugin alone: built by the config loader with a real context,
+awaited with a stub `call_next` that records what reached it and answers as told.
+The end-to-end tests (test_auth, test_quotas, test_cache, test_routing,
+test_fallback) drive the same plugins through a real gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from starlette.datastructures import Headers
+
+from proxy.config import parse_config
+from proxy.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    PermissionDenied,
+    RateLimited,
+    UpstreamStatus,
+    UpstreamUnavailable,
+)
+from proxy.gateway import Gateway
+from proxy.pipeline import Call, Reply, finish_call
+
+MODELS = """
+providers: {sim: {type: simulated}}
+models:
+  - name: big
+    deployments:
+      - {provider: sim, model: b1, name: big-dear, price: {input_usd_per_mtok: 9, output_usd_per_mtok: 9}}
+      - {provider: sim, model: b2, name: big-cheap, price: {input_usd_per_mtok: 1, output_usd_per_mtok: 1}}
+  - {name: small, deployments: [{provider: sim, model: s, name: small-1}]}
+  - {name: auto, deployments: [{provider: sim, model: unused}]}
+pipeline:
+"""
+USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+
+
+def plugin_of(settings: str) -> tuple[Gateway, Any]:
+    gateway = Gateway(parse_config(MODELS + settings, "t.yaml", env={"KEY": "sk-unit-test-key"}))
+    return gateway, gateway.plugins[0]
+
+
+def call_of(gateway: Gateway, model: str = "big", headers: dict | None = None, **body) -> Call:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **body}
+    call = Call("chat", body, Headers(headers=headers or {}), "req-1")
+    call.model = gateway.catalog.find(model)
+    return call
+
+
+class Stub:
+    """`call_next`: records each call as it arrived, answers from `answers` in turn
+    (a Reply, an exception to raise, or a function of the call)."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers) or [None]
+        self.seen: list[dict] = []
+
+    async def __call__(self, call: Call) -> Reply:
+        self.seen.append({"model": call.model.name if call.model else None,
+                          "identity": call.identity, "body": dict(call.body),
+                          "rank": call.rank})  # fmt: skip
+        answer = self.answers[min(len(self.seen), len(self.answers)) - 1]
+        if isinstance(answer, Callable) and not isinstance(answer, type):  # type: ignore[arg-type]
+            answer = answer(call)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer or Reply.json({"choices": [], "usage": USAGE})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# --- params ---------------------------------------------------------------------
+
+
+def test_params_rewrites_the_body_before_it_goes_on():
+    gateway, plugin = plugin_of(
+        "  - params: {rules: [{models: [big], max_tokens: 10, remove: [logit_bias]}]}\n"
+    )
+    stub = Stub()
+    run(plugin(call_of(gateway, max_tokens=500, logit_bias={"1": 2}), stub))
+    run(plugin(call_of(gateway, "small", max_tokens=500), stub))
+    assert stub.seen[0]["body"]["max_tokens"] == 10 and "logit_bias" not in stub.seen[0]["body"]
+    assert stub.seen[1]["body"]["max_tokens"] == 500  # the rule is for big only
+
+
+# --- auth -----------------------------------------------------------------------
+
+
+AUTH = "  - auth: {keys: [{name: unit, key: '${KEY}', team: t, models: [small]}]}\n"
+
+
+@pytest.mark.parametrize("header", ["authorization", "Authorization", "AUTHORIZATION"])
+def test_auth_finds_the_key_whatever_the_headers_case_and_sets_the_identity(header):
+    gateway, plugin = plugin_of(AUTH)
+    stub = Stub()
+    run(plugin(call_of(gateway, "small", {header: "Bearer sk-unit-test-key"}), stub))
+    identity = stub.seen[0]["identity"]
+    assert (identity.name, identity.team, identity.subject) == ("unit", "t", "key:unit")
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        ({}, AuthenticationFailed),
+        ({"Authorization": "Bearer sk-wrong-key-000"}, AuthenticationFailed),
+        ({"Authorization": "Basic c2stdW5pdC10ZXN0LWtleQ=="}, AuthenticationFailed),
+    ],
+)
+def test_auth_refuses_before_anything_goes_on(headers, error):
+    gateway, plugin = plugin_of(AUTH)
+    stub = Stub()
+    with pytest.raises(error):
+        run(plugin(call_of(gateway, "small", headers), stub))
+    assert stub.seen == []
+
+
+def test_auth_refuses_a_model_the_key_may_not_use():
+    gateway, plugin = plugin_of(AUTH)
+    stub = Stub()
+    with pytest.raises(PermissionDenied):
+        run(plugin(call_of(gateway, "big", {"authorization": "Bearer sk-unit-test-key"}), stub))
+    assert stub.seen == []
+
+
+# --- quotas ---------------------------------------------------------------------
+
+
+def test_quotas_count_each_call_and_refuse_past_the_limit():
+    gateway, plugin = plugin_of("  - quotas: {limits: [{per: global, rpm: 2}]}\n")
+
+    async def main():
+        stub = Stub()
+        for _ in range(2):
+            call = call_of(gateway)
+            reply = await plugin(call, stub)
+            await finish_call(call, reply, True)
+        with pytest.raises(RateLimited) as info:
+            await plugin(call_of(gateway), stub)
+        return stub, info.value
+
+    stub, refused = run(main())
+    assert len(stub.seen) == 2
+    assert refused.status == 429 and int(refused.headers["retry-after"]) >= 1
+
+
+def test_a_concurrency_slot_is_given_back_even_when_the_rest_of_the_chain_fails():
+    gateway, plugin = plugin_of("  - quotas: {limits: [{per: global, concurrent: 1}]}\n")
+
+    async def main():
+        for _ in range(3):  # each failure must free the one slot for the next call
+            call = call_of(gateway)
+            with pytest.raises(UpstreamStatus):
+                await plugin(call, Stub(UpstreamStatus(500, "boom")))
+            await finish_call(call, None, False)
+        call = call_of(gateway)
+        reply = await plugin(call, Stub())
+        await finish_call(call, reply, True)
+
+    run(main())
+
+
+# --- cache ----------------------------------------------------------------------
+
+
+def test_cache_answers_a_repeat_without_calling_on():
+    gateway, plugin = plugin_of("  - cache: {}\n")
+
+    async def ask(headers=None):
+        call = call_of(gateway, headers=headers)
+        reply = await plugin(call, stub)
+        await finish_call(call, reply, True)  # stores it: the hooks run on finish
+        return reply.headers.get("x-meshgate-cache")
+
+    stub = Stub()
+
+    async def main():
+        return [await ask(), await ask(), await ask({"Cache-Control": "no-store"})]
+
+    assert run(main()) == ["miss", "hit-exact", "bypass"]
+    assert len(stub.seen) == 2  # the hit never went on
+
+
+def test_cache_refuses_a_bad_ttl_header_before_calling_on():
+    gateway, plugin = plugin_of("  - cache: {}\n")
+    stub = Stub()
+    with pytest.raises(InvalidRequest) as info:
+        run(plugin(call_of(gateway, headers={"X-Meshgate-Cache-TTL": "nan"}), stub))
+    assert info.value.param == "x-meshgate-cache-ttl" and stub.seen == []
+
+
+# --- routing --------------------------------------------------------------------
+
+
+ROUTING = """  - routing:
+      strategy: least-busy
+      models:
+        big: {strategy: cost}
+        auto:
+          strategy: complexity
+          rules: [{model: big, keywords: [prove]}, {model: small}]
+"""
+
+
+def test_routing_gives_the_call_a_ranking_by_its_models_strategy():
+    gateway, plugin = plugin_of(ROUTING)
+    stub = Stub()
+    call = call_of(gateway)
+    run(plugin(call, stub))
+    rank = stub.seen[0]["rank"]
+    deployments = gateway.catalog.get("big").deployments
+    assert [d.name for d in rank(call, deployments)] == ["big-cheap", "big-dear"]
+    assert call.deployment is None  # choosing is the gateway's, per attempt
+
+
+def test_routing_rules_pick_the_model():
+    gateway, plugin = plugin_of(ROUTING)
+    stub = Stub()
+    for text in ("please prove it", "hello"):
+        call = call_of(gateway, "auto", messages=[{"role": "user", "content": text}])
+        run(plugin(call, stub))
+    assert [seen["model"] for seen in stub.seen] == ["big", "small"]
+
+
+# --- fallback -------------------------------------------------------------------
+
+
+FALLBACK = """  - fallback:
+      attempts: 2
+      backoff_s: 0.001
+      models: {big: {fallbacks: [small]}}
+"""
+
+
+def test_fallback_retries_upstream_failures_then_moves_to_the_fallback_model():
+    gateway, plugin = plugin_of(FALLBACK)
+    stub = Stub(UpstreamStatus(503, "down"), UpstreamUnavailable("refused"), None)
+    reply = run(plugin(call_of(gateway), stub))
+    assert [seen["model"] for seen in stub.seen] == ["big", "big", "small"]
+    assert reply.status == 200
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        InvalidRequest("bad"),
+        PermissionDenied("no"),
+        UpstreamStatus(400, "bad"),
+        GatewayError("ours"),
+    ],
+)
+def test_fallback_never_retries_what_is_not_an_upstream_failure(error):
+    gateway, plugin = plugin_of(FALLBACK)
+    stub = Stub(error, None)
+    with pytest.raises(type(error)):
+        run(plugin(call_of(gateway), stub))
+    assert len(stub.seen) == 1
+
+
+def test_fallback_gives_up_with_the_last_error_when_nothing_is_left():
+    gateway, plugin = plugin_of(FALLBACK)
+    stub = Stub(UpstreamStatus(502, "still down"))
+    with pytest.raises(UpstreamStatus) as info:
+        run(plugin(call_of(gateway), stub))
+    assert info.value.message == "still down"
+    assert [seen["model"] for seen in stub.seen] == ["big", "big", "small", "small"]
