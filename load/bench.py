@@ -4,12 +4,17 @@
     python -m load.bench --against litellm    # also LiteLLM's proxy on the same upstream
     python -m load.bench --workers 2          # also compare 2 workers with 1
     python -m load.bench --pipeline quotas    # also auth + quotas on Redis
+    python -m load.bench --pipeline full      # also auth, quotas on Redis, an exact cache
+                                              # that misses, routing and fallback
+    python -m load.bench --baseline 4407100   # also every gateway above as that commit
+                                              # runs it, side by side in the same rounds
 
 Starts the fake upstream (load/fake_upstream.py) and the gateway as separate
 processes, runs load/loadgen.py against each in alternating rounds, and prints
 medians over the rounds: requests/s at fixed concurrency and the latency the
 gateway adds at concurrency 1, for non-streaming and streaming chat. The
-machine is shared and noisy, so compare the ratios, not single figures.
+machine is shared and noisy, so compare the ratios, not single figures. Every
+request asks something new (loadgen --unique), so a cache never answers.
 """
 
 from __future__ import annotations
@@ -59,9 +64,9 @@ def wait_http(url: str, timeout_s: float = 60, proc=None, log: str = "") -> None
 
 
 @contextlib.contextmanager
-def process(args: list[str], env: dict | None = None, log: str = "/dev/null"):
+def process(args: list[str], env: dict | None = None, log: str = "/dev/null", cwd: Path = ROOT):
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd)
     try:
         yield proc
     finally:
@@ -95,6 +100,14 @@ ROUTING = """
   - fallback: {attempts: 3, backoff_s: 0.25}
 """
 
+# Everything a production pipeline has in front of the upstream; the cache misses.
+FULL = (
+    QUOTAS
+    + """  - cache: {}
+"""
+    + ROUTING.lstrip("\n")
+)
+
 
 def gateway(
     port: int,
@@ -103,15 +116,18 @@ def gateway(
     tmp: Path,
     state: str | None = None,
     routing: bool = False,
+    full: bool = False,
+    cwd: Path = ROOT,
 ):
     """The gateway over one deployment per upstream port. With `state` ("memory" or a
-    Redis URL), with auth and quotas on it; with `routing`, routing and fallback."""
+    Redis URL), with auth and quotas on it; with `routing`, routing and fallback;
+    with `full`, all of them and the cache. `cwd` is the source tree it runs from."""
     config = tmp / f"gateway-{port}.yaml"
     extra = ""
     if state == "memory":
         extra = QUOTAS
     elif state:
-        extra = f'state: {{backend: redis, url: "{state}"}}\n{QUOTAS}'
+        extra = f'state: {{backend: redis, url: "{state}"}}\n{FULL if full else QUOTAS}'
     if routing:
         extra = "pipeline:" + ROUTING
     providers = "".join(
@@ -136,7 +152,17 @@ models:
 """
     )
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
-    return process(cmd, log=str(tmp / f"gateway-{port}.log"))
+    return process(cmd, log=str(tmp / f"gateway-{port}.log"), cwd=cwd)
+
+
+def source_tree(rev: str, tmp: Path) -> Path:
+    """The project's files at commit `rev`, unpacked under `tmp`."""
+    tree = tmp / f"src-{rev}"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], capture_output=True,
+                             check=True).stdout  # fmt: skip
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
 
 
 def litellm_proxy(port: int, upstream_port: int, tmp: Path):
@@ -171,6 +197,7 @@ def load(port: int, mode: str, concurrency: int, seconds: float) -> dict:
         "--body", orjson.dumps(BODIES[mode]).decode(),
         "--concurrency", str(concurrency), "--seconds", str(seconds),
         "--header", f"authorization: Bearer {BENCH_KEY}",
+        "--unique", "50000",
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, check=True, cwd=ROOT, text=True).stdout
     return orjson.loads(out)
@@ -235,8 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="also measure N workers")
     parser.add_argument(
         "--pipeline",
-        choices=["quotas", "quotas-memory"],
-        help="also a gateway with auth + quotas, on Redis or on the memory backend",
+        choices=["quotas", "quotas-memory", "full"],
+        help="also a gateway with auth + quotas, on Redis or on the memory backend; full: "
+        "auth, quotas on Redis, an exact cache that misses, routing and fallback",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run each gateway from this commit's source, in the same rounds",
     )
     parser.add_argument(
         "--routing", action="store_true", help="also routing + fallback over two deployments"
@@ -251,14 +284,28 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"args": vars(args), "modes": {}}
     with tempfile.TemporaryDirectory(prefix="meshgate-bench-") as tmpdir:
         tmp = Path(tmpdir)
-        up, gw = free_port(), free_port()
+        up = free_port()
         stack = contextlib.ExitStack()
         with stack:
             stack.enter_context(fake_upstream(up, args.tokens))
             wait_http(f"http://127.0.0.1:{up}/health")
-            gw_proc = stack.enter_context(gateway(gw, [up], 1, tmp))
-            wait_http(f"http://127.0.0.1:{gw}/ready")
-            targets = {"direct": up, "meshgate": gw}
+            trees = {"": ROOT}
+            if args.baseline:
+                trees["@" + args.baseline] = source_tree(args.baseline, tmp)
+
+            def start(name: str, *how, **kw) -> None:
+                """One gateway per source tree, named `name` and `name@<rev>`."""
+                for suffix, tree in trees.items():
+                    port = free_port()
+                    proc = stack.enter_context(gateway(port, *how, cwd=tree, **kw))
+                    wait_http(f"http://127.0.0.1:{port}/ready", 60, proc,
+                              str(tmp / f"gateway-{port}.log"))  # fmt: skip
+                    targets[name + suffix] = port
+                    pids.setdefault(name + suffix, proc.pid)
+
+            targets = {"direct": up}
+            pids: dict[str, int] = {}
+            start("meshgate", [up], 1, tmp)
             if args.against == "litellm":
                 ll = free_port()
                 proc = stack.enter_context(litellm_proxy(ll, up, tmp))
@@ -266,38 +313,30 @@ def main(argv: list[str] | None = None) -> int:
                           str(tmp / "litellm.log"))  # fmt: skip
                 targets["litellm"] = ll
             if args.routing:
-                rp = free_port()
-                stack.enter_context(gateway(rp, [up, up], 1, tmp, routing=True))
-                wait_http(f"http://127.0.0.1:{rp}/ready")
-                targets["meshgate+routing"] = rp
+                start("meshgate+routing", [up, up], 1, tmp, routing=True)
             if args.faults:
-                good, flaky, fp = free_port(), free_port(), free_port()
+                good, flaky = free_port(), free_port()
                 stack.enter_context(fake_upstream(good, args.tokens))
                 stack.enter_context(fake_upstream(flaky, args.tokens, "--error-rate", "0.3"))
                 wait_http(f"http://127.0.0.1:{good}/health")
                 wait_http(f"http://127.0.0.1:{flaky}/health")
-                stack.enter_context(gateway(fp, [up, good, flaky], 1, tmp, routing=True))
-                wait_http(f"http://127.0.0.1:{fp}/ready")
-                targets["meshgate+faults"] = fp
+                start("meshgate+faults", [up, good, flaky], 1, tmp, routing=True)
             if args.pipeline:
-                qp = free_port()
                 state = "memory"
-                if args.pipeline == "quotas":
+                if args.pipeline in ("quotas", "full"):
                     rp = free_port()
                     stack.enter_context(redis_server(rp, tmp))
                     time.sleep(0.3)
                     state = f"redis://127.0.0.1:{rp}/0"
-                stack.enter_context(gateway(qp, [up], 1, tmp, state))
-                wait_http(f"http://127.0.0.1:{qp}/ready")
-                targets["meshgate+quotas"] = qp
+                if args.pipeline == "full":
+                    start("meshgate+full", [up, up], 1, tmp, state, full=True)
+                else:
+                    start("meshgate+quotas", [up], 1, tmp, state)
             if args.workers > 1:
-                gw_n = free_port()
-                stack.enter_context(gateway(gw_n, [up], args.workers, tmp))
-                wait_http(f"http://127.0.0.1:{gw_n}/ready")
-                targets[f"meshgate-{args.workers}w"] = gw_n
+                start(f"meshgate-{args.workers}w", [up], args.workers, tmp)
             for mode in BODIES:
                 results["modes"][mode] = compare(targets, mode, args)
-            results["meshgate_rss_mb"] = rss_mb(gw_proc.pid)
+            results["meshgate_rss_mb"] = rss_mb(pids["meshgate"])
     report(results, args)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -310,11 +349,11 @@ def report(results: dict, args) -> None:
     for mode, by_target in results["modes"].items():
         direct = by_target["direct"]
         print(f"\n{mode}")
-        print(f"  {'target':<16}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}"
+        print(f"  {'target':<26}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'+p50 ms':>10}"
               f"{'+p99 ms':>10}{'+ttfb p50':>11}{'failed':>8}")  # fmt: skip
         for name, r in by_target.items():
             print(
-                f"  {name:<16}{r['rps']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+                f"  {name:<26}{r['rps']:>10.1f}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
                 f"{r['p50_ms'] - direct['p50_ms']:>10.3f}{r['p99_ms'] - direct['p99_ms']:>10.3f}"
                 f"{r['ttfb_p50_ms'] - direct['ttfb_p50_ms']:>11.3f}{r['failed']:>8}"
             )
@@ -327,6 +366,17 @@ def report(results: dict, args) -> None:
             added = q["p50_ms"] - by_target["meshgate"]["p50_ms"]
             where = "Redis" if args.pipeline == "quotas" else "the memory backend"
             print(f"  auth+quotas on {where}: {loss:.1%} fewer req/s, +{added:.3f} ms p50")
+        if "meshgate+full" in by_target:
+            f = by_target["meshgate+full"]
+            print(f"  auth+quotas(Redis)+cache miss+routing+fallback keeps "
+                  f"{f['rps'] / mg:.1%} of the bare gateway's req/s, "
+                  f"+{f['p50_ms'] - by_target['meshgate']['p50_ms']:.3f} ms p50")  # fmt: skip
+        if args.baseline:
+            for name, r in by_target.items():
+                base = by_target.get(f"{name}@{args.baseline}")
+                if base and base["rps"]:
+                    print(f"  {name} vs {args.baseline}: {r['rps'] / base['rps']:.1%} req/s, "
+                          f"{r['p50_ms'] - base['p50_ms']:+.3f} ms p50")  # fmt: skip
         if "meshgate+routing" in by_target:
             r = by_target["meshgate+routing"]
             print(f"  routing+fallback, no faults: {1 - r['rps'] / mg:.1%} fewer req/s")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -107,14 +108,15 @@ async def run(
     statuses: dict[int, int] = {}
     errors = 0
     deadline = time.perf_counter() + seconds
+    sent = 0  # one count over every connection: bodies are taken in turn
 
     async def worker(n: int) -> None:
-        nonlocal errors
+        nonlocal errors, sent
         transport, client = await loop.create_connection(Client, host, port)
         try:
             while time.perf_counter() < deadline:
-                payload = payloads[n % len(payloads)]
-                n += 1
+                payload = payloads[sent % len(payloads)]
+                sent += 1
                 started = time.perf_counter()
                 try:
                     status, first = await client.request(payload)
@@ -157,6 +159,17 @@ def summarize(latencies, firsts, statuses, errors, elapsed) -> dict:
     }
 
 
+def unique_bodies(body: dict, count: int) -> list[bytes]:
+    """`count` copies of a chat body, each asking something no other run asked."""
+    salt = os.urandom(6).hex()
+    messages = body["messages"]
+    out = []
+    for i in range(count):
+        last = {**messages[-1], "content": f"{messages[-1]['content']} ({salt}-{i})"}
+        out.append(orjson.dumps({**body, "messages": [*messages[:-1], last]}))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Fixed-concurrency HTTP/1.1 POST load.")
     parser.add_argument("--url", required=True)
@@ -164,6 +177,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--header", action="append", default=[], help="name: value")
+    parser.add_argument(
+        "--unique",
+        type=int,
+        default=0,
+        help="send N different bodies in turn (the last message's text made unique), so "
+        "a cache misses",
+    )
     args = parser.parse_args(argv)
     body = args.body
     if body.startswith("@"):
@@ -177,8 +197,11 @@ def main(argv: list[str] | None = None) -> None:
         runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
     except ImportError:
         runner = asyncio.Runner()
+    payload: bytes | list[bytes] = body.encode()
+    if args.unique:
+        payload = unique_bodies(orjson.loads(body), args.unique)
     with runner:
-        result = runner.run(run(args.url, body.encode(), args.concurrency, args.seconds, headers))
+        result = runner.run(run(args.url, payload, args.concurrency, args.seconds, headers))
     sys.stdout.write(orjson.dumps(result).decode() + "\n")
 
 
