@@ -45,6 +45,7 @@ from proxy.health import classify
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted
 
 log = logging.getLogger("meshgate.fallback")
+UNDER_WAY = "fallback.attempt_under_way"  # in call.state: an attempt has not returned yet
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,8 +101,21 @@ class Fallback:
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         if call.endpoint not in MODEL_CALLS or call.model is None:
             return await call_next(call)
-        requested = call.model.name
         deadline = time.monotonic() + self.config.deadline_s
+        try:
+            async with asyncio.timeout(self.config.deadline_s):  # one timer for every attempt
+                return await self._models(call, call_next, deadline)
+        except TimeoutError:
+            if call.state.get(UNDER_WAY) and call.deployment is not None:
+                await self.health.failed(call.deployment.name)  # cut short by the deadline
+            raise UpstreamTimeout(
+                "the request's deadline passed before an upstream answered"
+            ) from None
+
+    async def _models(self, call: Call, call_next: Next, deadline: float) -> Reply:
+        """The model asked for, then its fallbacks while the errors allow them."""
+        assert call.model is not None
+        requested = call.model.name
         queue = [requested]
         tried: set[str] = set()
         while True:
@@ -132,18 +146,13 @@ class Fallback:
             if time.monotonic() >= deadline:
                 break
             call.deployment = None
+            call.state[UNDER_WAY] = True
             try:
-                async with asyncio.timeout(deadline - time.monotonic()):
-                    return await call_next(call)
-            except TimeoutError:
-                if call.deployment is not None:  # cut short by the deadline: a failure
-                    await self.health.failed(call.deployment.name)
-                raise UpstreamTimeout(
-                    "the request's deadline passed before an upstream answered"
-                ) from None
-            except (NoDeployment, CapsReached):
-                raise  # nothing of this model can take it now: its fallbacks may
+                return await call_next(call)
             except GatewayError as exc:
+                call.state[UNDER_WAY] = False  # it ended: what a timeout cuts next is a wait
+                if isinstance(exc, (NoDeployment, CapsReached)):
+                    raise  # nothing of this model can take it now: its fallbacks may
                 kind = classify(exc)
                 if kind is None or kind not in self.retry_on:
                     raise

@@ -20,6 +20,7 @@ from proxy.errors import (
     PermissionDenied,
     RateLimited,
     UpstreamStatus,
+    UpstreamTimeout,
     UpstreamUnavailable,
 )
 from proxy.gateway import Gateway
@@ -269,3 +270,17 @@ def test_fallback_gives_up_with_the_last_error_when_nothing_is_left():
         run(plugin(call_of(gateway), stub))
     assert info.value.message == "still down"
     assert [seen["model"] for seen in stub.seen] == ["big", "big", "small", "small"]
+
+
+def test_fallbacks_deadline_cuts_an_attempt_and_counts_it_against_its_deployment():
+    gateway, plugin = plugin_of("  - fallback: {deadline_s: 0.05, attempts: 3}\n")
+    deployment = gateway.catalog.get("big").deployments[0]
+
+    async def hangs(call: Call) -> Reply:
+        call.deployment = deployment
+        await asyncio.sleep(30)
+        raise AssertionError("the deadline should have cut this")
+
+    with pytest.raises(UpstreamTimeout):
+        run(plugin(call_of(gateway), hangs))
+    assert len(gateway.health.failures[deployment.name]) == 1
