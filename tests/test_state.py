@@ -5,8 +5,17 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.state import Limit, StateConfig, StateUnavailable, create_state
+from proxy.state import (
+    Limit,
+    StateConfig,
+    StateUnavailable,
+    create_state,
+    valid_amount,
+    valid_limit,
+)
 from tests.conftest import RedisServer
 
 
@@ -248,3 +257,14 @@ def test_a_hung_redis_costs_one_timeout_not_a_retry_and_a_reconnect():
         for conn in accepted:
             conn.close()
     assert connections == 2  # one per call, no reconnects
+
+
+@given(st.one_of(st.floats(), st.integers(), st.text(), st.none(), st.booleans()))
+def test_only_finite_numbers_in_range_are_counted(value):
+    import math
+
+    number = isinstance(value, (int, float)) and not isinstance(value, str)
+    expected = number and math.isfinite(value) and abs(value) < 1e15
+    assert valid_amount(value) == expected
+    limit = Limit("rate", "k", value, 60.0, 1.0)
+    assert valid_limit(limit) == (expected and value > 0)

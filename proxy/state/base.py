@@ -23,7 +23,6 @@ operation the backend refuses is dropped and counted, never retried forever.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -74,18 +73,23 @@ class Verdict:
 
 def valid_limit(limit: Limit) -> bool:
     """Whether a limit's numbers can be counted: finite, positive limits and periods,
-    and a cost that is not negative."""
-    numbers = (limit.limit, limit.period_s, limit.cost)
-    return (
-        all(isinstance(x, (int, float)) and math.isfinite(x) for x in numbers)
-        and limit.limit > 0
-        and limit.period_s > 0
-        and limit.cost >= 0
-    )
+    and a cost that is not negative. (NaN fails every comparison; a value that is not
+    a number cannot be compared.)"""
+    try:
+        return 0 < limit.limit < _BIG and 0 < limit.period_s < _BIG and 0 <= limit.cost < _BIG
+    except TypeError:
+        return False
 
 
 def valid_amount(amount: float) -> bool:
-    return isinstance(amount, (int, float)) and math.isfinite(amount) and abs(amount) < 1e15
+    """Whether an amount can be added to a counter: a finite number under 1e15."""
+    try:
+        return -_BIG < amount < _BIG
+    except TypeError:
+        return False
+
+
+_BIG = 1e15
 
 
 class State:
