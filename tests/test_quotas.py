@@ -272,21 +272,28 @@ def test_redis_outage_follows_on_state_error_and_recovers(tmp_path, upstream):
         redis.stop()
 
 
-def test_memory_backend_refuses_several_workers(tmp_path):
+@pytest.mark.parametrize(
+    ("counting", "who"),
+    [
+        ("pipeline:\n  - quotas: {limits: [{rpm: 10}]}\n", "quotas"),
+        ("", "deployment caps (rpm/tpm)"),  # caps are the core's, counted like quotas
+    ],
+)
+def test_memory_backend_refuses_several_workers(tmp_path, counting, who):
     import subprocess
     import sys
 
     path = tmp_path / "mem.yaml"
-    path.write_text("""
-providers: {sim: {type: simulated}}
-models: [{name: m, deployments: [{provider: sim, model: m}]}]
-pipeline:
-  - quotas: {limits: [{rpm: 10}]}
-""")
+    capped = "rpm: 5" if not counting else "weight: 1"
+    path.write_text(f"""
+providers: {{sim: {{type: simulated}}}}
+models: [{{name: m, deployments: [{{provider: sim, model: m, {capped}}}]}}]
+{counting}""")
     result = subprocess.run([sys.executable, "-m", "proxy", "serve", "--config", str(path), "--workers", "2"],
                             capture_output=True, text=True, cwd=ROOT, timeout=60, env=dict(os.environ))  # fmt: skip
     assert result.returncode == 1
     assert "cannot share the memory state backend" in result.stderr and "redis" in result.stderr
+    assert who in result.stderr
 
 
 def test_slow_redis_counts_as_unavailable(tmp_path, upstream):
