@@ -68,3 +68,29 @@ def test_everything_taken_for_a_call_is_given_back(gateway, upstream, misbehave,
     after = ask(gateway)
     assert after.status_code == 200, after.text
     assert after.headers["x-test-in-flight"] == "0"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_goes_away_leaves_nothing_taken(gateway, upstream, stream):
+    headers = {"authorization": f"Bearer {KEY}"}
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": stream,
+            "fake": {"tokens": 400, "token_delay_ms": 5, "latency_ms": 2000}}  # fmt: skip
+    for _ in range(3):  # concurrent: 2, so a slot left behind would refuse the third
+        with httpx.Client(timeout=30) as client:
+            if stream:
+                with client.stream("POST", gateway.url + "/v1/chat/completions",
+                                   json=body, headers=headers) as r:  # fmt: skip
+                    assert r.status_code == 200
+                    next(r.iter_raw())  # the stream has started; then the client hangs up
+            else:
+                with pytest.raises(httpx.ReadTimeout):  # gone before the answer came
+                    client.post(gateway.url + "/v1/chat/completions", json=body,
+                                headers=headers, timeout=0.3)  # fmt: skip
+    assert until_quiet(upstream)["open_streams"] == 0
+    deadline = time.monotonic() + 20
+    while True:  # the gateway notices each hang-up on its own time
+        after = ask(gateway)
+        if after.status_code == 200 and after.headers["x-test-in-flight"] == "0":
+            break
+        assert time.monotonic() < deadline, after.text
+        time.sleep(0.1)
