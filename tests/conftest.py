@@ -83,6 +83,20 @@ def start_gateway(tmp: Path, config_text: str, *extra: str, env=None) -> Server:
     return Server([*args, *extra], port, tmp / f"gateway-{port}.log", "/ready", env=env)
 
 
+def one_model(upstream_port: int, pipeline: str) -> str:
+    """A config serving model `m` from the fake upstream, through `pipeline` (YAML
+    list entries, each line indented by two spaces)."""
+    return f"""
+server: {{host: 127.0.0.1}}
+providers:
+  up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
+models:
+  - name: m
+    deployments: [{{provider: up, model: m}}]
+pipeline:
+{pipeline}"""
+
+
 def gateway_config(upstream_port: int, dead_port: int) -> str:
     return f"""
 server: {{host: 127.0.0.1, max_body_bytes: 65536, graceful_timeout_s: 10}}

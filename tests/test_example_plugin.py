@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import openai
 
-from tests.conftest import start_gateway
+from tests.conftest import one_model, start_gateway
 
 
 def test_user_plugin_by_import_path_rewrites_request(tmp_path, upstream):
-    gateway = start_gateway(tmp_path, f"""
-server: {{host: 127.0.0.1}}
-providers:
-  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
-models:
-  - name: m
-    deployments: [{{provider: up, model: m}}]
-pipeline:
-  - params: {{rules: [{{models: ["m"], overrides: {{seed: 42}}}}]}}
-  - "examples.plugins.redact:RedactEmails": {{replacement: "[hidden]"}}
-""")  # fmt: skip
+    gateway = start_gateway(
+        tmp_path,
+        one_model(
+            upstream.port,
+            """\
+  - params: {rules: [{models: ["m"], overrides: {seed: 42}}]}
+  - "examples.plugins.redact:RedactEmails": {replacement: "[hidden]"}
+""",
+        ),
+    )
     try:
         client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
         raw = client.chat.completions.with_raw_response.create(

@@ -10,25 +10,24 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_gateway, upstream_stats
+from tests.conftest import one_model, start_gateway, upstream_stats
 
 KEY = "sk-one-at-a-time-0123456789"
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, upstream):
-    server = start_gateway(tmp_path_factory.mktemp("lifetime"), f"""
-server: {{host: 127.0.0.1}}
-providers:
-  up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}
-models:
-  - name: m
-    deployments: [{{provider: up, model: m}}]
-pipeline:
+    server = start_gateway(
+        tmp_path_factory.mktemp("lifetime"),
+        one_model(
+            upstream.port,
+            f"""\
   - auth: {{keys: [{{name: solo, key: {KEY}}}]}}
   - "tests.misbehaving_plugins:Misbehave": {{}}
   - quotas: {{limits: [{{per: key, keys: [solo], concurrent: 2}}]}}
-""")  # fmt: skip
+""",
+        ),
+    )
     yield server
     server.stop()
 
