@@ -4,7 +4,21 @@ from __future__ import annotations
 
 import asyncio
 
+from starlette.datastructures import Headers
+
 from proxy.errors import GatewayError, PayloadTooLarge, RequestTimeout
+
+
+class RequestHeaders(Headers):
+    """A request's headers, case-insensitive: starlette's, with a `get` that costs no
+    exception when the header is absent (plugins ask for many that usually are)."""
+
+    def get(self, key: str, default=None):
+        name = key.lower().encode("latin-1")
+        for field, value in self._list:
+            if field == name:
+                return value.decode("latin-1")
+        return default
 
 
 class ClientDisconnected(Exception):

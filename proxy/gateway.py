@@ -10,12 +10,11 @@ import re
 import time
 from typing import Any
 
-from starlette.datastructures import Headers
-
 from proxy import logs
 from proxy.admin import AdminRoute
 from proxy.asgi import (
     ClientDisconnected,
+    RequestHeaders,
     header_list,
     read_body,
     send_bytes,
@@ -215,7 +214,7 @@ class Gateway:
     async def serve(self, endpoint: str, scope, receive, send, body: dict | None = None) -> None:
         """Serve one request to `endpoint`; `body` is given for GET routes."""
         started = time.perf_counter()
-        headers = Headers(scope=scope)
+        headers = RequestHeaders(scope=scope)
         request_id = request_id_of(headers)
         self.metrics.in_flight.inc()
         call: Call | None = None
@@ -337,29 +336,29 @@ class Gateway:
         m = self.metrics
         model = call.model.name if call is not None and call.model is not None else ""
         deployment = call.deployment.name if call is not None and call.deployment else ""
-        m.requests.labels(model, deployment, str(outcome.status)).inc()
+        m.requests_of(model, deployment, str(outcome.status)).inc()
         if endpoint in ("models", "model"):
             return
-        m.duration.labels(model).observe(total)
+        m.duration_of(model).observe(total)
         overhead = max(0.0, total - (call.upstream_s if call is not None else 0.0))
         m.overhead.observe(overhead)
         if outcome.ttft_s is not None:
-            m.ttft.labels(model).observe(outcome.ttft_s)
+            m.ttft_of(model).observe(outcome.ttft_s)
         if deployment:
-            m.upstream.labels(deployment).observe(call.upstream_s)
+            m.upstream_of(deployment).observe(call.upstream_s)
         usage = reply.get_usage() if reply is not None else None
         prompt = completion = None
         if usage:
             prompt = usage.get("prompt_tokens")
             completion = usage.get("completion_tokens")
             if isinstance(prompt, int):
-                m.tokens.labels(model, deployment, "prompt").inc(prompt)
+                m.tokens_of(model, deployment, "prompt").inc(prompt)
             if isinstance(completion, int):
-                m.tokens.labels(model, deployment, "completion").inc(completion)
+                m.tokens_of(model, deployment, "completion").inc(completion)
         identity = call.identity if call is not None else None
         cost = reply.compute_cost() if reply is not None else None
         if cost:
-            m.cost.labels(
+            m.cost_of(
                 identity.name if identity else "", (identity.team or "") if identity else "",
                 model, deployment,
             ).inc(cost)  # fmt: skip

@@ -9,9 +9,13 @@ import socket
 import time
 from collections.abc import Iterator
 
+import h11
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from proxy.server import valid_fields
 from tests.conftest import Server, start_gateway
 
 CLOSE_WAIT = "08"
@@ -210,3 +214,26 @@ def test_loop_errors_are_logged_and_failed_accepts_counted():
     assert messages[0].startswith("cannot accept connections: [Errno 24] Too many open files")
     assert messages[1] == "Task exception was never retrieved"
     assert kept.records[1].exc_info[0] is ValueError
+
+
+FIELD_BYTES = st.binary(max_size=12) | st.sampled_from(
+    [b"x-ok", b"a b", b" lead", b"trail ", b"in\tside", b"cr\rlf", b"nl\n", b"\x00", b"\xff",
+     b"", b"content-length", b"Transfer-Encoding", b"chunked", b"12", b"1,2"]
+)  # fmt: skip
+
+
+def accepted(fields, parsed: bool) -> bool:
+    try:
+        h11.Response(status_code=200, headers=fields, _parsed=parsed)
+    except h11.LocalProtocolError:
+        return False
+    return True
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(FIELD_BYTES, FIELD_BYTES), max_size=5))
+def test_response_fields_are_checked_exactly_as_h11_checks_them(fields):
+    """The server's one check per response, then h11's framing checks (what it sends
+    with), refuse exactly what h11's full check per field refuses."""
+    ours = valid_fields(fields) and accepted(fields, parsed=True)
+    assert ours == accepted(fields, parsed=False)

@@ -39,7 +39,7 @@ from plugins.cache.semantic import SemanticCache, SemanticConfig, create_semanti
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
-from proxy.metrics import OVERHEAD_BUCKETS
+from proxy.metrics import OVERHEAD_BUCKETS, Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
@@ -117,7 +117,7 @@ class Cache:
         if "no-store" in control or not self.cacheable(call.body):
             reply = await call_next(call)
             reply.headers["x-meshgate-cache"] = "bypass"
-            self.metrics.lookups.labels("exact", "bypass").inc()
+            self.metrics.lookups_of("exact", "bypass").inc()
             return reply
         namespace = self.namespace(call)
         canonical = canonical_request(call)
@@ -165,11 +165,11 @@ class Cache:
             log.warning("cache lookup failed, serving a miss: %s", exc)
             return None
         finally:
-            self.metrics.latency.labels("exact").observe(time.perf_counter() - started)
+            self.metrics.latency_of("exact").observe(time.perf_counter() - started)
         if stored is None:
-            self.metrics.lookups.labels("exact", "miss").inc()
+            self.metrics.lookups_of("exact", "miss").inc()
             return None
-        self.metrics.lookups.labels("exact", "hit").inc()
+        self.metrics.lookups_of("exact", "hit").inc()
         reply = _reply(stored)
         reply.headers["x-meshgate-cache"] = "hit-exact"
         return reply
@@ -256,7 +256,7 @@ class Cache:
         except StateUnavailable as exc:
             log.warning("cache store failed: %s", exc)
             return
-        self.metrics.stores.labels("exact").inc()
+        self.metrics.stores_of("exact").inc()
         if probe is None or self.semantic is None:
             return
         try:
@@ -328,3 +328,6 @@ class CacheMetrics:
             "meshgate_cache_lookup_seconds", "Time to look an answer up, by kind.",
             ["kind"], buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
+        self.lookups_of = Labelled(self.lookups)
+        self.stores_of = Labelled(self.stores)
+        self.latency_of = Labelled(self.latency)
