@@ -32,6 +32,14 @@ A hostile upstream, for the gateway's defences:
     error_event_after streams: an error event after this many events
     malformed_event  streams: the first event's data is not JSON (0/1)
 
+Scripted answers, for checks of what an answer says:
+
+    reply            the answer's text, instead of `tokens` tokens
+    replies          a JSON list of texts: the k-th request with the same fail_key gets
+                     the k-th (the last one after that), e.g. a bad answer, then a good one
+    reply_by_model   a JSON object: upstream model name -> text (consensus over models)
+    tool_calls       a JSON list of tool calls for the assistant message
+
 GET /_stats returns request counts, so tests can tell what reached the upstream.
 """
 
@@ -64,6 +72,10 @@ KNOBS = {
     "leak": str,
     "error_event_after": int,
     "malformed_event": int,
+    "reply": str,
+    "replies": str,
+    "reply_by_model": str,
+    "tool_calls": str,
 }
 DEFAULTS = {
     "latency_ms": 0.0,
@@ -84,6 +96,10 @@ DEFAULTS = {
     "leak": "",
     "error_event_after": 0,
     "malformed_event": 0,
+    "reply": "",
+    "replies": "",
+    "reply_by_model": "",
+    "tool_calls": "",
 }
 REASONS = {
     200: b"OK",
@@ -181,6 +197,7 @@ class FakeUpstream:
         self.defaults = defaults
         self.stats = Stats()
         self.failed: dict[str, int] = {}  # fail_key -> failures injected so far
+        self.replied: dict[str, int] = {}  # fail_key -> scripted replies given so far
 
     def knobs(self, headers: dict, body: dict) -> dict:
         knobs = dict(self.defaults)
@@ -192,8 +209,22 @@ class FakeUpstream:
         if isinstance(scripted, dict):
             for name, value in scripted.items():
                 if name in KNOBS:
-                    knobs[name] = KNOBS[name](value)
+                    is_json = isinstance(value, (list, dict)) and KNOBS[name] is str
+                    knobs[name] = orjson.dumps(value).decode() if is_json else KNOBS[name](value)
         return knobs
+
+    def scripted(self, knobs: dict, model: str) -> str | None:
+        """The scripted answer text, if the request scripts one."""
+        if knobs["reply_by_model"]:
+            by_model = orjson.loads(knobs["reply_by_model"])
+            if model in by_model:
+                return str(by_model[model])
+        if knobs["replies"]:
+            texts = orjson.loads(knobs["replies"])
+            k = self.replied.get(knobs["fail_key"], 0)
+            self.replied[knobs["fail_key"]] = k + 1
+            return str(texts[min(k, len(texts) - 1)])
+        return knobs["reply"] or None
 
     async def handle(self, conn: Connection, method, path, headers, raw: bytes) -> None:
         if method == "GET":
@@ -246,11 +277,19 @@ class FakeUpstream:
         if knobs["latency_ms"]:
             await asyncio.sleep(knobs["latency_ms"] / 1000)
         n = knobs["tokens"]
-        text = " ".join(["tok"] * n)
+        text = self.scripted(knobs, model)
+        if text is None:
+            text = " ".join(["tok"] * n)
+        else:
+            n = max(1, len(text) // 4)
         chat = kind == "chat"
         choice = {"index": 0, "finish_reason": "stop", "logprobs": None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+            if knobs["tool_calls"]:
+                choice["message"]["tool_calls"] = orjson.loads(knobs["tool_calls"])
+                choice["message"]["content"] = None
+                choice["finish_reason"] = "tool_calls"
         else:
             choice["text"] = text
         answer = {
@@ -301,7 +340,12 @@ class FakeUpstream:
             usage_wanted = isinstance(options, dict) and options.get("include_usage")
             n = knobs["tokens"]
             sent = 0
-            pieces = [None] + ["tok" if i == 0 else " tok" for i in range(n)]
+            text = self.scripted(knobs, model)
+            if text is None:
+                pieces = [None] + ["tok" if i == 0 else " tok" for i in range(n)]
+            else:
+                pieces = [None] + [text[i : i + 4] for i in range(0, len(text), 4)]
+                n = len(pieces) - 1
             for i, piece in enumerate(pieces):
                 if knobs["abort_after"] and sent >= knobs["abort_after"]:
                     conn.transport.abort()

@@ -325,8 +325,9 @@ class Gateway:
             headers["x-accel-buffering"] = "no"  # tell nginx in front not to buffer
         if reply.deployment is not None:
             headers["x-meshgate-deployment"] = reply.deployment.name
-            if not stream and reply.compute_cost() is not None:
-                headers["x-meshgate-cost-usd"] = f"{reply.cost:.8f}"
+            cost = call.cost() if not stream else None
+            if cost is not None:
+                headers["x-meshgate-cost-usd"] = f"{cost:.8f}"
         if reply.headers:
             headers.update(reply.headers)
         return headers
@@ -337,6 +338,7 @@ class Gateway:
         model = call.model.name if call is not None and call.model is not None else ""
         deployment = call.deployment.name if call is not None and call.deployment else ""
         m.requests_of(model, deployment, str(outcome.status)).inc()
+        identity = call.identity if call is not None else None
         if endpoint in ("models", "model"):
             return
         m.duration_of(model).observe(total)
@@ -346,22 +348,28 @@ class Gateway:
             m.ttft_of(model).observe(outcome.ttft_s)
         if deployment:
             m.upstream_of(deployment).observe(call.upstream_s)
-        usage = reply.get_usage() if reply is not None else None
-        prompt = completion = None
-        if usage:
-            prompt = usage.get("prompt_tokens")
-            completion = usage.get("completion_tokens")
-            if isinstance(prompt, int):
-                m.tokens_of(model, deployment, "prompt").inc(prompt)
-            if isinstance(completion, int):
-                m.tokens_of(model, deployment, "completion").inc(completion)
-        identity = call.identity if call is not None else None
-        cost = reply.compute_cost() if reply is not None else None
-        if cost:
-            m.cost_of(
-                identity.name if identity else "", (identity.team or "") if identity else "",
-                model, deployment,
-            ).inc(cost)  # fmt: skip
+        prompt = completion = cost = None
+        for answer in _answers(call, reply):
+            # The answer sent, and any other the chain produced for this call (a
+            # verify plugin's repairs and candidates): each is paid for.
+            name = answer.deployment.name if answer.deployment else deployment
+            usage = answer.get_usage()
+            if usage:
+                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                if isinstance(p, int):
+                    m.tokens_of(model, name, "prompt").inc(p)
+                    prompt = (prompt or 0) + p
+                if isinstance(c, int):
+                    m.tokens_of(model, name, "completion").inc(c)
+                    completion = (completion or 0) + c
+            spent = answer.compute_cost()
+            if spent is not None:
+                cost = (cost or 0.0) + spent
+                if spent:
+                    m.cost_of(
+                        identity.name if identity else "",
+                        (identity.team or "") if identity else "", model, name,
+                    ).inc(spent)  # fmt: skip
         fields: dict[str, Any] = {
             "request_id": request_id,
             "endpoint": endpoint,
@@ -386,6 +394,14 @@ class Gateway:
         if call is not None and call.attempts > 1:
             fields["attempts"] = call.attempts
         logs.access_line(fields)
+
+
+def _answers(call: Call | None, reply: Reply | None) -> list[Reply]:
+    """The reply sent and every other reply the chain produced for the call, once each."""
+    answers = [reply] if reply is not None else []
+    if call is not None:
+        answers += [r for r in call.replies if r is not reply and r.deployment is not None]
+    return answers
 
 
 def request_id_of(headers) -> str:

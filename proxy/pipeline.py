@@ -125,6 +125,24 @@ class Call:
         options = self.body.get("stream_options")
         return isinstance(options, dict) and options.get("include_usage") is True
 
+    def fork(self, body: dict[str, Any] | None = None, model: Model | None = None) -> Call:
+        """A call made on this one's behalf (a repair, one of several answers to
+        compare): the same caller and request id, `body` and `model` as given (a
+        copy of this call's by default), attempt state of its own. Its replies are
+        recorded with this call's, so the gateway finishes them all and counts the
+        cost of every one."""
+        sub = Call(
+            self.endpoint, body if body is not None else dict(self.body), self.headers,
+            self.request_id, identity=self.identity, model=model or self.model,
+        )  # fmt: skip
+        sub.replies = self.replies
+        return sub
+
+    def cost(self) -> float | None:
+        """USD of every answer produced for this call (None when none is priced)."""
+        costs = [c for r in self.replies if (c := r.compute_cost()) is not None]
+        return sum(costs) if costs else None
+
 
 Hook = Callable[["Reply"], Awaitable[None] | None]
 Closer = Callable[[], Awaitable[None] | None]
@@ -243,6 +261,29 @@ class Reply:
             self._first = (await anext(self.events, None),)
         return self._first[0]
 
+    async def buffer(self, max_bytes: int) -> list[Event] | None:
+        """Read the whole stream now, for a plugin that must see all of an answer
+        before the client does; the events are replayed to whoever reads next. None
+        when the stream passes `max_bytes`: what was read is replayed, then the rest
+        of the stream as it comes, so nothing is lost or held past the bound."""
+        if self.events is None:
+            raise TypeError("a buffered reply has no events")
+        events: list[Event] = []
+        size = 0
+        while (event := await self.next_event()) is not None:
+            events.append(event)
+            if event.has_usage():
+                data = event.json()
+                usage = clean_usage(data.get("usage")) if isinstance(data, dict) else None
+                if usage is not None:
+                    self.usage = usage
+            size += len(event.raw)
+            if size > max_bytes:
+                self.events = _replay(events, self.events)
+                return None
+        self.events = _replay(events, None)
+        return events
+
     async def next_event(self) -> Event | None:
         """The next event to send (a peeked one first), or None at the end."""
         if self._first is not None:
@@ -329,6 +370,20 @@ def keep(call: Call, reply: Reply) -> None:
     if not reply._owned:
         reply._owned = True
         call.replies.append(reply)
+
+
+async def _replay(
+    events: list[Event], rest: AsyncIterator[Event] | None
+) -> AsyncIterator[Event]:
+    try:
+        for event in events:
+            yield event
+        if rest is not None:
+            async for event in rest:
+                yield event
+    finally:
+        if rest is not None:
+            await rest.aclose()  # type: ignore[attr-defined]
 
 
 async def _prepend(first: Event, rest: AsyncIterator[Event]) -> AsyncIterator[Event]:

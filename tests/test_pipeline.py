@@ -199,3 +199,36 @@ def test_replies_a_plugin_drops_are_finished_once_each():
         return sorted(closed)
 
     assert run(main()) == ["hook:False", "hook:True", "response", "response"]
+
+
+def test_buffer_reads_a_stream_whole_replays_it_and_keeps_its_usage():
+    usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
+    raw = [Event.of({"choices": [{"delta": {"content": "a"}}]}),
+           Event.of({"choices": [], "usage": usage}), Event(b"data: [DONE]\n\n")]  # fmt: skip
+
+    async def events():
+        for event in raw:
+            yield event
+
+    async def go(limit: int):
+        reply = Reply(events=events())
+        buffered = await reply.buffer(limit)
+        replayed = []
+        while (event := await reply.next_event()) is not None:
+            replayed.append(event)
+        return reply, buffered, replayed
+
+    reply, buffered, replayed = asyncio.run(go(10_000))
+    assert buffered == replayed == raw and reply.usage == usage
+    reply, buffered, replayed = asyncio.run(go(10))  # too long: nothing is lost
+    assert buffered is None and replayed == raw
+
+
+def test_a_forked_call_records_its_replies_with_its_parent_and_sums_their_cost():
+    parent = Call("chat", {"model": "m", "messages": []}, {}, "r")
+    child = parent.fork({"model": "n", "messages": []})
+    assert child.request_id == "r" and child.body["model"] == "n" and parent.body["model"] == "m"
+    assert child.state is not parent.state and child.failed is not parent.failed
+    keep(child, Reply(body=b"{}"))
+    assert len(parent.replies) == 1
+    assert parent.cost() is None  # nothing priced

@@ -216,7 +216,7 @@ class Cache:
             body = reply.body
             if b'"tool_calls"' not in body:
                 reply.on_complete(
-                    lambda r: self.put(key, BODY + body, ttl, probe) if r.completed else None
+                    lambda r: self.put(key, BODY + body, ttl, probe) if _storable(r) else None
                 )
             return
         captured: list[bytes] = []
@@ -229,7 +229,7 @@ class Cache:
 
         async def store(r: Reply) -> None:
             data = b"".join(captured)
-            clean = r.completed and captured and captured[-1].startswith(b"data: [DONE]")
+            clean = _storable(r) and captured and captured[-1].startswith(b"data: [DONE]")
             if clean and b'"tool_calls"' not in data and b'data: {"error"' not in data:
                 await self.put(key, EVENTS + data, ttl, probe)
 
@@ -298,6 +298,12 @@ def canonical_request(call: Call) -> dict:
     canonical = {k: v for k, v in call.body.items() if k not in NOT_IN_KEY}
     canonical["stream"] = call.stream
     return canonical
+
+
+def _storable(reply: Reply) -> bool:
+    """Delivered whole, and not marked `cache-control: no-store` by a plugin inside
+    (an answer that failed verification)."""
+    return reply.completed and "no-store" not in reply.headers.get("cache-control", "")
 
 
 def _reply(stored: bytes) -> Reply:
