@@ -340,6 +340,30 @@ def test_hostile_code_is_contained_and_reported(gateway, name):
     after = post(gateway, chat("m", {"reply": '{"city": "Bern"}'}, response_format=JSON_FORMAT))
     assert after.status_code == 200
     assert sandbox_processes(within_s=10) == []
+    assert zombies_under(gateway.proc.pid) == []
+
+
+def zombies_under(root: int) -> list[int]:
+    """Zombie processes among `root`'s descendants (a sandbox reaps its own)."""
+    parents: dict[int, int] = {}
+    states: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            states[int(entry)], parents[int(entry)] = fields[0], int(fields[1])
+    found, frontier = [], [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid:
+                frontier.append(child)
+                if states[child] == "Z":
+                    found.append(child)
+    return found
 
 
 def sandbox_processes(within_s: float) -> list[str]:
@@ -362,3 +386,15 @@ def _uid(pid: str) -> int:
     except OSError:
         pass
     return -1
+
+
+def test_a_streamed_consensus_replays_the_winners_events(gateway):
+    client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="x", max_retries=0)
+    fake = {"reply_by_model": {"a": "Lyon", "b": "Nice", "c": "Nice"}, "fail_key": "stream-vote"}
+    stream = client.chat.completions.create(
+        model="vote", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}, extra_body={"fake": fake},
+    )  # fmt: skip
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Nice"
+    assert chunks[-1].usage is not None  # the client asked for usage: it came

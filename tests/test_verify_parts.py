@@ -20,7 +20,7 @@ from plugins.verify.code import code_blocks, program
 from plugins.verify.consensus import Candidate, ConsensusConfig, decide, normalize, settled
 from plugins.verify.schema import Schemas, check_answer, check_tool_calls
 from proxy.config import parse_config
-from proxy.errors import InvalidRequest
+from proxy.errors import GatewayError, InvalidRequest
 from proxy.pipeline import Call, Reply
 from proxy.sse import Event
 
@@ -234,3 +234,70 @@ def test_malformed_selections_are_refused(bad):
 
     with pytest.raises(InvalidRequest):
         asyncio.run(verify(call, call_next))
+
+
+def replying(by_model: dict[str, str], seen: list[dict]):
+    async def call_next(call: Call) -> Reply:
+        seen.append(call.body)
+        return answer(by_model[call.body["model"]])
+
+    return call_next
+
+
+def consensus_plugin(consensus: str) -> Verify:
+    return plugin(f"{{rules: [{{checks: [consensus], consensus: {consensus}}}]}}")
+
+
+def ask(verify: Verify, call_next, **body) -> tuple[Call, Reply]:
+    call = Call("chat", {"model": "m", "messages": [{"role": "user", "content": "q"}], **body},
+                Headers(), "c", model=SimpleNamespace(name="m"))  # fmt: skip
+    return call, asyncio.run(verify(call, call_next))
+
+
+def test_consensus_on_json_ignores_key_order_and_spacing():
+    verify = consensus_plugin("{models: [a, b, c], match: json}")
+    seen: list[dict] = []
+    by_model = {"a": '{"x": 1, "y": 2}', "b": '{"y":2,"x":1}', "c": '{"x": 3}'}
+    _, reply = ask(verify, replying(by_model, seen))
+    assert "agreed=a,b" in reply.headers["x-meshgate-verification"]
+    assert {body["model"] for body in seen} <= {"a", "b", "c"}
+
+
+def test_a_scoring_judge_picks_the_best_scored_answer_when_none_agree():
+    verify = consensus_plugin(
+        "{models: [a, b, c], tie_break: judge, judge: {model: j, mode: score}}"
+    )
+    seen: list[dict] = []
+    by_model = {"a": "one", "b": "two", "c": "three", "j": '{"scores": [2, 9, 5]}'}
+    _, reply = ask(verify, replying(by_model, seen))
+    assert orjson.loads(reply.body)["choices"][0]["message"]["content"] == "two"
+    judge = seen[-1]
+    assert judge["model"] == "j" and "Answer 3:\nthree" in judge["messages"][0]["content"]
+
+
+def test_without_agreement_and_no_tie_break_the_request_fails_with_422():
+    verify = consensus_plugin("{models: [a, b, c], tie_break: fail}")
+    with pytest.raises(GatewayError) as caught:
+        ask(verify, replying({"a": "x", "b": "y", "c": "z"}, []))
+    assert caught.value.status == 422 and caught.value.code == "verification_failed"
+
+
+def test_a_repair_can_go_to_another_model():
+    verify = plugin("{rules: [{max_repairs: 2, repair_models: [m2]}]}")
+    seen: list[dict] = []
+    texts = iter(["no", '{"n": 2}'])
+
+    async def call_next(call: Call) -> Reply:
+        seen.append(call.body)
+        return answer(next(texts))
+
+    _, reply = ask(verify, call_next, **FORMAT)
+    assert [b["model"] for b in seen] == ["m", "m2"]
+    assert reply.headers["x-meshgate-verification"].startswith("repaired")
+
+
+def test_a_failed_answer_marked_rather_than_refused_is_not_stored():
+    verify = plugin("{rules: [{max_repairs: 0, on_failure: mark}]}")
+    _, reply = ask(verify, replying({"m": "not json"}, []), **FORMAT)
+    assert reply.headers["cache-control"] == "no-store"
+    assert reply.headers["x-meshgate-verification"].startswith("failed")

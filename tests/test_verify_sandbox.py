@@ -120,7 +120,24 @@ def test_twenty_runs_at_once_all_succeed(sandbox):
     assert leftovers(sandbox) == []
 
 
-def test_without_any_sandbox_code_is_never_run(tmp_path):
+@needs_root
+def test_the_level_in_use_is_said_at_start(caplog):
+    async def start(isolation: str) -> None:
+        box = Sandbox(SandboxConfig(isolation=isolation))
+        await box.start()
+        box.close()
+
+    with caplog.at_level("INFO", logger="meshgate.verify.sandbox"):
+        asyncio.run(start("rlimits"))
+    assert "rlimits + seccomp only, no namespaces" in caplog.text
+    if shutil.which("bwrap"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="meshgate.verify.sandbox"):
+            asyncio.run(start("auto"))
+        assert "bubblewrap namespaces + seccomp + rlimits" in caplog.text
+
+
+def test_without_any_sandbox_code_is_never_run(tmp_path, caplog):
     async def start() -> Sandbox:
         box = Sandbox(SandboxConfig(python=str(tmp_path / "no-python")))
         await box.start()
@@ -128,6 +145,7 @@ def test_without_any_sandbox_code_is_never_run(tmp_path):
 
     box = asyncio.run(start())
     assert not box.available
+    assert "code will NOT be run" in caplog.text
     marker = tmp_path / "ran"
     result = run(box, f"open({str(marker)!r}, 'w')")
     assert result.outcome == "not_run" and "no interpreter" in result.detail

@@ -62,7 +62,10 @@ class Schemas:
         self._compiled: OrderedDict[bytes, Any] = OrderedDict()
 
     def validator(self, schema: Any, param: str):
-        key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        try:
+            key = orjson.dumps(schema, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # not JSON after all (an integer past 64 bits)
+            raise InvalidRequest("The schema is not a JSON value.", param=param) from None
         found = self._compiled.get(key)
         if found is not None:
             self._compiled.move_to_end(key)
