@@ -372,9 +372,7 @@ def keep(call: Call, reply: Reply) -> None:
         call.replies.append(reply)
 
 
-async def _replay(
-    events: list[Event], rest: AsyncIterator[Event] | None
-) -> AsyncIterator[Event]:
+async def _replay(events: list[Event], rest: AsyncIterator[Event] | None) -> AsyncIterator[Event]:
     try:
         for event in events:
             yield event
