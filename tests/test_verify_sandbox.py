@@ -172,3 +172,19 @@ def _uid(pid: str) -> int:
     except OSError:
         pass
     return -1
+
+
+@needs_bwrap
+def test_a_run_that_finds_no_free_slot_in_time_is_not_run_and_says_so():
+    async def go():
+        box = Sandbox(SandboxConfig(max_concurrent=1, slot_wait_s=0.2, **LIMITS))
+        await box.start()
+        slow = asyncio.ensure_future(box.run(PY, "import time\ntime.sleep(1)"))
+        await asyncio.sleep(0.05)
+        waiting = await box.run(PY, "print(1)")
+        await slow
+        box.close()
+        return waiting
+
+    result = asyncio.run(go())
+    assert result.outcome == "not_run" and "busy" in result.detail

@@ -133,7 +133,7 @@ class Record:
 
     checks: list[dict[str, Any]] = field(default_factory=list)
     repairs: int = 0
-    result: str = "passed"  # passed, repaired, failed, skipped
+    result: str = "passed"  # passed, repaired, failed, skipped, unverified
 
     def header(self) -> str:
         parts = [self.result, "checks=" + ",".join(c["check"] for c in self.checks)]
@@ -283,6 +283,8 @@ class Verify:
             record.checks = results
             if problem is None:
                 record.result = "repaired" if attempt else "passed"
+                if any(r["outcome"] == "not_run" for r in results):
+                    record.result = "unverified"  # no sandbox, or none free: not a pass
                 self._count(results, repaired=bool(attempt))
                 return reply
             last = (reply, problem, answer)

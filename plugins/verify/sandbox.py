@@ -83,13 +83,15 @@ class SandboxConfig:
     open_files: int = 64
     tmpfs_bytes: int = 64 * MIB  # the working directory (namespaces only)
     max_output_bytes: int = 64 * 1024  # stdout and stderr kept, each
-    max_concurrent: int = 8  # more runs wait for a slot
+    max_concurrent: int = 8  # more runs wait for a slot,
+    slot_wait_s: float = 10.0  # this long at most: then the code is not run, and says so
     uid_base: int = 200_000  # a root gateway runs slot i as uid uid_base + i
 
     def __post_init__(self) -> None:
         numbers = (
             self.wall_s, self.cpu_s, self.memory_bytes, self.processes, self.file_bytes,
             self.open_files, self.tmpfs_bytes, self.max_output_bytes, self.max_concurrent,
+            self.slot_wait_s,
         )  # fmt: skip
         if any(n <= 0 for n in numbers):
             raise ValueError("sandbox limits must be positive")
@@ -208,7 +210,12 @@ class Sandbox:
         return await self._run(self.level, language, program)
 
     async def _run(self, level: str, language: Language, program: str) -> RunResult:
-        slot = await self._slots.get()
+        try:
+            async with asyncio.timeout(self.config.slot_wait_s):
+                slot = await self._slots.get()
+        except TimeoutError:
+            why = f"all {self.config.max_concurrent} sandbox slots stayed busy for "
+            return RunResult("not_run", detail=why + f"{self.config.slot_wait_s:g} s")
         workdir = None
         try:
             uid = self.config.uid_base + slot if self._as_root else None
