@@ -61,6 +61,7 @@ def create_app(config: Config | None = None) -> Starlette:
             await gateway.close()
             raise
         log.info("serving %d models from %s", len(gateway.catalog.models), config.source)
+        server.tune_gc()
         try:
             yield
         finally:
