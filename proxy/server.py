@@ -242,7 +242,8 @@ def tune_gc() -> None:
     of every collection, and collect less often (a request allocates hundreds of
     objects, nearly all freed by reference counting, not by the collector).
     Measured with `python -m load.bench --pipeline full --baseline <the commit
-    before>`: see the commit that brought it for the figures."""
+    before>` (3 rounds): chat +7% req/s bare and +9% with the full pipeline;
+    streams within noise (-5% bare, -0.2% full)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)

@@ -188,3 +188,34 @@ def test_a_run_that_finds_no_free_slot_in_time_is_not_run_and_says_so():
 
     result = asyncio.run(go())
     assert result.outcome == "not_run" and "busy" in result.detail
+
+
+@needs_bwrap
+def test_a_language_from_the_config_runs_like_the_built_in_ones():
+    from plugins.verify.code import run_code
+    from plugins.verify.sandbox import LanguageConfig
+
+    awk = LanguageConfig(
+        command=["/usr/bin/awk", "-f", "{file}"], file="main.awk", aliases=["gawk"]
+    )
+
+    async def go():
+        box = Sandbox(SandboxConfig(isolation="namespaces", languages={"awk": awk}, **LIMITS))
+        await box.start()
+        results = [
+            await run_code(box, "```awk\nBEGIN { print 6 * 7 }\n```", None),
+            await run_code(box, "```bash\necho $((6 * 7))\n```", None),
+        ]
+        box.close()
+        return results
+
+    awk_run, bash_run = asyncio.run(go())
+    assert awk_run.stdout == bash_run.stdout == "42\n"
+
+
+def test_a_language_file_must_stay_in_the_working_directory():
+    from plugins.verify.sandbox import LanguageConfig
+
+    for bad in ("../x", "/etc/x", ".hidden", ""):
+        with pytest.raises(ValueError):
+            LanguageConfig(command=["/usr/bin/awk"], file=bad)

@@ -43,7 +43,7 @@ def program(blocks: list[CodeBlock], tests: str | None) -> tuple[Language, str] 
 
 async def run_code(sandbox: Sandbox, text: str, tests: str | None) -> RunResult | None:
     """Run the answer's code with the tests; None when the answer holds no code."""
-    found = program(code_blocks(text), tests)
+    found = program(code_blocks(text, sandbox.languages), tests)
     if found is None:
         return None
     return await sandbox.run(*found)

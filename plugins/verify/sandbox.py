@@ -71,6 +71,22 @@ NAMESPACE_FLAGS = (
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LanguageConfig:
+    """A language to run, besides Python and bash: `command` (an interpreter under
+    /usr or `binds`) is run on the program written to `file` in the working dir."""
+
+    command: list[str]
+    file: str
+    aliases: list[str] = field(default_factory=list)  # fence labels, besides its name
+
+    def __post_init__(self) -> None:
+        if not self.command:
+            raise ValueError("a language needs a command")
+        if not self.file or "/" in self.file or self.file.startswith("."):
+            raise ValueError("file is a plain file name, e.g. main.rb")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxConfig:
     isolation: Literal["auto", "namespaces", "rlimits"] = "auto"
     python: str = "/usr/bin/python3"  # runs inside; only /usr (and `binds`) is mounted
@@ -86,6 +102,7 @@ class SandboxConfig:
     max_concurrent: int = 8  # more runs wait for a slot,
     slot_wait_s: float = 10.0  # this long at most: then the code is not run, and says so
     uid_base: int = 200_000  # a root gateway runs slot i as uid uid_base + i
+    languages: dict[str, LanguageConfig] = field(default_factory=dict)  # more than LANGUAGES
 
     def __post_init__(self) -> None:
         numbers = (
@@ -150,6 +167,10 @@ class Sandbox:
             self._slots.put_nowait(slot)
         self._as_root = os.geteuid() == 0
         self._threads = ThreadPoolExecutor(config.max_concurrent, "meshgate-sandbox")
+        self.languages = dict(LANGUAGES)
+        for name, lang in config.languages.items():
+            aliases = (name.lower(), *(a.lower() for a in lang.aliases))
+            self.languages[name] = Language(name, aliases, lang.file, tuple(lang.command))
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
