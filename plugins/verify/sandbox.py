@@ -170,7 +170,10 @@ class Sandbox:
         self.languages = dict(LANGUAGES)
         for name, lang in config.languages.items():
             aliases = (name.lower(), *(a.lower() for a in lang.aliases))
-            self.languages[name] = Language(name, aliases, lang.file, tuple(lang.command))
+            # /usr/bin/awk and the like are links through /etc/alternatives, which is
+            # not mounted: run what they point at.
+            command = (os.path.realpath(lang.command[0]), *lang.command[1:])
+            self.languages[name] = Language(name, aliases, lang.file, command)
 
     def close(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
