@@ -161,6 +161,14 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class UpstreamPoolExhausted(GatewayError):
+    """Every connection to the provider stayed in use for pool_timeout_s."""
+
+    status = 503
+    type = "upstream_error"
+    code = "upstream_pool_exhausted"
+
+
 class UpstreamStatus(GatewayError):
     """The upstream answered with an error status; its body is passed through.
 

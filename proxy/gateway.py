@@ -30,6 +30,7 @@ from proxy.errors import (
     InternalError,
     ModelNotFound,
     ShuttingDown,
+    UpstreamPoolExhausted,
     UpstreamStatus,
     UpstreamUnavailable,
 )
@@ -47,10 +48,12 @@ from proxy.pipeline import (
 )
 from proxy.protocol import clean_usage, parse_request
 from proxy.registry import plugin_class
+from proxy.server import default_max_connections
 from proxy.sse import Event
 from proxy.state import create_state
 from proxy.upstream import adapter_class
 from proxy.upstream.base import Upstream
+from proxy.upstream.pool import Pool
 
 log = logging.getLogger("meshgate.gateway")
 
@@ -68,6 +71,7 @@ class Gateway:
             name: adapter_class(p.type)(name, p) for name, p in config.providers.items()
         }
         self.metrics = Metrics()
+        self.pools = {name: self._pool(name, p) for name, p in config.providers.items()}
         self.state = create_state(config.state)
         self.state.on_dropped = self.metrics.state_dropped.inc
         names = [d.name for m in self.catalog.models.values() for d in m.deployments]
@@ -93,6 +97,18 @@ class Gateway:
         self.body_timeout_s = config.server.body_timeout_s
         self.started = False
         self.start_error: BaseException | None = None  # why start() failed, for the CLI
+
+    def _pool(self, name: str, provider) -> Pool:
+        """The bound on calls in flight to one provider (proxy/upstream/pool.py)."""
+        at = ("providers", name)
+        if provider.max_connections is not None and provider.max_connections < 1:
+            raise self.config.error((*at, "max_connections"), "must be at least 1")
+        if not provider.pool_timeout_s > 0:
+            raise self.config.error((*at, "pool_timeout_s"), "must be positive")
+        limit = provider.max_connections or self.config.server.max_connections
+        waiters = self.metrics.pool_waiters.labels(name)
+        return Pool(name, limit or default_max_connections(), provider.pool_timeout_s,
+                    on_change=waiters.set)  # fmt: skip
 
     def _plugin(self, i: int, spec: PluginSpec) -> Plugin:
         """Build one pipeline entry; a setting it refuses is a ConfigError at its key."""
@@ -151,25 +167,37 @@ class Gateway:
         deployment = await self.chooser.choose(call)
         call.attempts += 1
         deployment.in_flight += 1
-        started = time.perf_counter()
+        pool = self.pools[deployment.provider]
+        held = False
+        started = 0.0
         reply: Reply | None = None
         try:
+            if waited := await pool.acquire():
+                call.pool_wait_s += waited
+                self.metrics.pool_wait.labels(pool.provider).observe(waited)
+            held = True
+            started = time.perf_counter()
             reply = await self.upstreams[deployment.provider].send(call, deployment.model)
             reply.deployment = deployment
             keep(call, reply)
             if reply.events is not None:
-                reply.owns(deployment.leave)
+                reply.owns(deployment.leave).owns(pool.release)  # held while it streams
                 await _opening(reply)
         except BaseException as exc:
-            call.upstream_s += time.perf_counter() - started
+            if held:
+                call.upstream_s += time.perf_counter() - started
             if reply is not None and reply.events is not None:
-                await reply.aclose()  # gives the in-flight count back
+                await reply.aclose()  # gives the in-flight count and the slot back
             else:
                 deployment.in_flight -= 1
+                if held:
+                    pool.release()
             call.failed[deployment.name] = time.monotonic()
             await self.chooser.settle(call.reserved, None)
             call.reserved = None
-            if isinstance(exc, GatewayError):
+            if isinstance(exc, UpstreamPoolExhausted):
+                self.metrics.pool_timeouts.labels(pool.provider).inc()
+            elif isinstance(exc, GatewayError):
                 await self.health.record(deployment.name, exc)
             raise
         waited = time.perf_counter() - started
@@ -177,6 +205,7 @@ class Gateway:
         deployment.observe(waited)  # the whole call, or a stream's first event
         if reply.events is None:
             deployment.in_flight -= 1
+            pool.release()
         else:
             reply.wrap_events(lambda events: _timed(events, call))
         if call.reserved is not None:
@@ -342,7 +371,8 @@ class Gateway:
         if endpoint in ("models", "model"):
             return
         m.duration_of(model).observe(total)
-        overhead = max(0.0, total - (call.upstream_s if call is not None else 0.0))
+        waits = (call.upstream_s + call.pool_wait_s) if call is not None else 0.0
+        overhead = max(0.0, total - waits)
         m.overhead.observe(overhead)
         if outcome.ttft_s is not None:
             m.ttft_of(model).observe(outcome.ttft_s)
@@ -381,6 +411,7 @@ class Gateway:
             "status": outcome.status,
             "latency_ms": round(total * 1000, 2),
             "overhead_ms": round(overhead * 1000, 3),
+            "pool_wait_ms": round(call.pool_wait_s * 1000, 2) if call is not None else None,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
             "cost_usd": round(cost, 8) if cost is not None else None,
@@ -465,7 +496,7 @@ class _Outcome:
 
 def _overhead(call: Call | None, started: float) -> float:
     spent = time.perf_counter() - started
-    return max(0.0, spent - (call.upstream_s if call is not None else 0.0))
+    return max(0.0, spent - ((call.upstream_s + call.pool_wait_s) if call is not None else 0.0))
 
 
 def _ms(seconds: float) -> str:

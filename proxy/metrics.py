@@ -118,6 +118,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.pool_wait = Histogram(
+            "meshgate_upstream_pool_wait_seconds",
+            "Waits for a free upstream connection (calls that found one free are not here).",
+            ["provider"],
+            buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=r,
+        )
+        self.pool_waiters = Gauge(
+            "meshgate_upstream_pool_waiters",
+            "Calls waiting for a free upstream connection now.",
+            ["provider"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.pool_timeouts = Counter(
+            "meshgate_upstream_pool_timeouts",
+            "Calls refused with 503 upstream_pool_exhausted after pool_timeout_s.",
+            ["provider"],
+            registry=r,
+        )
         # The per-request metrics' children, for the hot path.
         self.requests_of = Labelled(self.requests)
         self.duration_of = Labelled(self.duration)

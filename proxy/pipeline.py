@@ -105,6 +105,7 @@ class Call:
     deployment: Deployment | None = None  # this attempt's, chosen by proxy/choice.py
     state: dict[str, Any] = field(default_factory=dict)  # per-request plugin scratch space
     upstream_s: float = 0.0  # time spent waiting on upstreams, summed over attempts
+    pool_wait_s: float = 0.0  # time spent waiting for a free upstream connection
     attempts: int = 0
     # How to order a model's deployments for an attempt (set by a routing plugin;
     # None keeps the config's order), and the deployments this call has failed on.

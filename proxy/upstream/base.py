@@ -40,6 +40,11 @@ class ProviderConfig:
     type: str
     headers: dict[str, str] = field(default_factory=dict)
     timeouts: TimeoutsConfig = field(default_factory=TimeoutsConfig)
+    # Connections one worker holds open to this provider at once (default: as many
+    # as the worker takes from clients, server.max_connections); a call past them
+    # waits pool_timeout_s at most, then gets 503 upstream_pool_exhausted.
+    max_connections: int | None = None
+    pool_timeout_s: float = 10.0
     # Environment variables the config names but the environment lacks.
     missing_env: tuple[str, ...] = field(default=(), metadata={"internal": True})
 

@@ -38,7 +38,6 @@ class Config(base.ProviderConfig):
     api_key: str | None = None
     azure: bool = False  # Azure OpenAI: `api-key` header instead of a bearer token
     api_version: str | None = None  # sent as ?api-version= (Azure)
-    max_connections: int = 1000
     # Ask for the final usage chunk of every stream (and drop it again when the
     # client did not ask), so tokens are counted for streams too.
     stream_usage: bool = True
@@ -70,7 +69,11 @@ class Upstream(base.Upstream):
         timeouts = self.config.timeouts
         self.session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(
-                limit=self.config.max_connections, limit_per_host=0, keepalive_timeout=30
+                # 0: unbounded here; the gateway's pool (proxy/upstream/pool.py) bounds
+                # the calls, so aiohttp never queues one out of sight
+                limit=0,
+                limit_per_host=0,
+                keepalive_timeout=30,
             ),
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=timeouts.connect_s, sock_read=timeouts.read_s

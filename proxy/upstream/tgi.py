@@ -71,7 +71,8 @@ class Upstream(base.Upstream):
             base_url=self.config.base_url.rstrip("/"),
             headers=headers,
             timeout=httpx.Timeout(t.read_s, connect=t.connect_s),
-            limits=httpx.Limits(max_connections=self.config.max_connections),
+            # unbounded here: the gateway's pool bounds the calls
+            limits=httpx.Limits(max_connections=None),
         )
 
     async def close(self) -> None:
