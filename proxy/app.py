@@ -47,7 +47,12 @@ def create_app(config: Config | None = None) -> Starlette:
         config = load_config(os.environ.get(CONFIG_ENV, "proxy.yaml"))
     logs.configure(config.server.log_level, config.server.access_log)
     gateway = Gateway(config)
-    server.install(config.server.max_connections, gateway.metrics.connections_refused.inc)
+    m = gateway.metrics
+    server.install(
+        config.server.max_connections,
+        {"accepted": m.connections_accepted.inc, "refused": m.connections_refused.inc,
+         "reset": m.connections_reset.inc},
+    )  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):

@@ -101,6 +101,16 @@ class Metrics:
             "Client connections refused with a 503 at server.max_connections.",
             registry=r,
         )
+        self.connections_accepted = Counter(
+            "meshgate_connections_accepted",
+            "Client connections accepted (and served, up to server.max_connections).",
+            registry=r,
+        )
+        self.connections_reset = Counter(
+            "meshgate_connections_reset",
+            "Client connections broken off by the client (reset, read error).",
+            registry=r,
+        )
         self.accept_errors = Counter(
             "meshgate_accept_errors",
             "Times accepting connections failed (out of file descriptors).",

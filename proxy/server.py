@@ -33,8 +33,8 @@ from itertools import chain
 import h11
 import hypercorn.asyncio.run as hypercorn_run
 import hypercorn.protocol as hypercorn_protocol
-from hypercorn.asyncio.tcp_server import TCPServer
-from hypercorn.events import Closed, Updated
+from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol
 
@@ -86,22 +86,45 @@ BUSY = (
 
 
 class Connections:
-    """The worker's client connections: how many are open, and the cap on them."""
+    """The worker's client connections: how many are open, the cap on them, and an
+    account of each: accepted, refused at the cap, or reset by the client."""
 
-    def __init__(self, limit: int, on_refused: Callable[[], None] | None = None) -> None:
+    def __init__(self, limit: int, counters: dict[str, Callable[[], None]] | None = None) -> None:
         self.limit = limit
         self.open = 0
         self.refused = 0
-        self.on_refused = on_refused
+        self.reset = 0
+        self.counters = counters or {}  # "accepted", "refused", "reset" -> a metric's inc
         self._logged_at = 0.0
         self._refused_since_log = 0
+        self._reset_logged_at = 0.0
+        self._reset_since_log = 0
+
+    def accepted(self) -> None:
+        if (count := self.counters.get("accepted")) is not None:
+            count()
+
+    def was_reset(self, error: BaseException) -> None:
+        """Count a connection the client broke off (reset, read error); log at most
+        once a second."""
+        self.reset += 1
+        self._reset_since_log += 1
+        if (count := self.counters.get("reset")) is not None:
+            count()
+        now = time.monotonic()
+        if now - self._reset_logged_at >= 1.0:
+            log.warning(
+                "%d client connection(s) broken off by the client (last: %s)",
+                self._reset_since_log, type(error).__name__,
+            )  # fmt: skip
+            self._reset_logged_at, self._reset_since_log = now, 0
 
     def refuse(self) -> None:
         """Count one refused connection; log at most once a second."""
         self.refused += 1
         self._refused_since_log += 1
-        if self.on_refused is not None:
-            self.on_refused()
+        if (count := self.counters.get("refused")) is not None:
+            count()
         now = time.monotonic()
         if now - self._logged_at >= 1.0:
             log.warning(
@@ -134,6 +157,7 @@ class MeshgateTCPServer(TCPServer):
             await self._refuse()
             return
         connections.open += 1
+        connections.accepted()
         try:
             await super().run()
         except asyncio.CancelledError:
@@ -162,7 +186,17 @@ class MeshgateTCPServer(TCPServer):
             self.writer.close()
 
     async def _read_data(self) -> None:
-        await super()._read_data()  # returns at EOF or a read error
+        # hypercorn's loop, with broken connections counted instead of passed over
+        while not self.reader.at_eof():
+            try:
+                data = await asyncio.wait_for(self.reader.read(MAX_RECV), self.config.read_timeout)
+            except (ConnectionError, OSError) as exc:
+                MeshgateTCPServer.connections.was_reset(exc)
+                break
+            except TimeoutError:
+                break
+            await self.protocol.handle(RawData(data))
+        await self.protocol.handle(Closed())
         self._client_gone = True
         await self.idle_task.stop()  # nothing more can arrive: no keep-alive wait
 
@@ -249,13 +283,13 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def install(max_connections: int | None = None, on_refused=None) -> None:
+def install(max_connections: int | None = None, counters=None) -> None:
     """Make hypercorn use the classes above (idempotent; per process), capping the
     worker's client connections at `max_connections` (default: from the fd limit)."""
     hypercorn_run.TCPServer = MeshgateTCPServer  # type: ignore[misc]
     hypercorn_protocol.H11Protocol = MeshgateH11Protocol  # type: ignore[misc]
     MeshgateTCPServer.connections = Connections(
-        max_connections or default_max_connections(), on_refused
+        max_connections or default_max_connections(), counters
     )
 
 

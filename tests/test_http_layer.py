@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import time
 from collections.abc import Iterator
 
@@ -237,3 +238,30 @@ def test_response_fields_are_checked_exactly_as_h11_checks_them(fields):
     with), refuse exactly what h11's full check per field refuses."""
     ours = valid_fields(fields) and accepted(fields, parsed=True)
     assert ours == accepted(fields, parsed=False)
+
+
+def test_every_connection_is_accounted_for_accepted_or_reset_by_its_client(gateway):
+    def counter(name: str) -> float:
+        raw = exchange(
+            gateway.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        line = next(x for x in split(raw)[2].splitlines() if x.startswith(name.encode() + b" "))
+        return float(line.split()[1])
+
+    accepted, reset = (
+        counter("meshgate_connections_accepted_total"),
+        counter("meshgate_connections_reset_total"),
+    )
+    for _ in range(5):  # half a request, then a reset (RST, not FIN)
+        s = socket.create_connection(("127.0.0.1", gateway.port))
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-le")
+        time.sleep(0.05)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    deadline = time.monotonic() + 10
+    while counter("meshgate_connections_reset_total") < reset + 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counter("meshgate_connections_reset_total") == reset + 5
+    # the 5 reset, plus the 2 that read the metrics above and the one reading now
+    assert counter("meshgate_connections_accepted_total") >= accepted + 7
+    assert "broken off by the client" in gateway.output()
