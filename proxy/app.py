@@ -17,8 +17,15 @@ from starlette.routing import Route
 from proxy import logs, server
 from proxy.admin import check_admin
 from proxy.config import Config, load_config
-from proxy.errors import GatewayError, InternalError, MethodNotAllowed, RouteNotFound
+from proxy.errors import (
+    GatewayError,
+    InternalError,
+    MethodNotAllowed,
+    RouteNotFound,
+    StateError,
+)
 from proxy.gateway import Gateway, request_id_of
+from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.app")
 
@@ -119,6 +126,8 @@ def _guarded(gateway: Gateway, handler):
             response = Response(orjson.dumps(await handler(request)), media_type="application/json")
         except GatewayError as exc:
             response = _render(exc)
+        except StateUnavailable as exc:  # Redis down or slow: the admin can retry
+            response = _render(StateError(f"State is unavailable right now: {exc}"))
         return _identified(request, response)
 
     return endpoint

@@ -139,6 +139,14 @@ class ShuttingDown(GatewayError):
     code = "server_shutting_down"
 
 
+class StateError(GatewayError):
+    """The shared state (Redis) did not answer an admin request."""
+
+    status = 503
+    type = "api_error"
+    code = "state_unavailable"
+
+
 class UpstreamUnavailable(GatewayError):
     """The upstream could not be reached or broke the connection."""
 

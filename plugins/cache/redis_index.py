@@ -10,6 +10,7 @@ when the first vector shows its size.
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ class RedisIndex:
             url, socket_timeout=max(timeout_s, 1.0), socket_connect_timeout=max(timeout_s, 1.0)
         )
         self.index: Any = None  # redisvl's AsyncSearchIndex, once the vector size is known
+        self._looked_at = 0.0  # when this replica last looked for an index another made
 
     async def start(self) -> None:
         try:
@@ -46,9 +48,28 @@ class RedisIndex:
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis for the semantic index: {exc}") from exc
         if self.name.encode() in names:  # made by another replica, or before a restart
-            from redisvl.index import AsyncSearchIndex
+            await self._adopt()
 
-            self.index = await AsyncSearchIndex.from_existing(self.name, redis_client=self.redis)
+    async def _adopt(self) -> None:
+        from redisvl.index import AsyncSearchIndex
+
+        self.index = await AsyncSearchIndex.from_existing(self.name, redis_client=self.redis)
+
+    async def _found(self) -> bool:
+        """Whether the index exists: made here, or since made by another replica (looked
+        for at most once a second until it is found)."""
+        if self.index is not None:
+            return True
+        now = time.monotonic()
+        if now - self._looked_at < 1.0:
+            return False
+        self._looked_at = now
+        try:
+            if self.name.encode() in await self.redis.execute_command("FT._LIST"):
+                await self._adopt()
+        except (RedisError, OSError) as exc:
+            raise StateUnavailable(f"redis: {exc}") from exc
+        return self.index is not None
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -82,7 +103,7 @@ class RedisIndex:
         from redisvl.query import VectorQuery
         from redisvl.query.filter import Tag
 
-        if self.index is None:
+        if not await self._found():
             return []
         query = VectorQuery(
             vector.astype(np.float32).tobytes(),
@@ -106,7 +127,7 @@ class RedisIndex:
         vector = probe.vector
         assert vector is not None, "the lookup embeds the probe before it is added"
         try:
-            if self.index is None:
+            if not await self._found():
                 self.index = await self._create(int(vector.shape[0]))
             doc = {
                 "scope": probe.scope,
@@ -129,7 +150,7 @@ class RedisIndex:
     async def delete(self, namespace: str, model: str) -> int:
         from redisvl.query.filter import Tag
 
-        if self.index is None:
+        if not await self._found():
             return 0
         condition = None
         if namespace != "*":
@@ -146,7 +167,7 @@ class RedisIndex:
         return result.processed
 
     async def size(self) -> int:
-        if self.index is None:
+        if not await self._found():
             return 0
         info = await self.index.info()
         return int(info.get("num_docs", 0))

@@ -92,7 +92,10 @@ class RedisStore:
     async def delete(self, pattern: str) -> int:
         deleted = 0
         try:
-            async for key in self.redis.scan_iter(match=self.prefix + pattern, count=500):
+            # answers only: the semantic index keeps its entries (hashes) under the
+            # same prefix, and deletes them itself
+            keys = self.redis.scan_iter(match=self.prefix + pattern, count=500, _type="STRING")
+            async for key in keys:
                 deleted += await self.redis.delete(key)
         except (RedisError, OSError) as exc:
             raise StateUnavailable(f"redis: {exc}") from exc
@@ -101,7 +104,8 @@ class RedisStore:
     async def size(self) -> tuple[int, int]:
         entries = size = 0
         try:
-            async for key in self.redis.scan_iter(match=self.prefix + "*", count=500):
+            keys = self.redis.scan_iter(match=self.prefix + "*", count=500, _type="STRING")
+            async for key in keys:
                 entries += 1
                 size += await self.redis.strlen(key)
         except (RedisError, OSError) as exc:
