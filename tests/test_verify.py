@@ -274,7 +274,7 @@ def test_consensus_without_a_majority_asks_the_judge(gateway):
 def test_consensus_cost_is_the_sum_of_every_call(gateway):
     fake = {"reply_by_model": {"a": "same", "b": "same", "c": "same"}, "fail_key": "cost"}
     r = post(gateway, chat("vote", fake, verify={"report": True}))
-    single = post(gateway, chat("a", fake))  # the same body: the same price per call
+    single = post(gateway, chat("a", fake), {"cache-control": "no-store"})  # same body, price
     answers = r.json()["meshgate_verification"]["checks"][0]["answers"]
     assert answers in (2, 3)  # a third that could not change the answer may be cancelled
     total, one = (float(x.headers["x-meshgate-cost-usd"]) for x in (r, single))
