@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -31,7 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--workers", type=int, help="worker processes (overrides server.workers)")
     check = commands.add_parser("check", help="validate a config and print what it would serve")
     check.add_argument("--config", default="proxy.yaml", help="config file (default: proxy.yaml)")
+    commands.add_parser("schema", help="print the JSON Schema of the config file")
     args = parser.parse_args(argv)
+    if args.command == "schema":
+        from proxy.config_schema import config_schema
+
+        print(json.dumps(config_schema(), indent=2))
+        return 0
     try:
         config = load_config(args.config)
         _check_plugins(config)
