@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
 
 from starlette.datastructures import Headers
 
@@ -58,6 +59,40 @@ async def _read_rest(receive, message, limit: int) -> bytes:
         if not message.get("more_body", False):
             return b"".join(chunks)
         message = await receive()
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an Accept-Encoding value lets the answer be gzipped (RFC 9110 12.5.3):
+    `gzip` (or `*`) with a quality above zero, and gzip not refused by name."""
+    if not accept_encoding:
+        return False
+    named = star = None
+    for item in accept_encoding.split(","):
+        coding, _, params = item.strip().partition(";")
+        quality = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        coding = coding.strip().lower()
+        if coding in ("gzip", "x-gzip"):
+            named = quality if named is None else max(named, quality)
+        elif coding == "*":
+            star = quality
+    if named is not None:
+        return named > 0
+    return star is not None and star > 0
+
+
+def gzipped(body: bytes, headers: dict[str, str]) -> bytes:
+    """`body` gzipped, with the headers that say so. Level 1: the answer is already
+    paid for upstream; the gateway's CPU is the scarce thing."""
+    headers["content-encoding"] = "gzip"
+    headers["vary"] = "accept-encoding"
+    return gzip.compress(body, compresslevel=1, mtime=0)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

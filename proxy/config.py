@@ -39,6 +39,9 @@ class ServerConfig:
     admin_key: str | None = field(default=None, repr=False)  # guards /admin/*; none: off
     access_log: bool = True
     log_level: str = "info"
+    # Buffered answers at least this large are gzipped for clients that accept it
+    # (never streams); null: never.
+    gzip_min_bytes: int | None = 4096
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -53,6 +56,8 @@ class ServerConfig:
             raise ValueError("body_timeout_s must be positive")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.gzip_min_bytes is not None and self.gzip_min_bytes < 0:
+            raise ValueError("gzip_min_bytes cannot be negative")
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError("admin_key must be at least 16 characters")
 

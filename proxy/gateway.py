@@ -15,6 +15,8 @@ from proxy.admin import AdminRoute
 from proxy.asgi import (
     ClientDisconnected,
     RequestHeaders,
+    accepts_gzip,
+    gzipped,
     header_list,
     read_body,
     send_bytes,
@@ -95,6 +97,7 @@ class Gateway:
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
         self.body_timeout_s = config.server.body_timeout_s
+        self.gzip_min_bytes = config.server.gzip_min_bytes
         self.started = False
         self.start_error: BaseException | None = None  # why start() failed, for the CLI
 
@@ -269,9 +272,11 @@ class Gateway:
                 await self._send_stream(send, call, reply, wants_usage, started, outcome)
             else:
                 assert reply.body is not None  # a reply has a body or events
-                await send_bytes(
-                    send, reply.status, reply.body, self._headers(call, reply, started)
-                )
+                answer, out = reply.body, self._headers(call, reply, started)
+                if self.gzip_min_bytes is not None and len(answer) >= self.gzip_min_bytes:
+                    if accepts_gzip(call.headers.get("accept-encoding")):
+                        answer = gzipped(answer, out)
+                await send_bytes(send, reply.status, answer, out)
                 outcome.status = reply.status
                 outcome.completed = True
         except GatewayError as exc:

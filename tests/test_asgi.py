@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
-from proxy.asgi import RequestHeaders
+from proxy.asgi import RequestHeaders, accepts_gzip
 
 NAMES = st.sampled_from(["authorization", "Cache-Control", "x-meshgate-cache-ttl", "X-Request-Id"])
 VALUES = st.text(st.characters(min_codepoint=32, max_codepoint=255), max_size=8)
@@ -20,3 +21,22 @@ def test_get_matches_starlettes_headers_in_any_case(fields, asked, default):
         assert RequestHeaders(scope=scope).get(name, default) == Headers(scope=scope).get(
             name, default
         )
+
+
+@pytest.mark.parametrize(
+    ("value", "accepted"),
+    [
+        ("gzip", True), ("gzip, deflate, br", True), ("br;q=1.0, gzip;q=0.5", True),
+        ("GZIP", True), ("x-gzip", True), ("*", True), ("*;q=0.1", True),
+        (None, False), ("", False), ("identity", False), ("br", False),
+        ("gzip;q=0", False), ("gzip;q=0.0, *", False), ("*;q=0", False),
+        ("gzip;q=nonsense", False), ("deflate, *;q=0", False),
+    ],
+)  # fmt: skip
+def test_gzip_is_used_only_where_accept_encoding_allows_it(value, accepted):
+    assert accepts_gzip(value) is accepted
+
+
+@given(st.text(max_size=40))
+def test_any_accept_encoding_gets_an_answer_never_an_exception(value):
+    assert accepts_gzip(value) in (True, False)

@@ -285,3 +285,40 @@ def test_routes_without_v1_prefix(http):
     r = http.post("/chat/completions", json={"model": "sim", "messages": MESSAGES})
     assert r.status_code == 200
     assert r.json()["object"] == "chat.completion"
+
+
+def raw_chat(gateway, body: dict, accept: str | None) -> tuple[httpx.Headers, bytes]:
+    """The answer's headers and its bytes as sent (httpx would decode gzip itself)."""
+    with httpx.Client() as client:
+        request = client.build_request("POST", gateway.url + "/v1/chat/completions", json=body)
+        del request.headers["accept-encoding"]
+        if accept is not None:
+            request.headers["accept-encoding"] = accept
+        response = client.send(request, stream=True)
+        try:
+            return response.headers, b"".join(response.iter_raw())
+        finally:
+            response.close()
+
+
+def test_large_answers_are_gzipped_for_clients_that_accept_it_and_streams_never(gateway):
+    import gzip
+
+    big = {"model": "gpt-test", "messages": MESSAGES, "fake": {"tokens": 3000}}
+    headers, content = raw_chat(gateway, big, "gzip, br")
+    assert headers["content-encoding"] == "gzip"
+    assert "accept-encoding" in headers["vary"]
+    answer = orjson.loads(gzip.decompress(content))
+    assert answer["usage"]["completion_tokens"] == 3000
+    assert int(headers["content-length"]) == len(content) < 4096
+
+    headers, content = raw_chat(gateway, big, "identity")
+    assert "content-encoding" not in headers
+    assert orjson.loads(content)["usage"]["completion_tokens"] == 3000
+    assert "content-encoding" not in raw_chat(gateway, big, None)[0]
+
+    small = {"model": "gpt-test", "messages": MESSAGES, "fake": {"tokens": 5}}
+    assert "content-encoding" not in raw_chat(gateway, small, "gzip")[0]
+    headers, content = raw_chat(gateway, {**big, "stream": True}, "gzip")
+    assert "content-encoding" not in headers
+    assert content.endswith(b"data: [DONE]\n\n")
