@@ -89,7 +89,9 @@ class LanguageConfig:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SandboxConfig:
     isolation: Literal["auto", "namespaces", "rlimits"] = "auto"
-    python: str = "/usr/bin/python3"  # runs inside; only /usr (and `binds`) is mounted
+    # The interpreter inside; only /usr (and `binds`) is mounted. Default: the first
+    # of /usr/bin/python3 (Debian's) and /usr/local/bin/python3 (the python images').
+    python: str | None = None
     binds: list[str] = field(default_factory=list)  # more read-only paths, e.g. a venv
     wall_s: float = 5.0  # the whole run, then its process group is killed
     cpu_s: int = 3
@@ -166,6 +168,10 @@ class Sandbox:
         for slot in range(config.max_concurrent):
             self._slots.put_nowait(slot)
         self._as_root = os.geteuid() == 0
+        self.python = config.python or next(
+            (p for p in ("/usr/bin/python3", "/usr/local/bin/python3") if os.access(p, os.X_OK)),
+            "/usr/bin/python3",
+        )
         self._threads = ThreadPoolExecutor(config.max_concurrent, "meshgate-sandbox")
         self.languages = dict(LANGUAGES)
         for name, lang in config.languages.items():
@@ -185,8 +191,8 @@ class Sandbox:
             self._bpf = seccomp_filter()
         except (ImportError, OSError) as exc:
             return self._refuse(f"no seccomp filter can be built (libseccomp, pyseccomp): {exc}")
-        if not os.access(self.config.python, os.X_OK):
-            return self._refuse(f"no interpreter at sandbox.python ({self.config.python})")
+        if not os.access(self.python, os.X_OK):
+            return self._refuse(f"no interpreter at sandbox.python ({self.python})")
         wanted = self.config.isolation
         failures: list[str] = []
         for level in ("namespaces", "rlimits"):
@@ -250,7 +256,7 @@ class Sandbox:
                 workdir = tempfile.mkdtemp(prefix="meshgate-sandbox-")
                 if uid is not None:
                     os.chown(workdir, uid, uid)
-                argv = [self.config.python, "-I", "-B", "-c", self._init]
+                argv = [self.python, "-I", "-B", "-c", self._init]
                 job_dir, job_uid = workdir, uid
             job = self._job(language, program, job_dir, job_uid)
             return await self._execute(argv, job, level, uid, workdir)
@@ -295,7 +301,7 @@ class Sandbox:
             "--setenv", "HOME", "/work", "--setenv", "TMPDIR", "/work",
             "--setenv", "LANG", "C.UTF-8", "--hostname", "sandbox",
             "--uid", "65534", "--gid", "65534",
-            c.python, "-I", "-B", "-c", self._init,
+            self.python, "-I", "-B", "-c", self._init,
         ]  # fmt: skip
         return argv
 
