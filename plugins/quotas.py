@@ -34,8 +34,11 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
 
+from prometheus_client import Counter, Gauge
+
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, QuotaExceeded, RateLimited
+from proxy.metrics import Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
 from proxy.state import Limit, StateUnavailable
@@ -133,6 +136,17 @@ class Quotas:
         self.metrics = context.metrics
         self._templates: dict[tuple, tuple] = {}
         self._lease_prefix = os.urandom(6).hex() + ":"  # unique to this process
+        r = context.registry
+        self.refusals = Labelled(Counter(
+            "meshgate_quota_refusals",
+            "Calls refused by a limit, by kind (requests, tokens, concurrent, budget).",
+            ["kind"], registry=r,
+        ))  # fmt: skip
+        self.budget_used = Labelled(Gauge(
+            "meshgate_budget_used_ratio",
+            "Share of a budget spent, reservations of calls in flight included, as last seen.",
+            ["subject", "period"], registry=r, multiprocess_mode="livemax",
+        ))  # fmt: skip
         self._leases = itertools.count()
         context.add_admin_route("spend", ("GET",), self.spend_report)
 
@@ -156,6 +170,10 @@ class Quotas:
                     limit = plan.limits[i]
                     where = (limit.key, limit.field)
                     plan.reserved[where] = plan.reserved.get(where, 0.0) + limit.cost
+                    if i < len(verdict.remaining):
+                        used = 1.0 - max(0.0, verdict.remaining[i]) / limit.limit
+                        period = "day" if limit.key.startswith("spend:d:") else "month"
+                        self.budget_used(limit.field, period).set(used)
                 headers = self.headers(plan, verdict)
         try:
             reply = await call_next(call)
@@ -247,6 +265,17 @@ class Quotas:
     def refusal(self, plan: _Plan, verdict) -> GatewayError:
         i = verdict.denied
         limit = plan.limits[i]
+        kind = (
+            "budget"
+            if i in plan.budget
+            else "concurrent"
+            if i in plan.concurrency
+            else ("tokens" if i in plan.tokens else "requests")
+        )
+        self.refusals(kind).inc()
+        if kind == "budget":
+            period = "day" if limit.key.startswith("spend:d:") else "month"
+            self.budget_used(limit.field, period).set(1.0)
         if i in plan.budget:
             period = "daily" if limit.key.startswith("spend:d:") else "monthly"
             return QuotaExceeded(

@@ -78,6 +78,7 @@ class Gateway:
         self.state.on_dropped = self.metrics.state_dropped.inc
         names = [d.name for m in self.catalog.models.values() for d in m.deployments]
         self.health = Health(config.health, state=self.state, probes=_probes(config), names=names)
+        self.health.on_breaker = self._breaker_changed
         self.chooser = Chooser(self.health, self.state)
         self.admin_key = config.server.admin_key
         self.admin_routes: list[AdminRoute] = []  # plugins add theirs through the context
@@ -100,6 +101,11 @@ class Gateway:
         self.gzip_min_bytes = config.server.gzip_min_bytes
         self.started = False
         self.start_error: BaseException | None = None  # why start() failed, for the CLI
+
+    def _breaker_changed(self, name: str, is_open: bool) -> None:
+        self.metrics.breaker_open.labels(name).set(1 if is_open else 0)
+        if is_open:
+            self.metrics.breaker_opened.labels(name).inc()
 
     def _pool(self, name: str, provider) -> Pool:
         """The bound on calls in flight to one provider (proxy/upstream/pool.py)."""

@@ -20,6 +20,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -130,6 +131,9 @@ class Health:
         self.remote_until: dict[str, float] = {}  # opened by any replica, as last synced
         self.down: set[str] = set()  # failing their active health check
         self._tasks: list[asyncio.Task] = []
+        # on_breaker(name, is_open): a breaker opened (here or, seen through the
+        # state, by another replica) or closed; for the metrics
+        self.on_breaker: Callable[[str, bool], None] | None = None
 
     @property
     def shared(self) -> State | None:
@@ -185,6 +189,7 @@ class Health:
         try:
             if await state.breaker_failure(name, b.failures, b.window_s, b.cooldown_s):
                 self.remote_until[name] = self.clock() + b.cooldown_s
+                self._changed(name, True)
                 log.warning("circuit breaker for %s opened for every replica", name)
         except StateUnavailable as exc:  # the local breaker stands
             log.warning("could not share a failure of %s: %s", name, exc)
@@ -200,8 +205,9 @@ class Health:
                 log.warning("could not share the recovery of %s: %s", name, exc)
 
     def success(self, name: str) -> None:
-        if name in self.open_until:
+        if name in self.open_until or name in self.remote_until:
             log.info("circuit breaker for %s closed", name)
+            self._changed(name, False)
         self.open_until.pop(name, None)
         self.remote_until.pop(name, None)
         self.probing.discard(name)
@@ -213,6 +219,7 @@ class Health:
         if name in self.probing:  # the probe failed: open again
             self.probing.discard(name)
             self.open_until[name] = now + config.cooldown_s
+            self._changed(name, True)
             return
         recent = self.failures.setdefault(name, deque())
         recent.append(now)
@@ -222,6 +229,11 @@ class Health:
             self.open_until[name] = now + config.cooldown_s
             recent.clear()
             log.warning("circuit breaker for %s opened for %gs", name, config.cooldown_s)
+            self._changed(name, True)
+
+    def _changed(self, name: str, is_open: bool) -> None:
+        if self.on_breaker is not None:
+            self.on_breaker(name, is_open)
 
     async def _sync_forever(self) -> None:
         """Keep this replica's view of breakers opened by any replica fresh."""

@@ -148,6 +148,19 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.breaker_open = Gauge(
+            "meshgate_breaker_open",
+            "1 while a deployment's circuit breaker is open (or half-open), else 0.",
+            ["deployment"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.breaker_opened = Counter(
+            "meshgate_breaker_opened",
+            "Times a deployment's circuit breaker opened.",
+            ["deployment"],
+            registry=r,
+        )
         # The per-request metrics' children, for the hot path.
         self.requests_of = Labelled(self.requests)
         self.duration_of = Labelled(self.duration)
