@@ -25,6 +25,7 @@ from proxy.errors import (
     StateError,
 )
 from proxy.gateway import Gateway, request_id_of
+from proxy.reload import Live, Reloader
 from proxy.state import StateUnavailable
 
 log = logging.getLogger("meshgate.app")
@@ -33,10 +34,11 @@ CONFIG_ENV = "MESHGATE_CONFIG"
 
 
 class Endpoint:
-    """A raw ASGI endpoint for one OpenAI route: no Request object on the hot path."""
+    """A raw ASGI endpoint for one OpenAI route: no Request object on the hot path.
+    The request is served by the gateway live when it arrives, to its end."""
 
-    def __init__(self, gateway: Gateway, endpoint: str) -> None:
-        self.gateway = gateway
+    def __init__(self, live: Live, endpoint: str) -> None:
+        self.live = live
         self.endpoint = endpoint
 
     async def __call__(self, scope, receive, send) -> None:
@@ -45,7 +47,7 @@ class Endpoint:
             body = {"model": scope["path_params"]["model"]}
         elif self.endpoint == "models":
             body = {}
-        await self.gateway.serve(self.endpoint, scope, receive, send, body)
+        await self.live.gateway.serve(self.endpoint, scope, receive, send, body)
 
 
 def create_app(config: Config | None = None) -> Starlette:
@@ -54,6 +56,8 @@ def create_app(config: Config | None = None) -> Starlette:
         config = load_config(os.environ.get(CONFIG_ENV, "proxy.yaml"))
     logs.configure(config.server.log_level, config.server.access_log)
     gateway = Gateway(config)
+    live = Live(gateway)
+    reloader: Reloader | None = None
     m = gateway.metrics
     server.install(
         config.server.max_connections,
@@ -73,22 +77,28 @@ def create_app(config: Config | None = None) -> Starlette:
             await gateway.close()
             raise
         log.info("serving %d models from %s", len(gateway.catalog.models), config.source)
+        nonlocal reloader
+        if os.path.isfile(config.source):
+            reloader = Reloader(live, config.source, config.server.reload_check_s)
+            reloader.start()
         server.tune_gc()
         try:
             yield
         finally:
-            await gateway.close()
+            if reloader is not None:
+                await reloader.close()
+            await live.gateway.close()
 
     async def health(request: Request) -> Response:
         return _identified(request, JSONResponse({"status": "ok"}))
 
     async def ready(request: Request) -> Response:
-        if gateway.ready():
+        if live.gateway.ready():
             return _identified(request, JSONResponse({"status": "ready"}))
         return _identified(request, JSONResponse({"status": "starting"}, status_code=503))
 
     async def metrics(request: Request) -> Response:
-        body, content_type = gateway.metrics.render()
+        body, content_type = live.gateway.metrics.render()
         return _identified(request, Response(body, media_type=content_type))
 
     routes = [
@@ -98,15 +108,14 @@ def create_app(config: Config | None = None) -> Starlette:
     ]
     for prefix in ("/v1", ""):  # some clients leave /v1 out of their base URL
         routes += [
-            Route(f"{prefix}/chat/completions", Endpoint(gateway, "chat"), methods=["POST"]),
-            Route(f"{prefix}/completions", Endpoint(gateway, "completions"), methods=["POST"]),
-            Route(f"{prefix}/embeddings", Endpoint(gateway, "embeddings"), methods=["POST"]),
-            Route(f"{prefix}/models", Endpoint(gateway, "models"), methods=["GET"]),
-            Route(f"{prefix}/models/{{model:path}}", Endpoint(gateway, "model"), methods=["GET"]),
+            Route(f"{prefix}/chat/completions", Endpoint(live, "chat"), methods=["POST"]),
+            Route(f"{prefix}/completions", Endpoint(live, "completions"), methods=["POST"]),
+            Route(f"{prefix}/embeddings", Endpoint(live, "embeddings"), methods=["POST"]),
+            Route(f"{prefix}/models", Endpoint(live, "models"), methods=["GET"]),
+            Route(f"{prefix}/models/{{model:path}}", Endpoint(live, "model"), methods=["GET"]),
         ]
-    for admin in gateway.admin_routes:
-        routes.append(Route(f"/admin/{admin.path}", _guarded(gateway, admin.handler),
-                            methods=list(admin.methods)))  # fmt: skip
+    methods = ["GET", "POST", "PUT", "DELETE"]
+    routes.append(Route("/admin/{path:path}", _admin(live), methods=methods))
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
@@ -115,14 +124,28 @@ def create_app(config: Config | None = None) -> Starlette:
     # Starlette would redirect /v1/models/ to /v1/models, with a Location built from
     # the client's own Host header: an open redirect. Unknown paths are 404s instead.
     app.router.redirect_slashes = False
-    app.state.gateway = gateway
+    app.state.live = live
     return app
 
 
-def _guarded(gateway: Gateway, handler):
+def _admin(live: Live):
+    """/admin/<path>: the routes the live gateway's plugins registered, behind the
+    admin key (looked up per request: a reload can bring other plugins)."""
+
     async def endpoint(request: Request) -> Response:
+        gateway = live.gateway
+        path = request.path_params["path"]
         try:
             check_admin(request.headers, gateway.admin_key)
+            found = [r for r in gateway.admin_routes if r.path == path]
+            if not found:
+                raise RouteNotFound(f"Unknown request URL: {request.method} {request.url.path}.")
+            allowed = [r for r in found if request.method in r.methods]
+            if not allowed:
+                raise MethodNotAllowed(
+                    f"Method {request.method} is not allowed on {request.url.path}."
+                )
+            handler = allowed[0].handler
             response = Response(orjson.dumps(await handler(request)), media_type="application/json")
         except GatewayError as exc:
             response = _render(exc)

@@ -138,7 +138,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
         try:
             _run_loop(_serve(app, hc), hc.worker_class)
         except Exception:
-            error = app.state.gateway.start_error
+            error = app.state.live.gateway.start_error
             if error is None:
                 raise
             return _fail("serve", f"cannot start: {error}")
@@ -157,11 +157,28 @@ def _run_workers(hc, workers: int) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = made
     hc.workers = workers
     hc.application_path = "proxy.app:create_app()"
+    signal.signal(signal.SIGHUP, _forward_to_workers)  # a config reload, for every worker
     try:
         return hypercorn_run(hc)
     finally:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+
+
+def _forward_to_workers(signum, frame) -> None:
+    """SIGHUP to the parent of hypercorn's workers: each worker reloads its config."""
+    me = os.getpid()
+    try:
+        children = Path(f"/proc/{me}/task/{me}/children").read_text().split()
+    except OSError:
+        return
+    for pid in children:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+                os.kill(int(pid), signal.SIGHUP)
+        except (OSError, ValueError):
+            continue
 
 
 def _try_bind(hc) -> None:

@@ -42,6 +42,8 @@ class ServerConfig:
     # Buffered answers at least this large are gzipped for clients that accept it
     # (never streams); null: never.
     gzip_min_bytes: int | None = 4096
+    # How often each worker looks at the config file for a change (0: SIGHUP only).
+    reload_check_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -56,6 +58,8 @@ class ServerConfig:
             raise ValueError("body_timeout_s must be positive")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if self.reload_check_s < 0:
+            raise ValueError("reload_check_s cannot be negative")
         if self.gzip_min_bytes is not None and self.gzip_min_bytes < 0:
             raise ValueError("gzip_min_bytes cannot be negative")
         if self.admin_key is not None and len(self.admin_key) < 16:

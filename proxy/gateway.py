@@ -37,7 +37,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.health import Health, check_url
-from proxy.metrics import Metrics
+from proxy.metrics import Metrics, PluginRegistry
 from proxy.pipeline import (
     Call,
     Plugin,
@@ -52,7 +52,7 @@ from proxy.protocol import clean_usage, parse_request
 from proxy.registry import plugin_class
 from proxy.server import default_max_connections
 from proxy.sse import Event
-from proxy.state import create_state
+from proxy.state import State, create_state
 from proxy.upstream import adapter_class
 from proxy.upstream.base import Upstream
 from proxy.upstream.pool import Pool
@@ -66,35 +66,74 @@ CLIENT_CLOSED = 499  # nginx's convention for "the client went away"
 class Gateway:
     """Everything one worker needs to serve: models, upstreams, the plugin chain, metrics."""
 
-    def __init__(self, config: Config) -> None:
+    metrics: Metrics
+    state: State
+    health: Health
+    plugins: list[Plugin]
+    specs: list[tuple[str, Any]]
+
+    def __init__(self, config: Config, previous: Gateway | None = None) -> None:
+        """With `previous` (a config reload), what its config did not change is taken
+        over rather than made again: upstream clients and their connection pools,
+        the state backend, deployment health (breakers), the plugins, the metrics."""
         self.config = config
         self.catalog = Catalog(config)
-        self.upstreams: dict[str, Upstream] = {
-            name: adapter_class(p.type)(name, p) for name, p in config.providers.items()
-        }
-        self.metrics = Metrics()
-        self.pools = {name: self._pool(name, p) for name, p in config.providers.items()}
-        self.state = create_state(config.state)
-        self.state.on_dropped = self.metrics.state_dropped.inc
-        names = [d.name for m in self.catalog.models.values() for d in m.deployments]
-        self.health = Health(config.health, state=self.state, probes=_probes(config), names=names)
-        self.health.on_breaker = self._breaker_changed
+        old = previous.config if previous is not None else None
+        self.upstreams: dict[str, Upstream] = {}
+        self.pools: dict[str, Pool] = {}
+        self.metrics = previous.metrics if previous is not None else Metrics()
+        for name, p in config.providers.items():
+            if previous is not None and old is not None and old.providers.get(name) == p:
+                self.upstreams[name] = previous.upstreams[name]
+                if old.server.max_connections == config.server.max_connections:
+                    self.pools[name] = previous.pools[name]
+            if name not in self.upstreams:
+                self.upstreams[name] = adapter_class(p.type)(name, p)
+            if name not in self.pools:
+                self.pools[name] = self._pool(name, p)
+        same_world = old is not None and (old.state, old.health, old.providers, old.models) == (
+            config.state,
+            config.health,
+            config.providers,
+            config.models,
+        )
+        if previous is not None and old is not None and old.state == config.state:
+            self.state = previous.state
+        else:
+            self.state = create_state(config.state)
+            self.state.on_dropped = self.metrics.state_dropped.inc
+        if previous is not None and same_world:
+            self.health = previous.health
+        else:
+            names = [d.name for m in self.catalog.models.values() for d in m.deployments]
+            self.health = Health(config.health, state=self.state, probes=_probes(config),
+                                 names=names)  # fmt: skip
+            self.health.on_breaker = self._breaker_changed
         self.chooser = Chooser(self.health, self.state)
         self.admin_key = config.server.admin_key
         self.admin_routes: list[AdminRoute] = []  # plugins add theirs through the context
+        self.registry = PluginRegistry(self.metrics.registry)
         self.context = PluginContext(
             config=config,
             catalog=self.catalog,
             state=self.state,
             health=self.health,
             metrics=self.metrics,
-            registry=self.metrics.registry,
+            registry=self.registry,
             add_admin_route=lambda path, methods, handler: self.admin_routes.append(
                 AdminRoute(path, tuple(methods), handler)
             ),
             call=self.run,
         )
-        self.plugins = [self._plugin(i, spec) for i, spec in enumerate(config.pipeline)]
+        specs = [(s.name, s.config) for s in config.pipeline]
+        if previous is not None and same_world and specs == previous.specs:
+            self.plugins, self.admin_routes = previous.plugins, previous.admin_routes
+        else:
+            if previous is not None:  # its plugins' metrics make way for the new ones'
+                previous.registry.release()
+            self.plugins = [self._plugin(i, spec) for i, spec in enumerate(config.pipeline)]
+        self.specs = specs
+        self.active = 0  # requests being served by this gateway (a reload waits on them)
         self.handler = build_chain(self.plugins, self.dispatch)
         self.max_body_bytes = config.server.max_body_bytes
         self.body_timeout_s = config.server.body_timeout_s
@@ -129,14 +168,16 @@ class Gateway:
         except ValueError as exc:
             raise self.config.error(at, str(exc)) from None
 
-    async def start(self) -> None:
-        await self.state.start()
-        await self.health.start()
-        for u in self.upstreams.values():
-            await u.start()
-        for plugin in self.plugins:
-            if hasattr(plugin, "start"):
-                await plugin.start()
+    def parts(self) -> list:
+        """What this gateway runs: each is started once and closed once."""
+        return [self.state, self.health, *self.upstreams.values(), *self.plugins]
+
+    async def start(self, previous: Gateway | None = None) -> None:
+        """Start what is new; what was taken over from `previous` is running already."""
+        running = {id(p) for p in previous.parts()} if previous is not None else set()
+        for part in self.parts():
+            if id(part) not in running and hasattr(part, "start"):
+                await part.start()
         for name, missing in self.config.missing_secrets().items():
             log.warning(
                 "provider '%s' is not usable: environment variable %s is not set",
@@ -145,14 +186,12 @@ class Gateway:
             )
         self.started = True
 
-    async def close(self) -> None:
-        for plugin in reversed(self.plugins):
-            if hasattr(plugin, "close"):
-                await plugin.close()
-        for u in self.upstreams.values():
-            await u.close()
-        await self.health.close()
-        await self.state.close()
+    async def close(self, successor: Gateway | None = None) -> None:
+        """Close what this gateway runs, but what `successor` took over from it."""
+        kept = {id(p) for p in successor.parts()} if successor is not None else set()
+        for part in reversed(self.parts()):
+            if id(part) not in kept and hasattr(part, "close"):
+                await part.close()
 
     def ready(self) -> bool:
         return self.started and all(p.ready() for p in self.plugins if hasattr(p, "ready"))
@@ -255,6 +294,7 @@ class Gateway:
         headers = RequestHeaders(scope=scope)
         request_id = request_id_of(headers)
         self.metrics.in_flight.inc()
+        self.active += 1
         call: Call | None = None
         reply: Reply | None = None
         outcome = _Outcome()
@@ -306,6 +346,7 @@ class Gateway:
             if reply is not None:
                 await reply.aclose()
             self.metrics.in_flight.dec()
+            self.active -= 1
             self._account(endpoint, call, reply, request_id, started, outcome)
             if call is not None:
                 await finish_call(call, reply, outcome.completed)

@@ -24,6 +24,30 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
+class PluginRegistry(CollectorRegistry):
+    """The registry plugins register their metrics on: the gateway's, remembering what
+    went through it, so a config reload that rebuilds the plugins can take their
+    metrics out first (prometheus_client refuses a second metric of one name)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__()
+        self.registry = registry
+        self.collectors: list[Any] = []
+
+    def register(self, collector) -> None:
+        self.registry.register(collector)
+        self.collectors.append(collector)
+
+    def unregister(self, collector) -> None:
+        self.registry.unregister(collector)
+        self.collectors.remove(collector)
+
+    def release(self) -> None:
+        for collector in self.collectors:
+            self.registry.unregister(collector)
+        self.collectors.clear()
+
+
 class Labelled:
     """A labelled metric whose children are looked up once per label values:
     prometheus_client's `labels()` checks its arguments and takes a lock on every
@@ -146,6 +170,19 @@ class Metrics:
             "meshgate_upstream_pool_timeouts",
             "Calls refused with 503 upstream_pool_exhausted after pool_timeout_s.",
             ["provider"],
+            registry=r,
+        )
+        self.config_info = Gauge(
+            "meshgate_config_info",
+            "1 for the config being served, labelled with its hash (sha256, 12 hex digits).",
+            ["hash"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.config_reloads = Counter(
+            "meshgate_config_reloads",
+            "Config reloads (SIGHUP or a changed file), by result: applied or rejected.",
+            ["result"],
             registry=r,
         )
         self.breaker_open = Gauge(
