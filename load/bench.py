@@ -118,6 +118,7 @@ def gateway(
     routing: bool = False,
     full: bool = False,
     cwd: Path = ROOT,
+    tracing: str = "",
 ):
     """The gateway over one deployment per upstream port. With `state` ("memory" or a
     Redis URL), with auth and quotas on it; with `routing`, routing and fallback;
@@ -130,6 +131,8 @@ def gateway(
         extra = f'state: {{backend: redis, url: "{state}"}}\n{FULL if full else QUOTAS}'
     if routing:
         extra = "pipeline:" + ROUTING
+    if tracing:
+        extra += f"\ntracing: {tracing}\n"
     providers = "".join(
         f'  up{i}: {{type: openai, base_url: "http://127.0.0.1:{p}/v1", api_key: sk-bench}}\n'
         for i, p in enumerate(upstream_ports)
@@ -279,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also routing + fallback over three upstreams, one failing 30%% of requests",
     )
+    parser.add_argument(
+        "--tracing",
+        action="store_true",
+        help="also tracing on, at 1%% and 100%% sampling, exporting to an OTLP receiver",
+    )
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     results: dict = {"args": vars(args), "modes": {}}
@@ -334,6 +342,16 @@ def main(argv: list[str] | None = None) -> int:
                     start("meshgate+quotas", [up], 1, tmp, state)
             if args.workers > 1:
                 start(f"meshgate-{args.workers}w", [up], args.workers, tmp)
+            if args.tracing:
+                op = free_port()
+                receiver = [sys.executable, "-m", "load.otlp_receiver", "--port", str(op),
+                            "--count-only"]  # fmt: skip
+                stack.enter_context(process(receiver))
+                wait_http(f"http://127.0.0.1:{op}/health")
+                endpoint = f"http://127.0.0.1:{op}/v1/traces"
+                for ratio, label in ((0.01, "1%"), (1.0, "100%")):
+                    how = f'{{enabled: true, sample_ratio: {ratio}, endpoint: "{endpoint}"}}'
+                    start(f"meshgate+tracing {label}", [up], 1, tmp, tracing=how)
             for mode in BODIES:
                 results["modes"][mode] = compare(targets, mode, args)
             results["meshgate_rss_mb"] = rss_mb(pids["meshgate"])
@@ -389,6 +407,12 @@ def report(results: dict, args) -> None:
                 f"{f['requests']} calls succeeded; p99 at concurrency 1 "
                 f"+{f['p99_ms'] - base['p99_ms']:.3f} ms over no faults"
             )
+        for label in ("1%", "100%"):
+            traced = by_target.get(f"meshgate+tracing {label}")
+            if traced:
+                added = traced["p50_ms"] - by_target["meshgate"]["p50_ms"]
+                print(f"  tracing on, {label} sampled: {1 - traced['rps'] / mg:.1%} fewer req/s, "
+                      f"+{added:.3f} ms p50")  # fmt: skip
         name = f"meshgate-{args.workers}w"
         if name in by_target:
             ratio = by_target[name]["rps"] / mg

@@ -42,6 +42,7 @@ from proxy.metrics import Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
 from proxy.state import Limit, StateUnavailable
+from proxy.tracing import span
 
 log = logging.getLogger("meshgate.quotas")
 
@@ -159,7 +160,8 @@ class Quotas:
         counted = False
         if plan.limits:
             try:
-                verdict = await self.state.acquire(plan.limits, plan.lease)
+                with span("meshgate.quota.check", {"meshgate.quota.limits": len(plan.limits)}):
+                    verdict = await self.state.acquire(plan.limits, plan.lease)
             except StateUnavailable as exc:
                 self.state_error("acquire", exc)
             else:

@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from proxy import logs, server
+from proxy import logs, server, tracing
 from proxy.admin import check_admin
 from proxy.config import Config, load_config
 from proxy.errors import (
@@ -47,7 +47,12 @@ class Endpoint:
             body = {"model": scope["path_params"]["model"]}
         elif self.endpoint == "models":
             body = {}
-        await self.live.gateway.serve(self.endpoint, scope, receive, send, body)
+        gateway = self.live.gateway
+        if not tracing.enabled():
+            return await gateway.serve(self.endpoint, scope, receive, send, body)
+        await tracing.serve_traced(
+            scope, send, lambda out: gateway.serve(self.endpoint, scope, receive, out, body)
+        )
 
 
 def create_app(config: Config | None = None) -> Starlette:
@@ -55,6 +60,7 @@ def create_app(config: Config | None = None) -> Starlette:
     if config is None:
         config = load_config(os.environ.get(CONFIG_ENV, "proxy.yaml"))
     logs.configure(config.server.log_level, config.server.access_log)
+    provider = tracing.setup(config.tracing)  # None when off: then nothing is installed
     gateway = Gateway(config)
     live = Live(gateway)
     reloader: Reloader | None = None
@@ -88,6 +94,8 @@ def create_app(config: Config | None = None) -> Starlette:
             if reloader is not None:
                 await reloader.close()
             await live.gateway.close()
+            if provider is not None:
+                provider.shutdown()  # sends the spans still queued
 
     async def health(request: Request) -> Response:
         return _identified(request, JSONResponse({"status": "ok"}))

@@ -18,6 +18,7 @@ from proxy.health import HealthConfig, check_url
 from proxy.prices import PriceConfig
 from proxy.registry import plugin_class
 from proxy.state import StateConfig
+from proxy.tracing import TracingConfig
 
 __all__ = ["Config", "ConfigError", "SettingError", "load_config", "parse_config"]
 
@@ -117,6 +118,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     state: StateConfig = field(default_factory=StateConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
     providers: dict[str, Any] = field(default_factory=dict)
     models: list[ModelConfig] = field(default_factory=list)
     pipeline: list[PluginSpec] = field(default_factory=list)
@@ -161,7 +163,7 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
         raise src.error((), "the config must be a mapping")
     if not data:
         raise ConfigError(f"{filename}: the config is empty (see proxy.yaml for an example)")
-    known = {"server", "state", "health", "providers", "models", "pipeline"}
+    known = {"server", "state", "health", "tracing", "providers", "models", "pipeline"}
     for key in data:
         if key not in known:
             raise src.error((key,), f"unknown key (expected one of: {', '.join(sorted(known))})")
@@ -175,10 +177,12 @@ def parse_config(text: str, filename: str = "<string>", env=None) -> Config:
     health = build(HealthConfig, data.get("health"), ("health",), src)
     _check_health(health, providers, src)
     pipeline = _pipeline(data.get("pipeline") or [], src)
+    tracing = build(TracingConfig, data.get("tracing"), ("tracing",), src)
     return Config(
         server=server,
         state=state,
         health=health,
+        tracing=tracing,
         providers=providers,
         models=models,
         pipeline=pipeline,

@@ -4,13 +4,14 @@ upstream, send the answer (buffered or streamed), and account for it."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
 import time
 from typing import Any
 
-from proxy import logs
+from proxy import logs, tracing
 from proxy.admin import AdminRoute
 from proxy.asgi import (
     ClientDisconnected,
@@ -212,26 +213,45 @@ class Gateway:
             call.model = self.catalog.get(call.body["model"])
         if not permitted(call.identity, call.model):
             raise refuse(call.identity, call.model)
-        deployment = await self.chooser.choose(call)
+        if len(call.model.deployments) == 1:  # nothing to decide: no span for it
+            deployment = await self.chooser.choose(call)
+        else:
+            with tracing.span("meshgate.route", {"meshgate.model": call.model.name}) as decided:
+                deployment = await self.chooser.choose(call)
+                if decided is not None:
+                    decided.set_attribute("meshgate.deployment", deployment.name)
         call.attempts += 1
         deployment.in_flight += 1
         pool = self.pools[deployment.provider]
+        upstream = self.upstreams[deployment.provider]
         held = False
         started = 0.0
         reply: Reply | None = None
+        traced = tracing.attempt(call, deployment, upstream.config.type)
+        traced_by_reply = False
         try:
             if waited := await pool.acquire():
                 call.pool_wait_s += waited
                 self.metrics.pool_wait.labels(pool.provider).observe(waited)
             held = True
             started = time.perf_counter()
-            reply = await self.upstreams[deployment.provider].send(call, deployment.model)
+            reply = await upstream.send(call, deployment.model)
             reply.deployment = deployment
             keep(call, reply)
             if reply.events is not None:
                 reply.owns(deployment.leave).owns(pool.release)  # held while it streams
-                await _opening(reply)
+                first = await _opening(reply)
+                if traced is not None:
+                    traced.first_event(first, time.perf_counter() - started)
+                    reply.owns(functools.partial(traced.ended, reply))  # at the stream's end
+                    traced_by_reply = True
+            elif traced is not None:
+                traced.ended(reply)
+            if traced is not None:
+                traced.sent()
         except BaseException as exc:
+            if traced is not None and not traced_by_reply:
+                traced.ended(error=exc)
             if held:
                 call.upstream_s += time.perf_counter() - started
             if reply is not None and reply.events is not None:
@@ -470,6 +490,8 @@ class Gateway:
         }
         if outcome.ttft_s is not None:
             fields["ttft_ms"] = round(outcome.ttft_s * 1000, 2)
+        if (trace_id := tracing.trace_id()) is not None:
+            fields["trace_id"] = trace_id
         if reply is not None and "x-meshgate-cache" in reply.headers:
             fields["cache"] = reply.headers["x-meshgate-cache"]
         if outcome.error:
@@ -509,7 +531,7 @@ async def _timed(events, call: Call):
         await events.aclose()
 
 
-async def _opening(reply: Reply) -> None:
+async def _opening(reply: Reply) -> Event:
     """Wait for a stream's first event; raise if the stream fails, ends, or opens with
     an error or something that is not JSON, before anything reached the client."""
     first = await reply.peek()
@@ -521,6 +543,7 @@ async def _opening(reply: Reply) -> None:
         raise UpstreamStatus(
             502, str(error.get("message") or "upstream stream error"), code=error.get("code")
         )
+    return first
 
 
 def _probes(config: Config) -> dict[str, tuple[str, list[str]]]:

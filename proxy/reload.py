@@ -112,6 +112,8 @@ class Reloader:
             for key in RESTART_ONLY:
                 if getattr(old.config.server, key) != getattr(config.server, key):
                     log.warning("config reload: server.%s changed; it takes a restart", key)
+            if old.config.tracing != config.tracing:
+                log.warning("config reload: tracing changed; it takes a restart")
             old_hash, self.hash = self.hash, new_hash
             self._show(new_hash, old_hash)
             metrics.config_reloads.labels("applied").inc()

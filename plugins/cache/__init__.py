@@ -43,6 +43,7 @@ from proxy.metrics import OVERHEAD_BUCKETS, Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
+from proxy.tracing import span
 
 log = logging.getLogger("meshgate.cache")
 
@@ -123,13 +124,21 @@ class Cache:
         canonical = canonical_request(call)
         key = self.key(call, namespace, canonical)
         lookup = "no-cache" not in control
-        if lookup and (hit := await self.lookup(key)) is not None:
-            return hit
+        if lookup:
+            with span("meshgate.cache.lookup", {"meshgate.cache.kind": "exact"}) as traced:
+                hit = await self.lookup(key)
+                if traced is not None:
+                    traced.set_attribute("meshgate.cache.result", "miss" if hit is None else "hit")
+            if hit is not None:
+                return hit
         probe = None  # built after an exact miss only
         if self.semantic is not None:
             probe = self.semantic.probe(call.endpoint, call.model.name, namespace, canonical)
-            if lookup and probe and (hit := await self.lookup_semantic(probe)) is not None:
-                return hit
+            if lookup and probe:
+                with span("meshgate.cache.lookup", {"meshgate.cache.kind": "semantic"}):
+                    hit = await self.lookup_semantic(probe)
+                if hit is not None:
+                    return hit
         reply = await call_next(call)
         reply.headers["x-meshgate-cache"] = "miss"
         if reply.status == 200:

@@ -73,6 +73,7 @@ from proxy.metrics import Labelled
 from proxy.pipeline import Call, Next, Reply
 from proxy.protocol import prompt_text
 from proxy.sse import Event
+from proxy.tracing import span
 
 log = logging.getLogger("meshgate.verify")
 
@@ -302,9 +303,15 @@ class Verify:
     ) -> list[dict[str, Any]]:
         results = []
         if "json_schema" in selection.checks:
-            results.append(self._json_check(call.body, answer))
+            with span("meshgate.verify.json_schema") as traced:
+                results.append(self._json_check(call.body, answer))
+                if traced is not None:
+                    traced.set_attribute("meshgate.verify.outcome", results[-1]["outcome"])
         if "code" in selection.checks:
-            results.append(await self._code_check(rule, selection, answer))
+            with span("meshgate.verify.code") as traced:
+                results.append(await self._code_check(rule, selection, answer))
+                if traced is not None:
+                    traced.set_attribute("meshgate.verify.outcome", results[-1]["outcome"])
         return results
 
     def _json_check(self, body: dict, answer: Answer) -> dict[str, Any]:
@@ -344,11 +351,14 @@ class Verify:
         config = rule.consensus
         assert config is not None
         names = config.models or [call.body["model"]] * config.samples
-        tasks = [
-            asyncio.ensure_future(self._candidate(call, call_next, config, selection, rule, n, i))
-            for i, n in enumerate(names)
-        ]
-        candidates = await gather(tasks, config)
+        with span("meshgate.verify.consensus", {"meshgate.verify.asked": len(names)}):
+            tasks = [  # made inside the span: each answer's upstream span is its child
+                asyncio.ensure_future(
+                    self._candidate(call, call_next, config, selection, rule, n, i)
+                )
+                for i, n in enumerate(names)
+            ]
+            candidates = await gather(tasks, config)
         call.upstream_s += max((c.upstream_s for c in candidates), default=0.0)
         verdict = decide(config, candidates, len(names))
         how = verdict.how

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
+from proxy import tracing
 from proxy.errors import (
     GatewayError,
     InvalidRequest,
@@ -137,6 +138,7 @@ class Upstream(base.Upstream):
         kwargs["drop_params"] = self.config.drop_params
         headers = dict(self.config.headers)
         headers["x-request-id"] = call.request_id
+        tracing.inject(headers)  # traceparent, when tracing is on
         kwargs["extra_headers"] = headers
         for key in ("api_key", "api_base", "api_version"):
             value = getattr(self.config, key)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import aiohttp
 import orjson
 
-from proxy import __version__
+from proxy import __version__, tracing
 from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -120,6 +120,7 @@ class Upstream(base.Upstream):
         data = self.request_body(call, model)
         headers = dict(self.headers)
         headers["x-request-id"] = call.request_id
+        tracing.inject(headers)  # traceparent, when tracing is on
         started = time.perf_counter()
         deadline = started + self.config.timeouts.total_s
         try:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import orjson
 
+from proxy import tracing
 from proxy.errors import (
     InvalidRequest,
     UpstreamStatus,
@@ -120,12 +121,9 @@ class Upstream(base.Upstream):
         assert self.client is not None, "upstream used before start()"
         payload = orjson.dumps(self.request_body(call))
         path = "/generate_stream" if call.stream else "/generate"
-        request = self.client.build_request(
-            "POST",
-            path,
-            content=payload,
-            headers={"content-type": "application/json", "x-request-id": call.request_id},
-        )
+        headers = {"content-type": "application/json", "x-request-id": call.request_id}
+        tracing.inject(headers)  # traceparent, when tracing is on
+        request = self.client.build_request("POST", path, content=payload, headers=headers)
         try:
             response = await self.client.send(request, stream=True)
             if response.status_code >= 300 or not call.stream:

@@ -1,0 +1,117 @@
+"""OTLP/HTTP span export with JSON bodies, which collectors accept beside protobuf.
+
+The SDK's OTLP exporter builds a protobuf message per span in Python; measured
+with every request sampled, its encoding took 13% of a worker's time, on the
+export thread but under the GIL. orjson writes the same spans as OTLP's JSON
+mapping (ids in hex, 64-bit integers as strings) several times faster, and one
+kept-alive connection carries the batches. `tracing.encoding: protobuf` keeps
+the SDK's exporter.
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+log = logging.getLogger("meshgate.tracing")
+
+
+class JsonSpanExporter(SpanExporter):
+    def __init__(self, endpoint: str, headers: dict[str, str], timeout_s: float = 10.0) -> None:
+        url = urlsplit(endpoint)
+        self.https = url.scheme == "https"
+        self.host = url.hostname or "localhost"
+        self.port = url.port or (443 if self.https else 80)
+        self.path = url.path or "/v1/traces"
+        self.headers = {"content-type": "application/json", **headers}
+        self.timeout_s = timeout_s
+        self.connection: http.client.HTTPConnection | None = None
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        body = orjson.dumps(encode(spans))
+        for attempt in range(2):  # a kept-alive connection the collector closed: once more
+            try:
+                status = self._post(body)
+            except (OSError, http.client.HTTPException) as exc:
+                self._close()
+                if attempt:
+                    log.warning("could not export %d span(s): %s", len(spans), exc)
+                    return SpanExportResult.FAILURE
+                continue
+            if status < 300:
+                return SpanExportResult.SUCCESS
+            log.warning("the collector refused %d span(s): HTTP %d", len(spans), status)
+            return SpanExportResult.FAILURE
+        return SpanExportResult.FAILURE
+
+    def _post(self, body: bytes) -> int:
+        if self.connection is None:
+            kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
+            self.connection = kind(self.host, self.port, timeout=self.timeout_s)
+        self.connection.request("POST", self.path, body=body, headers=self.headers)
+        response = self.connection.getresponse()
+        response.read()
+        return response.status
+
+    def _close(self) -> None:
+        if self.connection is not None:
+            self.connection.close()
+            self.connection = None
+
+    def shutdown(self) -> None:
+        self._close()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def encode(spans: Sequence[ReadableSpan]) -> dict[str, Any]:
+    """OTLP's ExportTraceServiceRequest, in its JSON mapping, for spans of one resource."""
+    resource = spans[0].resource.attributes if spans and spans[0].resource else {}
+    return {"resourceSpans": [{
+        "resource": {"attributes": _attributes(resource)},
+        "scopeSpans": [{"scope": {"name": "meshgate"}, "spans": [_span(s) for s in spans]}],
+    }]}  # fmt: skip
+
+
+def _span(span: ReadableSpan) -> dict[str, Any]:
+    context = span.context
+    assert context is not None
+    out: dict[str, Any] = {
+        "traceId": f"{context.trace_id:032x}",
+        "spanId": f"{context.span_id:016x}",
+        "name": span.name,
+        "kind": span.kind.value + 1,  # OTLP counts from SPAN_KIND_UNSPECIFIED = 0
+        "startTimeUnixNano": str(span.start_time),
+        "endTimeUnixNano": str(span.end_time),
+        "attributes": _attributes(span.attributes or {}),
+        "status": {"code": span.status.status_code.value},
+    }
+    if span.parent is not None:
+        out["parentSpanId"] = f"{span.parent.span_id:016x}"
+    if span.status.description:
+        out["status"]["message"] = span.status.description
+    return out
+
+
+def _attributes(attributes) -> list[dict[str, Any]]:
+    return [{"key": key, "value": _value(value)} for key, value in attributes.items()]
+
+
+def _value(value: Any) -> dict[str, Any]:
+    if isinstance(value, bool):
+        return {"boolValue": value}
+    if isinstance(value, int):
+        return {"intValue": str(value)}
+    if isinstance(value, float):
+        return {"doubleValue": value}
+    if isinstance(value, (list, tuple)):
+        return {"arrayValue": {"values": [_value(v) for v in value]}}
+    return {"stringValue": str(value)}

@@ -1,0 +1,154 @@
+"""proxy/tracing.py: off, nothing is installed; on, a server span per request (no
+per-send spans), a client span per upstream attempt with the GenAI attributes,
+spans for the cache, quotas, routing and verification, traceparent to the
+upstream and the trace id in the access log. Spans are read from the SDK's
+in-memory exporter, and once from a real OTLP/HTTP receiver over a socket."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import orjson
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from starlette.testclient import TestClient
+
+from proxy import tracing
+from proxy.app import create_app
+from proxy.config import parse_config
+from tests.conftest import Server, free_port, start_gateway
+
+KEY = "sk-tracing-0123456789"
+
+
+def config(upstream_port: int, tracing_yaml: str) -> str:
+    return f"""
+server: {{host: 127.0.0.1}}
+tracing: {tracing_yaml}
+providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}}}
+models:
+  - name: m
+    deployments:
+      - {{provider: up, model: up-m, name: d1, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 1}}}}
+      - {{provider: up, model: up-m, name: d2, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 1}}}}
+pipeline:
+  - auth: {{keys: [{{name: k, key: {KEY}, team: t}}]}}
+  - verify: {{rules: [{{checks: [json_schema]}}]}}
+  - quotas: {{limits: [{{per: key, rpm: 1000}}]}}
+  - cache: {{}}
+  - routing: {{strategy: least-busy}}
+"""
+
+
+def test_off_installs_nothing(upstream):
+    app = create_app(parse_config(config(upstream.port, "{enabled: false}"), "t.yaml", env={}))
+    assert not tracing.enabled()
+    assert "OpenTelemetryMiddleware" not in repr(app.user_middleware)
+    assert tracing.span("x") is tracing.span("y")  # one shared do-nothing context
+
+
+@pytest.fixture
+def traced(upstream) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+    exporter = InMemorySpanExporter()
+    cfg = parse_config(config(upstream.port, "{enabled: true}"), "t.yaml", env={})
+    original = tracing.setup
+    tracing.setup = lambda c: original(c, exporter=exporter)  # type: ignore[assignment]
+    try:
+        app = create_app(cfg)
+    finally:
+        tracing.setup = original  # type: ignore[assignment]
+    with TestClient(app) as client:
+        yield client, exporter
+    tracing.setup(tracing.TracingConfig())  # off again for the other tests
+
+
+def test_a_request_makes_one_server_span_and_children_for_each_step(traced):
+    client, exporter = traced
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_object"}, "fake": {"reply": '{"a": 1}', "echo": 1}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    spans = exporter.get_finished_spans()
+    names = [s.name for s in spans]
+    servers = [s for s in spans if s.kind.name == "SERVER"]
+    assert len(servers) == 1 and not any("http send" in n or "http receive" in n for n in names)
+    (server,) = servers
+    trace_id = server.context.trace_id
+    assert all(s.context.trace_id == trace_id for s in spans)
+    for step in ("meshgate.cache.lookup", "meshgate.quota.check", "meshgate.route",
+                 "meshgate.verify.json_schema", "chat up-m"):  # fmt: skip
+        assert step in names, names
+    (attempt,) = [s for s in spans if s.name == "chat up-m"]
+    a = attempt.attributes
+    assert attempt.kind.name == "CLIENT"
+    assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.system"] == "openai"
+    assert a["gen_ai.request.model"] == "up-m" and a["gen_ai.response.model"] == "up-m"
+    assert a["gen_ai.response.id"].startswith("chatcmpl-")
+    assert tuple(a["gen_ai.response.finish_reasons"]) == ("stop",)
+    assert a["gen_ai.usage.input_tokens"] > 0 and a["gen_ai.usage.output_tokens"] > 0
+    # traceparent reached the upstream, naming the attempt's span
+    echoed = r.json()["echo"]["headers"]["traceparent"]
+    assert echoed.split("-")[1] == f"{trace_id:032x}"
+    assert echoed.split("-")[2] == f"{attempt.context.span_id:016x}"
+
+
+def test_a_stream_s_attempt_span_ends_with_the_stream_and_has_its_first_token_time(traced):
+    client, exporter = traced
+    body = {"model": "m", "messages": [{"role": "user", "content": "stream"}], "stream": True,
+            "stream_options": {"include_usage": True}, "fake": {"reply": "{}"}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "chat up-m"]
+    assert attempt.attributes["gen_ai.response.time_to_first_chunk"] >= 0
+    assert attempt.attributes["gen_ai.usage.output_tokens"] > 0
+
+
+def test_a_failed_attempt_is_an_error_span(traced):
+    client, exporter = traced
+    body = {"model": "m", "messages": [{"role": "user", "content": "fail"}],
+            "fake": {"error_rate": 1, "error_status": 500}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body, headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code >= 500
+    (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "chat up-m"]
+    assert attempt.status.status_code.name == "ERROR" and attempt.attributes["error.type"]
+
+
+@pytest.fixture(scope="module")
+def receiver(tmp_path_factory) -> Iterator[Server]:
+    port = free_port()
+    args = [sys.executable, "-m", "load.otlp_receiver", "--port", str(port)]
+    server = Server(args, port, tmp_path_factory.mktemp("otlp") / "otlp.log", "/health")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("encoding", ["json", "protobuf"])
+def test_spans_reach_a_real_otlp_receiver_and_the_trace_id_is_in_the_access_log(
+    tmp_path, upstream, receiver, encoding
+):
+    endpoint = f"http://127.0.0.1:{receiver.port}/v1/traces"
+    how = f'{{enabled: true, endpoint: "{endpoint}", encoding: {encoding}}}'
+    gateway = start_gateway(tmp_path, config(upstream.port, how))
+    try:
+        body = {"model": "m", "messages": [{"role": "user", "content": "over the wire"}]}
+        r = httpx.post(gateway.url + "/v1/chat/completions", json=body,
+                       headers={"authorization": f"Bearer {KEY}"}, timeout=30)  # fmt: skip
+        assert r.status_code == 200
+    finally:
+        gateway.stop()  # shutting down flushes what the batch processor holds
+    (line,) = [x for x in gateway.access_lines() if x.get("endpoint") == "chat"]
+    deadline = time.monotonic() + 10
+    while True:
+        spans = orjson.loads(httpx.get(receiver.url + "/spans").content)
+        ours = [s for s in spans if s["trace_id"] == line["trace_id"]]
+        if len(ours) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    names = {s["name"] for s in ours}
+    assert "chat up-m" in names and "meshgate.route" in names
+    (attempt,) = [s for s in ours if s["name"] == "chat up-m"]
+    assert attempt["attributes"]["gen_ai.request.model"] == "up-m"
+    assert attempt["attributes"]["gen_ai.usage.output_tokens"] > 0
