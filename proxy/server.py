@@ -85,6 +85,25 @@ BUSY = (
 )
 
 
+class _Tally:
+    """A count of events, logged at most once a second with how many since the last."""
+
+    __slots__ = ("count", "logged_at", "since_log")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.logged_at = 0.0
+        self.since_log = 0
+
+    def add(self, warn: Callable[[int], None]) -> None:
+        self.count += 1
+        self.since_log += 1
+        now = time.monotonic()
+        if now - self.logged_at >= 1.0:
+            warn(self.since_log)
+            self.logged_at, self.since_log = now, 0
+
+
 class Connections:
     """The worker's client connections: how many are open, the cap on them, and an
     account of each: accepted, refused at the cap, or reset by the client."""
@@ -92,46 +111,40 @@ class Connections:
     def __init__(self, limit: int, counters: dict[str, Callable[[], None]] | None = None) -> None:
         self.limit = limit
         self.open = 0
-        self.refused = 0
-        self.reset = 0
         self.counters = counters or {}  # "accepted", "refused", "reset" -> a metric's inc
-        self._logged_at = 0.0
-        self._refused_since_log = 0
-        self._reset_logged_at = 0.0
-        self._reset_since_log = 0
+        self._refused = _Tally()
+        self._reset = _Tally()
+
+    @property
+    def refused(self) -> int:
+        return self._refused.count
+
+    @property
+    def reset(self) -> int:
+        return self._reset.count
+
+    def _count(self, what: str) -> None:
+        if (count := self.counters.get(what)) is not None:
+            count()
 
     def accepted(self) -> None:
-        if (count := self.counters.get("accepted")) is not None:
-            count()
+        self._count("accepted")
 
     def was_reset(self, error: BaseException) -> None:
-        """Count a connection the client broke off (reset, read error); log at most
-        once a second."""
-        self.reset += 1
-        self._reset_since_log += 1
-        if (count := self.counters.get("reset")) is not None:
-            count()
-        now = time.monotonic()
-        if now - self._reset_logged_at >= 1.0:
-            log.warning(
-                "%d client connection(s) broken off by the client (last: %s)",
-                self._reset_since_log, type(error).__name__,
-            )  # fmt: skip
-            self._reset_logged_at, self._reset_since_log = now, 0
+        """Count a connection the client broke off (reset, read error); logged."""
+        self._count("reset")
+        self._reset.add(lambda n: log.warning(
+            "%d client connection(s) broken off by the client (last: %s)",
+            n, type(error).__name__,
+        ))  # fmt: skip
 
     def refuse(self) -> None:
-        """Count one refused connection; log at most once a second."""
-        self.refused += 1
-        self._refused_since_log += 1
-        if (count := self.counters.get("refused")) is not None:
-            count()
-        now = time.monotonic()
-        if now - self._logged_at >= 1.0:
-            log.warning(
-                "refused %d connection(s): %d open, the limit is %d (server.max_connections)",
-                self._refused_since_log, self.open, self.limit,
-            )  # fmt: skip
-            self._logged_at, self._refused_since_log = now, 0
+        """Count one refused connection; logged."""
+        self._count("refused")
+        self._refused.add(lambda n: log.warning(
+            "refused %d connection(s): %d open, the limit is %d (server.max_connections)",
+            n, self.open, self.limit,
+        ))  # fmt: skip
 
 
 def default_max_connections() -> int:

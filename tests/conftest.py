@@ -3,6 +3,7 @@ on a loopback port, driven over sockets."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -166,6 +167,54 @@ class RedisServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+
+
+def processes_of_uids(uids: range, within_s: float = 10) -> list[str]:
+    """Processes of these uids still alive after `within_s` (the sandbox's: killed ones
+    may take a moment to be torn down)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        alive = [p for p in os.listdir("/proc") if p.isdigit() and _uid_of(p) in uids]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
+
+
+def _uid_of(pid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
+class LogLines(logging.Handler):
+    """Records of one logger, whatever the gateway's logging setup did to propagation."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(name)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> LogLines:
+        self.level = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
 
 
 def query_engine_redis(workdir: Path) -> RedisServer:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import itertools
 import os
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -15,7 +14,13 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Server, start_fake_upstream, start_gateway, upstream_stats
+from tests.conftest import (
+    Server,
+    processes_of_uids,
+    start_fake_upstream,
+    start_gateway,
+    upstream_stats,
+)
 
 PRICE = "price: {input_usd_per_mtok: 1000, output_usd_per_mtok: 1000}"
 SECRET = "sk-verify-secret-" + uuid.uuid4().hex
@@ -366,25 +371,7 @@ def zombies_under(root: int) -> list[int]:
 
 
 def sandbox_processes(within_s: float) -> list[str]:
-    """Processes of the sandbox's uids still alive after `within_s` (killed ones may
-    take a moment to be torn down)."""
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) >= 200_000]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def _uid(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
+    return processes_of_uids(range(200_000, 2**31 - 1), within_s)
 
 
 def test_a_streamed_consensus_replays_the_winners_events(gateway):

@@ -6,11 +6,11 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import time
 
 import pytest
 
 from plugins.verify.sandbox import LANGUAGES, Sandbox, SandboxConfig
+from tests.conftest import LogLines, processes_of_uids
 
 PY = LANGUAGES["python"]
 LIMITS = {"wall_s": 2.0, "cpu_s": 1, "memory_bytes": 256 * 1024 * 1024, "file_bytes": 4 << 20}
@@ -121,31 +121,31 @@ def test_twenty_runs_at_once_all_succeed(sandbox):
 
 
 @needs_root
-def test_the_level_in_use_is_said_at_start(caplog):
+def test_the_level_in_use_is_said_at_start():
     async def start(isolation: str) -> None:
         box = Sandbox(SandboxConfig(isolation=isolation))
         await box.start()
         box.close()
 
-    with caplog.at_level("INFO", logger="meshgate.verify.sandbox"):
+    with LogLines("meshgate.verify.sandbox") as said:
         asyncio.run(start("rlimits"))
-    assert "rlimits + seccomp only, no namespaces" in caplog.text
+    assert "rlimits + seccomp only, no namespaces" in said.text
     if shutil.which("bwrap"):
-        caplog.clear()
-        with caplog.at_level("INFO", logger="meshgate.verify.sandbox"):
+        with LogLines("meshgate.verify.sandbox") as said:
             asyncio.run(start("auto"))
-        assert "bubblewrap namespaces + seccomp + rlimits" in caplog.text
+        assert "bubblewrap namespaces + seccomp + rlimits" in said.text
 
 
-def test_without_any_sandbox_code_is_never_run(tmp_path, caplog):
+def test_without_any_sandbox_code_is_never_run(tmp_path):
     async def start() -> Sandbox:
         box = Sandbox(SandboxConfig(python=str(tmp_path / "no-python")))
         await box.start()
         return box
 
-    box = asyncio.run(start())
+    with LogLines("meshgate.verify.sandbox") as said:
+        box = asyncio.run(start())
     assert not box.available
-    assert "code will NOT be run" in caplog.text
+    assert "code will NOT be run" in said.text
     marker = tmp_path / "ran"
     result = run(box, f"open({str(marker)!r}, 'w')")
     assert result.outcome == "not_run" and "no interpreter" in result.detail
@@ -155,67 +155,4 @@ def test_without_any_sandbox_code_is_never_run(tmp_path, caplog):
 
 def leftovers(box: Sandbox, within_s: float = 10) -> list[str]:
     uids = range(box.config.uid_base, box.config.uid_base + box.config.max_concurrent)
-    deadline = time.monotonic() + within_s
-    while True:
-        alive = [p for p in os.listdir("/proc") if p.isdigit() and _uid(p) in uids]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.05)
-
-
-def _uid(pid: str) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return -1
-
-
-@needs_bwrap
-def test_a_run_that_finds_no_free_slot_in_time_is_not_run_and_says_so():
-    async def go():
-        box = Sandbox(SandboxConfig(max_concurrent=1, slot_wait_s=0.2, **LIMITS))
-        await box.start()
-        slow = asyncio.ensure_future(box.run(PY, "import time\ntime.sleep(1)"))
-        await asyncio.sleep(0.05)
-        waiting = await box.run(PY, "print(1)")
-        await slow
-        box.close()
-        return waiting
-
-    result = asyncio.run(go())
-    assert result.outcome == "not_run" and "busy" in result.detail
-
-
-@needs_bwrap
-def test_a_language_from_the_config_runs_like_the_built_in_ones():
-    from plugins.verify.code import run_code
-    from plugins.verify.sandbox import LanguageConfig
-
-    awk = LanguageConfig(
-        command=["/usr/bin/awk", "-f", "{file}"], file="main.awk", aliases=["gawk"]
-    )
-
-    async def go():
-        box = Sandbox(SandboxConfig(isolation="namespaces", languages={"awk": awk}, **LIMITS))
-        await box.start()
-        results = [
-            await run_code(box, "```awk\nBEGIN { print 6 * 7 }\n```", None),
-            await run_code(box, "```bash\necho $((6 * 7))\n```", None),
-        ]
-        box.close()
-        return results
-
-    awk_run, bash_run = asyncio.run(go())
-    assert awk_run.stdout == bash_run.stdout == "42\n"
-
-
-def test_a_language_file_must_stay_in_the_working_directory():
-    from plugins.verify.sandbox import LanguageConfig
-
-    for bad in ("../x", "/etc/x", ".hidden", ""):
-        with pytest.raises(ValueError):
-            LanguageConfig(command=["/usr/bin/awk"], file=bad)
+    return processes_of_uids(uids, within_s)
