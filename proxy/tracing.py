@@ -29,6 +29,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import orjson
+
+from proxy.protocol import clean_usage
+
 log = logging.getLogger("meshgate.tracing")
 
 _NOOP = contextlib.nullcontext()
@@ -227,9 +231,6 @@ class Attempt:
     __slots__ = ("span", "token")
 
     def __init__(self, call, deployment, provider_type: str) -> None:
-        from opentelemetry import context, trace
-        from opentelemetry.trace import SpanKind
-
         operation = _OPERATIONS.get(call.endpoint, call.endpoint)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
@@ -246,16 +247,14 @@ class Attempt:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 attributes[name] = value
         self.span = _tracer.start_span(
-            f"{operation} {deployment.model}", kind=SpanKind.CLIENT, attributes=attributes
+            f"{operation} {deployment.model}", kind=_api.SpanKind.CLIENT, attributes=attributes
         )
-        self.token: Any = context.attach(trace.set_span_in_context(self.span))
+        self.token: Any = _context.attach(_api.set_span_in_context(self.span))
 
     def sent(self) -> None:
         """The request is out: the span stops being the current one."""
-        from opentelemetry import context
-
         if self.token is not None:
-            context.detach(self.token)
+            _context.detach(self.token)
             self.token = None
 
     def first_event(self, event, ttft_s: float) -> None:
@@ -271,14 +270,14 @@ class Attempt:
         if reply is not None:
             if reply.body is not None:
                 try:
-                    import orjson
-
                     data = orjson.loads(reply.body)
                 except ValueError:
                     data = None
                 if isinstance(data, dict):
                     _describe(data, found)
-            usage = reply.get_usage()
+                    if reply.usage is None:  # parsed once, here, for the gateway too
+                        reply.usage = clean_usage(data.get("usage"))
+            usage = reply.usage if reply.body is not None else reply.get_usage()
             if usage:
                 for key, name in (("prompt_tokens", "gen_ai.usage.input_tokens"),
                                   ("completion_tokens", "gen_ai.usage.output_tokens")):  # fmt: skip
