@@ -267,13 +267,8 @@ class Quotas:
     def refusal(self, plan: _Plan, verdict) -> GatewayError:
         i = verdict.denied
         limit = plan.limits[i]
-        kind = (
-            "budget"
-            if i in plan.budget
-            else "concurrent"
-            if i in plan.concurrency
-            else ("tokens" if i in plan.tokens else "requests")
-        )
+        kinds = (("budget", plan.budget), ("concurrent", plan.concurrency), ("tokens", plan.tokens))
+        kind = next((k for k, indexes in kinds if i in indexes), "requests")
         self.refusals(kind).inc()
         if kind == "budget":
             period = "day" if limit.key.startswith("spend:d:") else "month"

@@ -2,7 +2,7 @@
 
 With `tracing.enabled`, each worker sets up the SDK with an OTLP/HTTP exporter
 (endpoint, headers and sampling from `tracing:` or the standard OTEL_*
-variables). Each model request gets one server span (`server_span`, following
+variables). Each model request gets one server span (`serve_traced`, following
 an incoming `traceparent`), and the gateway and plugins add child spans: each
 upstream attempt with the GenAI semantic conventions' attributes, the cache
 lookup, the quota check, the routing decision, each verification step.
@@ -81,7 +81,7 @@ def setup(config: TracingConfig, exporter: Any = None) -> Any:
     if ratio is None:
         ratio = float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1") or 1)
     name = config.service_name or os.environ.get("OTEL_SERVICE_NAME") or "meshgate"
-    # Roots are sampled here, before the SDK is asked for anything (server_span); a
+    # Roots are sampled here, before the SDK is asked for anything (serve_traced); a
     # caller's trace keeps the caller's decision.
     provider = TracerProvider(
         resource=Resource.create({"service.name": name}), sampler=ParentBased(ALWAYS_ON)

@@ -360,7 +360,7 @@ class Verify:
             ]
             candidates = await gather(tasks, config)
         call.upstream_s += max((c.upstream_s for c in candidates), default=0.0)
-        verdict = decide(config, candidates, len(names))
+        verdict = decide(config, candidates)
         how = verdict.how
         if config.judge is not None and (config.judge.when == "always" or how != "agreed"):
             picked = await self._judge(call, call_next, config, candidates)

@@ -21,8 +21,6 @@ import orjson
 
 from plugins.verify.schema import unfenced
 
-MATCHES = ("text", "json", "code")
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class JudgeConfig:
@@ -71,7 +69,6 @@ class Verdict:
     winner: Candidate | None
     agreed: list[Candidate]
     gathered: int
-    asked: int
     how: str  # agreed, judged, first, split
 
     @property
@@ -94,7 +91,7 @@ def json_key(text: str) -> str | None:
     return orjson.dumps(value, option=orjson.OPT_SORT_KEYS).decode()
 
 
-def decide(config: ConsensusConfig, candidates: list[Candidate], asked: int) -> Verdict:
+def decide(config: ConsensusConfig, candidates: list[Candidate]) -> Verdict:
     """The winner by the groups alone (a judge, if any, is asked after)."""
     answered = [c for c in candidates if c.error is None]
     groups: dict[str, list[Candidate]] = {}
@@ -103,15 +100,15 @@ def decide(config: ConsensusConfig, candidates: list[Candidate], asked: int) -> 
             groups.setdefault(c.key, []).append(c)
     ranked = sorted(groups.values(), key=lambda g: (-len(g), min(c.position for c in g)))
     if not ranked:
-        return Verdict(None, [], len(answered), asked, "split")
+        return Verdict(None, [], len(answered), "split")
     best = sorted(ranked[0], key=lambda c: c.position)
     tied = len(ranked) > 1 and len(ranked[1]) == len(best)
     enough = len(best) >= config.quorum and len(best) >= config.min_agreement * len(answered)
     if enough and not tied:
-        return Verdict(min(best, key=lambda c: c.position), best, len(answered), asked, "agreed")
+        return Verdict(min(best, key=lambda c: c.position), best, len(answered), "agreed")
     if config.tie_break == "first":
-        return Verdict(min(best, key=lambda c: c.position), best, len(answered), asked, "first")
-    return Verdict(None, best, len(answered), asked, "split")
+        return Verdict(min(best, key=lambda c: c.position), best, len(answered), "first")
+    return Verdict(None, best, len(answered), "split")
 
 
 def settled(config: ConsensusConfig, candidates: list[Candidate], pending: int) -> bool:
