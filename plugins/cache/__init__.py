@@ -34,9 +34,11 @@ from urllib.parse import quote
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from plugins.cache.judge import SOFT
 from plugins.cache.parts import Probe
 from plugins.cache.semantic import SemanticCache, SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
+from plugins.cache.verify import Refusal
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
 from proxy.metrics import OVERHEAD_BUCKETS, Labelled
@@ -132,15 +134,18 @@ class Cache:
             if hit is not None:
                 return hit
         probe = None  # built after an exact miss only
+        refusal = None  # why the nearest semantic candidate was not served
         if self.semantic is not None:
             probe = self.semantic.probe(call.endpoint, call.model.name, namespace, canonical)
             if lookup and probe:
                 with span("meshgate.cache.lookup", {"meshgate.cache.kind": "semantic"}):
-                    hit = await self.lookup_semantic(probe)
+                    hit, refusal = await self.lookup_semantic(probe, call)
                 if hit is not None:
                     return hit
         reply = await call_next(call)
         reply.headers["x-meshgate-cache"] = "miss"
+        if refusal is not None:  # the kind only: the words are another request's
+            reply.headers["x-meshgate-cache-refused"] = refusal.kind
         if reply.status == 200:
             self.capture(key, reply, probe, ttl)
         return reply
@@ -183,8 +188,11 @@ class Cache:
         reply.headers["x-meshgate-cache"] = "hit-exact"
         return reply
 
-    async def lookup_semantic(self, probe: Probe) -> Reply | None:
-        """The answer to a verified near-repeat of this prompt, if one is cached."""
+    async def lookup_semantic(
+        self, probe: Probe, call: Call
+    ) -> tuple[Reply | None, Refusal | None]:
+        """The answer to a verified near-repeat of this prompt, if one is cached; else
+        why the nearest candidate was refused, if one was."""
         started = time.perf_counter()
         result = "miss"
         semantic = self.semantic
@@ -193,6 +201,16 @@ class Cache:
             matches, refused = await asyncio.wait_for(
                 semantic.find(probe), semantic.config.lookup_timeout_s
             )
+            judge = semantic.judge
+            if judge is not None:  # refused for their words only: a second opinion
+                for candidate, refusal in refused:
+                    if refusal.kind in SOFT and await judge.same(
+                        candidate.prompt, probe.prompt, call.identity, call.request_id
+                    ):
+                        matches.append(candidate)
+                        self.metrics.judged_of("same").inc()
+                    elif refusal.kind in SOFT:
+                        self.metrics.judged_of("different").inc()
             for match in matches:
                 stored = await self.store.get(match.key)
                 if stored is None:  # the answer expired or was evicted
@@ -202,19 +220,20 @@ class Cache:
                 reply = _reply(stored)
                 reply.headers["x-meshgate-cache"] = "hit-semantic"
                 reply.headers["x-meshgate-cache-similarity"] = f"{match.similarity:.4f}"
-                return reply
+                return reply, None
             if refused:
                 result = "refused"  # near enough, but the checks found a difference
-            return None
+                return None, refused[0][1]
+            return None, None
         except TimeoutError:
             result = "timeout"  # the embedder is backed up: the upstream is the faster way
-            return None
+            return None, None
         except SEMANTIC_FAILURES as exc:
             log.warning("semantic cache lookup failed, serving a miss: %s", exc)
-            return None
+            return None, None
         except Exception:
             log.exception("semantic cache lookup failed, serving a miss")
-            return None
+            return None, None
         finally:
             self.metrics.latency.labels("semantic").observe(time.perf_counter() - started)
             self.metrics.lookups.labels("semantic", result).inc()
@@ -343,6 +362,12 @@ class CacheMetrics:
             "meshgate_cache_lookup_seconds", "Time to look an answer up, by kind.",
             ["kind"], buckets=OVERHEAD_BUCKETS, registry=r,
         )  # fmt: skip
+        self.judged = Counter(
+            "meshgate_cache_judged",
+            "Refused semantic candidates put to the verify_with model, by its verdict.",
+            ["verdict"], registry=r,
+        )  # fmt: skip
         self.lookups_of = Labelled(self.lookups)
+        self.judged_of = Labelled(self.judged)
         self.stores_of = Labelled(self.stores)
         self.latency_of = Labelled(self.latency)

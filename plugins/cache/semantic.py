@@ -21,8 +21,10 @@ from typing import TYPE_CHECKING, Literal
 
 import orjson
 
+from plugins.cache.judge import Judge, JudgeConfig
 from plugins.cache.parts import Candidate, EmbedderConfig, Probe, QueryEngineMissing
-from plugins.cache.verify import Prompt, analyse, same_question
+from plugins.cache.verify import Checker, Prompt, Refusal, analyse, known_words
+from proxy.config import SettingError
 
 if TYPE_CHECKING:
     from plugins.cache.embedded_index import EmbeddedIndex
@@ -37,7 +39,10 @@ log = logging.getLogger("meshgate.cache")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SemanticConfig:
-    threshold: float = 0.85  # cosine similarity; chosen on load/semantic_pairs.tsv
+    # Cosine similarity. Low, because the near-miss checks decide: at 0.7 all-MiniLM-L6-v2
+    # lets 96% of the labelled paraphrases in load/semantic_pairs_lexical.tsv through
+    # (0.86 at 0.85), and 93% of the near-misses, which the checks refuse.
+    threshold: float = 0.7
     index: Literal["embedded", "redis"] = "embedded"
     url: str | None = None  # a Redis with the query engine; default: the cache's Redis
     # A Redis without the query engine: refuse to start, or warn and use the embedded index.
@@ -48,6 +53,7 @@ class SemanticConfig:
     max_entries: int = 10_000  # embedded index
     max_prompt_chars: int = 2000  # longer prompts use the exact cache only
     lookup_timeout_s: float = 0.5  # a lookup slower than this (embedder backed up) is a miss
+    verify_with: JudgeConfig | None = None  # a model's second opinion on refused candidates
 
     def __post_init__(self) -> None:
         if not 0 < self.threshold <= 1:
@@ -61,12 +67,16 @@ class SemanticConfig:
 class SemanticCache:
     """Embeds prompts, finds candidates in the index, and keeps those that pass the checks."""
 
-    def __init__(self, config: SemanticConfig, embedder: Embedder, index: Index) -> None:
+    def __init__(
+        self, config: SemanticConfig, embedder: Embedder, index: Index, judge: Judge | None = None
+    ) -> None:
         self.config = config
         self.embedder = embedder
         self.index = index
+        self.judge = judge
         self.loaded = False
         self.analysed: OrderedDict[str, Prompt] = OrderedDict()  # stored prompts, checked often
+        self.checker = Checker()
 
     async def start(self) -> None:
         started = time.perf_counter()
@@ -81,6 +91,8 @@ class SemanticCache:
 
             self.index = EmbeddedIndex(self.config.max_entries)
         await self.embedder.start()
+        # The model's vocabulary tells a typo from another word (verify.py).
+        self.checker = Checker(known_words(self.config.embedder.path))
         self.loaded = True
         log.info("semantic cache ready in %.1f s", time.perf_counter() - started)
 
@@ -118,21 +130,30 @@ class SemanticCache:
         ).hexdigest()
         return Probe(digest, namespace, model, prompt)
 
-    async def find(self, probe: Probe) -> tuple[list[Candidate], int]:
-        """Candidates that passed the checks, best first, and how many were refused."""
+    async def find(self, probe: Probe) -> tuple[list[Candidate], list[tuple[Candidate, Refusal]]]:
+        """Candidates that passed the checks, best first, and the others with the reason
+        each was refused."""
         probe.vector = await self.embedder.embed(probe.prompt)
         candidates = await self.index.search(
             probe.scope, probe.vector, self.config.candidates, self.config.threshold
         )
         matches = []
-        refused = 0
+        refused = []
         asked = analyse(probe.prompt) if candidates and self.config.verify else None
         for candidate in candidates:
-            if asked is None or same_question(self._analysed(candidate.prompt), asked):
+            refusal = None if asked is None else self._check(candidate.prompt, asked)
+            if refusal is None:
                 matches.append(candidate)
             else:
-                refused += 1
+                log.debug("semantic candidate refused (similarity %.3f): %s",
+                          candidate.similarity, refusal)  # fmt: skip
+                refused.append((candidate, refusal))
         return matches, refused
+
+    def _check(self, stored: str, asked: Prompt) -> Refusal | None:
+        """Both ways round: a word added on one side is a word dropped on the other."""
+        analysed = self._analysed(stored)
+        return self.checker.check(analysed, asked) or self.checker.check(asked, analysed)
 
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
         if probe.vector is None:  # the lookup was skipped (Cache-Control: no-cache)
@@ -175,7 +196,13 @@ def create_semantic_cache(
         from plugins.cache.embedded_index import EmbeddedIndex
 
         index = EmbeddedIndex(config.max_entries)
-    return SemanticCache(config, create_embedder(config.embedder, context), index)
+    judge = None
+    if config.verify_with is not None:
+        if context.catalog.find(config.verify_with.model) is None:
+            where = ("semantic", "verify_with", "model")
+            raise SettingError(where, f"no model named '{config.verify_with.model}' under models:")
+        judge = Judge(config.verify_with, context)
+    return SemanticCache(config, create_embedder(config.embedder, context), index, judge)
 
 
 def _last_user(messages) -> int | None:
