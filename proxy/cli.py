@@ -131,6 +131,7 @@ def run(config: Config, args: argparse.Namespace) -> int:
     except OSError as exc:
         return _fail("serve", f"cannot listen on {hc.bind[0]}: {exc.strerror or exc}")
     os.environ["MESHGATE_CONFIG"] = str(Path(config.source).resolve())
+    os.environ["MESHGATE_WORKERS"] = str(workers)  # read by each worker's gateway
     if workers == 1:
         from proxy.app import create_app
 

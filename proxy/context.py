@@ -39,3 +39,4 @@ class PluginContext:
     # accounted in metrics and the access log). Buffered only; the Reply comes
     # back finished, its body still readable.
     call: Callable[[Call], Awaitable[Reply]]
+    workers: int = 1  # worker processes serving this config on this host

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
 import re
 import time
@@ -125,6 +126,8 @@ class Gateway:
                 AdminRoute(path, tuple(methods), handler)
             ),
             call=self.run,
+            # `meshgate serve` says how many workers it started (proxy/cli.py)
+            workers=int(os.environ.get("MESHGATE_WORKERS") or 1),
         )
         specs = [(s.name, s.config) for s in config.pipeline]
         if previous is not None and same_world and specs == previous.specs:

@@ -249,14 +249,57 @@ def test_redis_without_the_query_engine_is_named_at_start(tmp_path, upstream):
 
 @pytest.fixture(scope="module")
 def shared_index(tmp_path_factory, upstream, redis_search):
-    """Two gateways sharing one RedisVL index on a real Redis with the query engine."""
+    """Two gateways sharing one RedisVL index on a real Redis with the query engine,
+    and one embedding model: the host process both reach over a Unix socket."""
     tmp = tmp_path_factory.mktemp("redisvl")
     state = f'state: {{backend: redis, url: "{redis_search}", prefix: "mg{uuid.uuid4().hex[:8]}:"}}'
-    text = config(upstream.port, "index: redis", backend="redis", state=state)
+    host = f'embedder: {{share: always, socket: "{tmp / "e.sock"}", idle_s: 5}}'
+    text = config(upstream.port, f"index: redis, {host}", backend="redis", state=state)
     one, two = start_gateway(tmp, text), start_gateway(tmp, text)
     yield one, two
     one.stop()
     two.stop()
+
+
+def torch_loaded(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch" in f.read()
+
+
+def test_one_embedding_model_for_both_gateways(shared_index):
+    import psutil
+
+    one, two = shared_index
+    hosts = [p for p in psutil.process_iter(["cmdline"])
+             if "plugins.cache.embedder_host" in (p.info["cmdline"] or [])
+             and any(str(one.log.parent) in a for a in p.info["cmdline"])]  # fmt: skip
+    assert len(hosts) == 1
+    assert torch_loaded(hosts[0].pid)
+    for gateway in (one, two):
+        assert not torch_loaded(gateway.proc.pid)
+
+
+def test_workers_of_one_server_share_the_host(tmp_path, upstream, redis_search):
+    """`share: auto` with two workers: neither loads the model; paraphrases are served
+    whichever worker answers."""
+    import psutil
+
+    state = f'state: {{backend: redis, url: "{redis_search}", prefix: "mg{uuid.uuid4().hex[:8]}:"}}'
+    host = f'embedder: {{socket: "{tmp_path / "w.sock"}", idle_s: 5}}'
+    text = config(upstream.port, f"index: redis, {host}", backend="redis", state=state)
+    server = start_gateway(tmp_path, text, "--workers", "2")
+    try:
+        workers = psutil.Process(server.proc.pid).children()
+        serving = [w for w in workers if "resource_tracker" not in " ".join(w.cmdline())]
+        assert len(serving) == 2
+        assert not any(torch_loaded(w.pid) for w in serving)
+        s = tag()
+        assert cache_of(ask(server, "How do I exit vim?", system=s)) == "miss"
+        until_indexed(server, 1)
+        hits = [cache_of(ask(server, "How can I exit vim?", system=s)) for _ in range(6)]
+        assert hits == ["hit-semantic"] * 6
+    finally:
+        server.stop()
 
 
 def entries(server) -> int:

@@ -123,7 +123,11 @@ class LocalEmbedder(Embedder):
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vectors = self.model.encode(
-            texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True
+            texts,
+            batch_size=len(texts),
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         )
         return vectors.astype(np.float32, copy=False)
 
@@ -160,6 +164,10 @@ def create_embedder(config: EmbedderConfig, context: PluginContext) -> Embedder:
                 ("semantic", "embedder", "model"), f"no model named '{config.model}' under models:"
             )
         return GatewayEmbedder(config, context)
+    if config.share == "always" or (config.share == "auto" and context.workers > 1):
+        from plugins.cache.embedder_host import HostedEmbedder
+
+        return HostedEmbedder(config)
     return LocalEmbedder(config)
 
 

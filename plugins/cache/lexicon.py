@@ -229,7 +229,7 @@ SPELLINGS = {
 }  # fmt: skip
 _OUR = "colour flavour favour favourite behaviour neighbour honour humour labour harbour rumour armour vapour odour savour endeavour parlour"  # noqa: E501
 _RE = (
-    "centre metre litre theatre fibre calibre sombre spectre lustre kilometre centimetre millimetre"  # noqa: E501
+    "centre metre litre theatre fibre calibre sombre spectre lustre kilometre centimetre millimetre"
 )
 for _w in _OUR.split():
     SPELLINGS[_w] = _w.replace("our", "or")

@@ -5,7 +5,7 @@ the embedder's settings, what an index is asked (Probe) and what it answers
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,6 +20,12 @@ class EmbedderConfig:
     # the cores busy serving, torch's default (one per core) made a lookup 10x
     # slower at the tail, past lookup_timeout_s.
     threads: int = 1
+    # One model per host (embedder_host.py): `auto` shares it when the server runs
+    # several workers, `always` even with one, `never` loads it in every worker.
+    share: Literal["auto", "always", "never"] = "auto"
+    socket: str | None = None  # the host's Unix socket; default: per user and model
+    idle_s: float = 60.0  # the host exits when no worker has been connected this long
+    start_timeout_s: float = 120.0  # how long a worker waits for the host to load the model
 
     def __post_init__(self) -> None:
         if self.path and self.model:
@@ -28,6 +34,8 @@ class EmbedderConfig:
             raise ValueError("max_batch must be at least 1")
         if not 1 <= self.threads <= 256:
             raise ValueError("threads must be between 1 and 256")
+        if self.idle_s <= 0 or self.start_timeout_s <= 0:
+            raise ValueError("idle_s and start_timeout_s must be positive")
 
 
 @dataclass(slots=True)
