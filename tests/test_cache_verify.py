@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from plugins.cache.verify import analyse, same_question
+from plugins.cache import lexicon
+from plugins.cache.verify import Checker, analyse, default_checker, known_words, same_question
 
 
 @pytest.mark.parametrize(
@@ -96,3 +99,130 @@ def test_prompts_in_any_script_or_without_words_are_compared(a, b):
 def test_a_prompt_without_words_matches_only_itself():
     assert same_question(analyse("🙂"), analyse(" 🙂 "))
     assert same_question("Wie groß ist München?", "Wie groß ist München")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        # the paraphrases the first version refused (other words, not other framing)
+        ("What is the capital of France?", "Which city is the capital of France?"),
+        ("How many continents are there?", "What is the number of continents on Earth?"),
+        ("Who painted the Mona Lisa?", "Which artist painted the Mona Lisa?"),
+        ("Why do cats purr?", "What is the reason cats purr?"),
+        ("How do I change a flat tire?", "What are the steps to change a flat tyre?"),
+        ("How big is the Pacific Ocean?", "How large is the Pacific Ocean?"),  # synonym
+        ("Who invented the telephone?", "Who was the inventor of the telephone?"),  # derived
+        ("When did World War II end?", "In what year did World War II end?"),  # kind of answer
+        ("How do I organise my closet?", "How do I organize my closet?"),  # spelling
+        ("How do I revrese a string in Python?", "How do I reverse a string in Python?"),
+        ("What is the GDP of Germany?", "What's Germany's GDP?"),  # possessive
+        ("How many ounces are in a cup?", "How many ounces are there in one cup?"),
+        ("Can dogs eat grapes?", "Is it possible for dogs to eat grapes?"),  # infinitive "to"
+        ("Could you tell me who painted The Starry Night?", "Who painted The Starry Night?"),
+    ],
+)  # fmt: skip
+def test_paraphrases_in_other_words_pass(a, b):
+    assert same_question(a, b)
+    assert same_question(b, a)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "kind"),
+    [
+        ("What are the advantages of remote work?", "What are the disadvantages of remote work?",
+         "antonym"),
+        ("How do I enable dark mode?", "How do I disable dark mode?", "antonym"),
+        ("How do I install Docker?", "How do I uninstall Docker?", "antonym"),
+        ("What is the maximum value of an int?", "What is the minimum value of an int?",
+         "antonym"),
+        ("How do I reverse a string in Python?", "How do I reverse a string in Go?", "word"),
+        ("What's new in iOS 17?", "What's new in iOS 18?", "number"),
+        ("Write a poem about the sea.", "Write a short story about the sea.", "word"),
+        ("Explain recursion to a child.", "Explain recursion to an expert.", "word"),
+        ("Summarize Moby Dick in one sentence.", "Summarize Moby Dick in detail.", "word"),
+        ("What was the weather yesterday?", "What will the weather be tomorrow?", "tense"),
+        ("Who won the World Cup in 2018?", "Who won the World Cup in 2022?", "number"),
+        ("Do all birds fly?", "Do some birds fly?", "quantifier"),
+        ("Does every country have a flag?", "Does any country have a flag?", "quantifier"),
+        ("Should I learn Python and Java?", "Should I learn Python or Java?", "direction"),
+        ("How tall is he?", "How tall is she?", "person"),
+        ("What is my name?", "What is your name?", "owner"),
+        ("Best laptop for programming", "Best cheap laptop for programming", "added word"),
+        ("What is the population of New York?", "What is the population of New York City?",
+         "added word"),
+        ("Is it safe to eat raw chicken?", "Is it safe to eat raw salmon?", "word"),
+        ("How many minutes are in an hour?", "How many seconds are in an hour?", "word"),
+        ("What is LLaVA?", "What is LLaMA?", "word"),  # a name is never a typo
+        ("Who was the first president?", "Who was the second president?", "number"),
+        ("How do I convert Celsius to Fahrenheit?", "How do I convert Fahrenheit to Celsius?",
+         "order"),
+    ],
+)  # fmt: skip
+def test_near_misses_are_refused_and_say_why(a, b, kind):
+    checker = default_checker()
+    for x, y in ((a, b), (b, a)):
+        refusal = checker.check(x, y) or checker.check(y, x)
+        assert refusal is not None and refusal.kind == kind, (x, y, refusal)
+
+
+def test_typos_need_a_vocabulary_and_never_join_two_words():
+    vocabulary = known_words(None)
+    assert vocabulary is not None and {"capital", "reverse"} <= vocabulary
+    assert Checker(vocabulary).same("What is the captial of Peru?", "What is the capital of Peru?")
+    assert not Checker(None).same("What is the captial of Peru?", "What is the capital of Peru?")
+    assert not Checker(vocabulary).same("How does it affect sleep?", "How does it effect sleep?")
+    assert not Checker(vocabulary).same("What is Python 3.12?", "What is Python 3.11?")
+
+
+# Hypothesis: questions built from parts, and the one change that must be refused.
+SUBJECTS = ["the boiling point of water", "a hash table", "the capital of Peru",
+            "the plot of Hamlet", "the speed of sound", "compound interest"]  # fmt: skip
+FRAMES = ["What is {}?", "Explain {}.", "Tell me about {}.", "Can you describe {}?",
+          "What's {}?", "Please explain {}"]  # fmt: skip
+CONTENT = ["cheap", "ancient", "modern", "Roman", "quantum", "digital", "French", "deep"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SUBJECTS), st.sampled_from(FRAMES), st.sampled_from(FRAMES))
+def test_framing_never_changes_the_question(subject, one, two):
+    assert same_question(one.format(subject), two.format(subject))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SUBJECTS), st.sampled_from(FRAMES), st.sampled_from(CONTENT),
+       st.integers(0, 3))  # fmt: skip
+def test_an_added_word_is_refused(subject, frame, word, where):
+    words = subject.split()
+    changed = " ".join([*words[: where + 1], word, *words[where + 1 :]])
+    assert not same_question(frame.format(subject), frame.format(changed))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SUBJECTS), st.sampled_from(FRAMES), st.integers(0, 9),
+       st.integers(0, 9))  # fmt: skip
+def test_another_number_or_a_negation_is_refused(subject, frame, n, m):
+    one = frame.format(f"{subject} in {n} steps")
+    assert same_question(one, frame.format(f"{subject} in {n} steps"))
+    if n != m:
+        assert not same_question(one, frame.format(f"{subject} in {m} steps"))
+    assert not same_question(one, frame.format(f"{subject} not in {n} steps"))
+
+
+MARKS = (lexicon.FRAMING | set(lexicon.DIRECTIONS) | lexicon.NEGATIONS | set(lexicon.NUMBER_WORDS)
+         | set(lexicon.QUANTIFIERS))  # fmt: skip
+CONTENT_ANTONYMS = sorted((p for p in lexicon.ANTONYMS if not p & MARKS), key=sorted)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SUBJECTS), st.sampled_from(CONTENT_ANTONYMS))
+def test_an_antonym_is_refused(subject, pair):
+    x, y = sorted(pair)
+    assert not same_question(f"What is the {x} {subject}?", f"What is the {y} {subject}?")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80), st.text(max_size=80))
+def test_any_text_is_checked_without_error(a, b):
+    refusal = default_checker().check(a, b)
+    assert refusal is None or refusal.kind
+    assert default_checker().check(a, a) is None  # a prompt always asks what it asks

@@ -3,6 +3,8 @@ under hypercorn, the fake upstream, and a real redis-server."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 
@@ -372,3 +374,66 @@ def test_a_slow_lookup_is_a_miss_and_the_answer_is_still_indexed(tmp_path, upstr
         assert until_indexed(server, 2) == 2
     finally:
         server.stop()
+
+
+def judged_config(upstream_port: int, judge_port: int, judge: str) -> str:
+    """`judge`: the model the judge upstream is asked for: `say-same` answers "Same.",
+    `say-different` answers "different"."""
+    text = config(upstream_port, f"verify_with: {{model: {judge}}}")
+    return text.replace(
+        "  sim: {type: simulated}",
+        f'  sim: {{type: simulated}}\n  j: {{type: openai, base_url: "http://127.0.0.1:{judge_port}/v1"}}',
+    ).replace(
+        "models:\n",
+        "models:\n  - {name: say-same, deployments: [{provider: j, model: say-same}]}\n"
+        "  - {name: say-different, deployments: [{provider: j, model: say-different}]}\n",
+    )
+
+
+@pytest.fixture(scope="module")
+def judge_upstream(tmp_path_factory):
+    from tests.conftest import start_fake_upstream
+
+    server = start_fake_upstream(
+        tmp_path_factory.mktemp("judge"), "--reply-by-model", '{"say-same": "Same.", "say-different": "different"}'
+    )
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("judge", ["say-same", "say-different"])
+def test_a_judge_decides_candidates_refused_for_their_words_only(
+    tmp_path, upstream, judge_upstream, judge
+):
+    server = start_gateway(tmp_path, judged_config(upstream.port, judge_upstream.port, judge))
+    try:
+        s = tag()
+        assert cache_of(ask(server, "What does a CPU do?", system=s)) == "miss"
+        until_indexed(server, 1)
+        before = upstream_stats(judge_upstream)["requests"]
+        # the words do not align ("function"): put to the judge, which decides
+        r = ask(server, "What is the function of a CPU?", system=s)
+        assert cache_of(r) == ("hit-semantic" if judge == "say-same" else "miss")
+        assert upstream_stats(judge_upstream)["requests"] == before + 1
+        if judge == "say-different":
+            assert r.headers["x-meshgate-cache-refused"] == "added word"
+        if judge == "say-same":  # asked again: the verdict is remembered
+            assert cache_of(ask(server, "What is the function of a CPU?", system=s)) == "hit-semantic"
+        # a mark (a negation) is never put to the judge
+        r = ask(server, "What does a CPU not do?", system=s)
+        assert cache_of(r) == "miss" and r.headers["x-meshgate-cache-refused"] == "negation"
+        assert upstream_stats(judge_upstream)["requests"] == before + 1
+        # the judge's call went through the chain as the caller, not around it
+        judged = [x for x in server.access_lines() if x["model"] == judge]
+        assert [(x["key"], x["status"]) for x in judged] == [("a1", 200)]
+    finally:
+        server.stop()
+
+
+def test_a_judge_that_is_not_a_model_is_refused_at_start(tmp_path, upstream):
+    path = tmp_path / "bad.yaml"
+    path.write_text(config(upstream.port, "verify_with: {model: nowhere}"))
+    result = subprocess.run([sys.executable, "-m", "proxy", "check", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode != 0
+    assert "verify_with" in result.stderr and "nowhere" in result.stderr

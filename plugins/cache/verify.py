@@ -69,6 +69,7 @@ class Prompt:
     owners: frozenset[str]  # "my name" / "your name"
     persons: frozenset[str]  # "he" / "she"
     quantifiers: frozenset[str]  # "all" / "most"
+    names: frozenset[str] = frozenset()  # content words written as names: never typos
     bare: str = ""  # with no content words: the text, folded, which must then match
 
 
@@ -96,8 +97,9 @@ def analyse(text: str) -> Prompt:
     pending: str | None = None  # the content word before a direction word
     last: str | None = None
     follows_operand = False  # the token before is a content word or a number
-    for position, (token, proper) in enumerate(tokens):
+    for position, (token, named) in enumerate(tokens):
         after_operand, follows_operand = follows_operand, False
+        proper = named and token in lx.NAMES  # "in Go": a language, not the framing verb
         before = tokens[position - 1][0] if position else ""
         if token in lx.ASKS:
             asks.add(lx.ASKS[token])
@@ -151,6 +153,7 @@ def analyse(text: str) -> Prompt:
             lx.QUANTIFIERS[t] for i, t in enumerate(names)
             if t in lx.QUANTIFIERS and not (i and names[i - 1] == "how")
         ),
+        names=frozenset(_fold(t) for t, named in tokens if named),
         bare=bare,
     )  # fmt: skip
 
@@ -175,7 +178,7 @@ class Checker:
             return refusal
         if not pa.words or not pb.words:  # nothing to compare: only the same text will do
             return None if pa.bare == pb.bare else Refusal("text", "no content words")
-        left_a, left_b, partner = self._align(pa.words, pb.words)
+        left_a, left_b, partner = self._align(pa, pb)
         heavy_a = [pa.words[i] for i in left_a if not pa.light[i]]
         heavy_b = [pb.words[j] for j in left_b if not pb.light[j]]
         if heavy_a and heavy_b:
@@ -197,19 +200,19 @@ class Checker:
             return Refusal("order", "words in another order")
         return None
 
-    def _align(
-        self, a: tuple[str, ...], b: tuple[str, ...]
-    ) -> tuple[set[int], set[int], dict[int, int]]:
+    def _align(self, pa: Prompt, pb: Prompt) -> tuple[set[int], set[int], dict[int, int]]:
         """Pairs each word of `b` with one of `a`: the same or a synonym first, then a
         typo or a derived form. Returns the indices left over in each, and b's partners."""
+        a, b = pa.words, pb.words
+        names = pa.names | pb.names
         partner: dict[int, int] = {}
         taken: set[int] = set()
-        for related in (_same, self._near):
+        for near in (False, True):
             for j, y in enumerate(b):
                 if j in partner:
                     continue
                 for i, x in enumerate(a):
-                    if i not in taken and related(x, y):
+                    if i not in taken and (self._near(x, y, names) if near else _same(x, y)):
                         partner[j] = i
                         taken.add(i)
                         break
@@ -225,11 +228,14 @@ class Checker:
         }
         return left_a, {j for j in range(len(b)) if j not in partner}, partner
 
-    def _near(self, x: str, y: str) -> bool:
-        """A typo of the other, or a word derived from it."""
+    def _near(self, x: str, y: str, names: frozenset[str]) -> bool:
+        """A typo of the other (unless either is written as a name), or a word derived
+        from it."""
         if _contrast(x, y):
             return False
-        return _derived(x, y) or _derived(y, x) or self._typo(x, y)
+        if _derived(x, y) or _derived(y, x):
+            return True
+        return x not in names and y not in names and self._typo(x, y)
 
     def _typo(self, x: str, y: str) -> bool:
         known = self.known
@@ -311,8 +317,7 @@ def _list(items: frozenset[str]) -> str:
 
 
 def _tokens(text: str) -> list[tuple[str, bool]]:
-    """The tokens, lowercased, each with whether it was written as a name mid-sentence
-    ("in Go": a language, not the framing verb)."""
+    """The tokens, lowercased, each with whether it was written as a name."""
     lower = text.lower().replace("\u2019", "'")
     for pattern, replacement in lx.CONTRACTIONS:
         lower = pattern.sub(replacement, lower)
@@ -323,12 +328,14 @@ def _tokens(text: str) -> list[tuple[str, bool]]:
 
 
 def _names(text: str) -> frozenset[str]:
-    """Framing words capitalised mid-sentence, in a prompt not written in capitals."""
-    found = re.findall(r"(?<=[^\s.?!:;]) +([A-Z][a-z]+)\b", text)
-    words = _TOKEN.findall(text)
-    if not found or sum(w[0].isupper() for w in words) * 2 > len(words):
-        return frozenset()
-    return frozenset(w.lower() for w in found if w.lower() in lx.NAMES)
+    """Words written as names: capitalised mid-sentence ("in Go") or in mixed case
+    ("LLaVA", "iOS"), in a prompt not written in capitals throughout."""
+    mid = re.findall(r"(?<=[^\s.?!:;\"']) +([^\W\d_][\w+#]*)", text)  # words mid-sentence
+    found = [w for w in mid if w[0].isupper()]
+    if len(mid) >= 3 and len(found) * 5 > len(mid) * 3:
+        return frozenset()  # Written In Title Case: capitals say nothing
+    found += re.findall(r"\b(\w+[A-Z]\w*)", text)
+    return frozenset(w.lower() for w in found)
 
 
 def _next(tokens: list[tuple[str, bool]], position: int) -> str:
