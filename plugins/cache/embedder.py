@@ -21,7 +21,6 @@ import orjson
 from starlette.datastructures import Headers
 
 from plugins.cache.parts import EmbedderConfig
-from proxy.config import SettingError
 from proxy.pipeline import Call, Identity
 
 if TYPE_CHECKING:
@@ -155,20 +154,6 @@ class GatewayEmbedder(Embedder):
         vectors = np.array([item["embedding"] for item in data], dtype=np.float32)
         norms = np.linalg.norm(vectors, axis=1, keepdims=True)
         return vectors / np.maximum(norms, 1e-12)
-
-
-def create_embedder(config: EmbedderConfig, context: PluginContext) -> Embedder:
-    if config.model:
-        if context.catalog.find(config.model) is None:
-            raise SettingError(
-                ("semantic", "embedder", "model"), f"no model named '{config.model}' under models:"
-            )
-        return GatewayEmbedder(config, context)
-    if config.share == "always" or (config.share == "auto" and context.workers > 1):
-        from plugins.cache.embedder_host import HostedEmbedder
-
-        return HostedEmbedder(config)
-    return LocalEmbedder(config)
 
 
 def _bundled_model() -> str:

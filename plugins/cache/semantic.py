@@ -185,7 +185,6 @@ def create_semantic_cache(
     config: SemanticConfig, context: PluginContext, redis_url: str, prefix: str
 ) -> SemanticCache:
     """Imported only when `semantic:` is configured: numpy and the model stay optional."""
-    from plugins.cache.embedder import create_embedder
 
     index: Index
     if config.index == "redis":
@@ -202,7 +201,26 @@ def create_semantic_cache(
             where = ("semantic", "verify_with", "model")
             raise SettingError(where, f"no model named '{config.verify_with.model}' under models:")
         judge = Judge(config.verify_with, context)
-    return SemanticCache(config, create_embedder(config.embedder, context), index, judge)
+    return SemanticCache(config, _embedder(config.embedder, context), index, judge)
+
+
+def _embedder(config: EmbedderConfig, context: PluginContext) -> Embedder:
+    """A model the gateway serves, the host's (one per host), or this worker's own."""
+    if config.model:
+        from plugins.cache.embedder import GatewayEmbedder
+
+        if context.catalog.find(config.model) is None:
+            raise SettingError(
+                ("semantic", "embedder", "model"), f"no model named '{config.model}' under models:"
+            )
+        return GatewayEmbedder(config, context)
+    if config.share == "always" or (config.share == "auto" and context.workers > 1):
+        from plugins.cache.embedder_host import HostedEmbedder
+
+        return HostedEmbedder(config)
+    from plugins.cache.embedder import LocalEmbedder
+
+    return LocalEmbedder(config)
 
 
 def _last_user(messages) -> int | None:
