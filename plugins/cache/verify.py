@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, replace
 from functools import cache
 
-from plugins.cache import lexicon as lx
+import plugins.cache.lexicon as lx
 
 log = logging.getLogger("meshgate.cache")
 
