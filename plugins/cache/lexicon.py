@@ -112,13 +112,51 @@ change replace swap
 fix repair mend
 fix solve resolve troubleshoot
 remove delete erase eliminate
-big large huge enormous
+big large huge enormous giant
 biggest largest
 small little tiny
 smallest tiniest
 fast quick rapid speedy quickly rapidly
 fastest quickest
-start begin began begun commence
+start begin began begun commence launch
+thaw defrost
+code coding programming
+house home
+abroad overseas
+tooth teeth
+foot feet
+mouse mice
+goose geese
+knife knives
+error mistake
+job occupation profession
+sofa couch
+shop store
+angry mad
+scared afraid frightened
+happy glad
+shout yell
+allow permit
+forbid prohibit ban
+strange weird odd
+wrong incorrect
+purpose goal aim objective
+idea concept notion
+quantity amount
+kind type sort
+center middle
+medicine medication
+illness disease sickness
+stomach belly tummy
+clothes clothing
+airplane plane aircraft
+beginner novice newbie
+slow sluggish
+loud noisy
+quiet silent
+awful terrible horrible dreadful
+throw toss
+hire employ
 teach taught train
 simple simply plain
 stop end finish halt quit
@@ -138,7 +176,7 @@ calm relax
 gift present
 dad father
 mom mother
-kid child
+kid kids child children
 baby infant newborn
 grandmother grandma
 grandfather grandpa
@@ -270,6 +308,10 @@ PHRASES = [
         (r"\bshares? (?:a |the )?borders? with\b", "border"),
         (r"\bleast expensive\b", "cheapest"),
         (r"\bfind out\b", "see"),
+        (r"\blook(?:s|ed|ing)? for\b", "search"),
+        (r"\bthrow(?:s|ing|n)? up\b", "vomit"),
+        (r"\bhow come\b", "why"),
+        (r"\bhow much (?:does|do|did|would|will) (.+?) cost\b", r"what is the price of \1"),
         (r"\bat all\b", ""),
         (r"\bin (?:which|what) (" + "|".join(sorted(PLACES)) + r")\b", r"where \1"),
     )
