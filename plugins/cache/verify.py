@@ -272,7 +272,8 @@ def known_words(model_path: str | None) -> frozenset[str] | None:
         log.info("no vocab.txt in %s: the near-miss check will not match typos", path)
         return None
     with open(vocab, encoding="utf-8") as f:
-        return frozenset(w for line in f if (w := line.strip()).isalpha())
+        # shorter words are never read as typos
+        return frozenset(w for line in f if len(w := line.strip()) >= 4 and w.isalpha())
 
 
 def _marks(pa: Prompt, pb: Prompt) -> Refusal | None:
