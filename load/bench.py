@@ -183,7 +183,10 @@ litellm_settings:
 """
     )
     env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
-    cmd = ["litellm", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    # LiteLLM's proxy extra pins packages the gateway's own need newer (rich,
+    # cryptography): install it in a virtualenv of its own and name its command here.
+    command = os.environ.get("MESHGATE_BENCH_LITELLM", "litellm")
+    cmd = [command, "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
     return process(cmd, env=env, log=str(tmp / "litellm.log"))
 
 

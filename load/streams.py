@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> None:
         results["meshgate"]["pool_waits"] = pool_waits(gp)
         if args.against == "litellm":
             lp = free_port()
-            stack.enter_context(litellm_proxy(lp, up, tmp))
+            proxy = stack.enter_context(litellm_proxy(lp, up, tmp))
+            wait_http(f"http://127.0.0.1:{lp}/health/liveliness", timeout_s=180, proc=proxy,
+                      log=str(tmp / "litellm.log"))  # fmt: skip
             results["litellm"] = measure(f"http://127.0.0.1:{lp}/v1/chat/completions", args, None)
     report(results, args)
 
