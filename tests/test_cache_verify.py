@@ -119,6 +119,9 @@ def test_a_prompt_without_words_matches_only_itself():
         ("How many ounces are in a cup?", "How many ounces are there in one cup?"),
         ("Can dogs eat grapes?", "Is it possible for dogs to eat grapes?"),  # infinitive "to"
         ("Could you tell me who painted The Starry Night?", "Who painted The Starry Night?"),
+        ("Who is the richest person in the US?",
+         "Who is the wealthiest person in the United States?"),  # superlatives, a name
+        ("What is the price of gold?", "What is the current price of gold?"),  # now
     ],
 )  # fmt: skip
 def test_paraphrases_in_other_words_pass(a, b):
@@ -156,6 +159,9 @@ def test_paraphrases_in_other_words_pass(a, b):
         ("Who was the first president?", "Who was the second president?", "number"),
         ("How do I convert Celsius to Fahrenheit?", "How do I convert Fahrenheit to Celsius?",
          "order"),
+        ("What is the largest city?", "What is the smallest city?", "antonym"),
+        ("Who is the president of the US?", "Who is the president of the UK?", "word"),
+        ("What was the price of gold yesterday?", "What is the price of gold today?", "tense"),
     ],
 )  # fmt: skip
 def test_near_misses_are_refused_and_say_why(a, b, kind):

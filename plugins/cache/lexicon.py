@@ -79,7 +79,11 @@ DIRECTIONS = {
 
 # Added or dropped, these leave the question as it was: where ("in the world"),
 # which kind of thing ("the numpy package").
-LIGHT = frozenset("world earth planet globe total package library module".split())
+# And "now": a question about the present is asked now ("the current price of gold").
+LIGHT = frozenset(
+    "world earth planet globe total package library module current currently now nowadays "
+    "presently today".split()
+)
 # Nouns that name the kind of answer after "which" or "what" ("which city is the
 # capital", "which scientist discovered"): light there, and some say what is asked.
 KINDS = frozenset(
@@ -314,6 +318,14 @@ PHRASES = [
         (r"\bhow much (?:does|do|did|would|will) (.+?) cost\b", r"what is the price of \1"),
         (r"\bat all\b", ""),
         (r"\bin (?:which|what) (" + "|".join(sorted(PLACES)) + r")\b", r"where \1"),
+    )
+]
+# Names written several ways, read before the text is lowercased ("US" is not "us").
+CASED = [
+    (re.compile(p), r)
+    for p, r in (
+        (r"\bU\.?S\.?A?\.?(?=\W|$)|\b[Uu]nited [Ss]tates(?: of [Aa]merica)?\b", "USA"),
+        (r"\bU\.?K\.?(?=\W|$)|\b[Uu]nited [Kk]ingdom\b", "UK"),
     )
 ]
 # Contractions read as the words they stand for.

@@ -319,6 +319,8 @@ def _list(items: frozenset[str]) -> str:
 
 def _tokens(text: str) -> list[tuple[str, bool]]:
     """The tokens, lowercased, each with whether it was written as a name."""
+    for pattern, replacement in lx.CASED:
+        text = pattern.sub(replacement, text)
     lower = text.lower().replace("\u2019", "'")
     for pattern, replacement in lx.CONTRACTIONS:
         lower = pattern.sub(replacement, lower)
@@ -386,7 +388,25 @@ def _same(x: str, y: str) -> bool:
     if x == y:
         return True
     gx = _GROUPS.get(x)
-    return gx is not None and not gx.isdisjoint(_GROUPS.get(y, ()))
+    if gx is not None and not gx.isdisjoint(_GROUPS.get(y, ())):
+        return True
+    # two superlatives or two comparatives of synonyms: "richest" / "wealthiest"
+    for ending in ("est", "er"):
+        if x.endswith(ending) and y.endswith(ending):
+            bx, by = _base(x[: -len(ending)]), _base(y[: -len(ending)])
+            gx = _GROUPS.get(bx)
+            return bx == by or (gx is not None and not gx.isdisjoint(_GROUPS.get(by, ())))
+    return False
+
+
+def _base(stem: str) -> str:
+    """The adjective under "-est" / "-er": wealthi -> wealthy, bigg -> big, larg -> large
+    (folded as the groups are)."""
+    if stem.endswith("i"):
+        stem = stem[:-1] + "y"
+    elif len(stem) > 2 and stem[-1] == stem[-2]:
+        stem = stem[:-1]
+    return _fold(stem)
 
 
 def _contrast(x: str, y: str) -> bool:
