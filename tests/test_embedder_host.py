@@ -137,3 +137,26 @@ def test_a_garbled_frame_drops_that_client_only(config):
             await worker.close()
 
     asyncio.run(main())
+
+
+def test_a_host_that_never_answers_fails_lookups_instead_of_holding_them(tmp_path):
+    path = str(tmp_path / "silent.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen(8)  # accepts, reads nothing, answers nothing
+    try:
+
+        async def main():
+            worker = HostedEmbedder(EmbedderConfig(share="always", socket=path, host_timeout_s=0.5))
+            await worker.start()
+            try:
+                for _ in range(2):  # and again, on a fresh connection
+                    with pytest.raises(ConnectionError, match="did not answer"):
+                        await worker.embed("anyone there?")
+                assert not worker.waiting
+            finally:
+                await worker.close()
+
+        asyncio.run(main())
+    finally:
+        listener.close()

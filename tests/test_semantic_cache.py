@@ -395,7 +395,9 @@ def judge_upstream(tmp_path_factory):
     from tests.conftest import start_fake_upstream
 
     server = start_fake_upstream(
-        tmp_path_factory.mktemp("judge"), "--reply-by-model", '{"say-same": "Same.", "say-different": "different"}'
+        tmp_path_factory.mktemp("judge"),
+        "--reply-by-model",
+        '{"say-same": "Same.", "say-different": "different"}',
     )
     yield server
     server.stop()
@@ -418,7 +420,9 @@ def test_a_judge_decides_candidates_refused_for_their_words_only(
         if judge == "say-different":
             assert r.headers["x-meshgate-cache-refused"] == "added word"
         if judge == "say-same":  # asked again: the verdict is remembered
-            assert cache_of(ask(server, "What is the function of a CPU?", system=s)) == "hit-semantic"
+            assert (
+                cache_of(ask(server, "What is the function of a CPU?", system=s)) == "hit-semantic"
+            )
         # a mark (a negation) is never put to the judge
         r = ask(server, "What does a CPU not do?", system=s)
         assert cache_of(r) == "miss" and r.headers["x-meshgate-cache-refused"] == "negation"

@@ -98,7 +98,12 @@ class HostedEmbedder(Embedder):
         self.writer.write(HEADER.pack(ident, len(payload)) + payload)
         try:
             await self.writer.drain()
-            return await future
+            return await asyncio.wait_for(future, self.config.host_timeout_s)
+        except TimeoutError:
+            await self._drop(ConnectionError("the embedder host did not answer"))
+            raise ConnectionError(
+                f"the embedder host did not answer in {self.config.host_timeout_s:g} s"
+            ) from None
         finally:
             self.waiting.pop(ident, None)
 

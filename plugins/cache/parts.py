@@ -26,6 +26,9 @@ class EmbedderConfig:
     socket: str | None = None  # the host's Unix socket; default: per user and model
     idle_s: float = 60.0  # the host exits when no worker has been connected this long
     start_timeout_s: float = 120.0  # how long a worker waits for the host to load the model
+    # How long a worker waits for the host's vectors: a host that hangs fails the
+    # lookups (misses) instead of holding them, and the worker reconnects.
+    host_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.path and self.model:
@@ -34,8 +37,8 @@ class EmbedderConfig:
             raise ValueError("max_batch must be at least 1")
         if not 1 <= self.threads <= 256:
             raise ValueError("threads must be between 1 and 256")
-        if self.idle_s <= 0 or self.start_timeout_s <= 0:
-            raise ValueError("idle_s and start_timeout_s must be positive")
+        if min(self.idle_s, self.start_timeout_s, self.host_timeout_s) <= 0:
+            raise ValueError("idle_s, start_timeout_s and host_timeout_s must be positive")
 
 
 @dataclass(slots=True)
