@@ -337,14 +337,12 @@ class Quotas:
             # Cut short with no usage: charge the reservation, not nothing.
             cost = deployment.price.cost({"prompt_tokens": 0, "completion_tokens": estimate})
         cost = cost or 0.0
-        entries = [
-            (period, f, cost - plan.reserved.get((period, f), 0.0)) for period, f in plan.spend
-        ]
-        entries = [e for e in entries if e[2]]
-        if not entries:
-            return
         try:
-            await self.state.add_spend(entries, ttl_s=40 * DAY_S)
+            if cost:
+                await self.state.add_spend_to(plan.spend, cost, ttl_s=40 * DAY_S)
+            if plan.reserved:  # the reservations were counted at the start: take them back
+                entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
+                await self.state.add_spend(entries, ttl_s=40 * DAY_S)
         except StateUnavailable as exc:
             log.warning("could not record spend of %s: %s", call.request_id, exc)
             self.metrics.state_errors.labels("quotas", "spend_lost").inc()

@@ -111,6 +111,24 @@ def test_budget_and_spend(make_state):
     assert spent == pytest.approx({"key:k": 1.1, "team:t": 0.6})
 
 
+def test_one_amount_spread_over_places_adds_up_with_single_entries(make_state):
+    async def main():
+        state = make_state()
+        places = (("spend:d", "key:k"), ("spend:d", "team:t"), ("spend:m", "key:k"))
+        for _ in range(3):
+            await state.add_spend_to(places, 0.25, 86400)
+        await state.add_spend([("spend:d", "key:k", -0.1)], 86400)  # a reservation given back
+        await state.add_spend_to(places, float("nan"), 86400)  # dropped, never counted
+        await state.flush()
+        spent = await state.read_spend("spend:d"), await state.read_spend("spend:m")
+        await state.close()
+        return spent
+
+    day, month = run(main())
+    assert day == pytest.approx({"key:k": 0.65, "team:t": 0.75})
+    assert month == pytest.approx({"key:k": 0.75})
+
+
 def test_budgets_reserve_the_estimated_cost_of_calls_in_flight(make_state):
     async def main():
         state = make_state()
@@ -195,6 +213,7 @@ def test_after_call_work_survives_a_redis_outage(tmp_path):
         await state.acquire([Limit("rate", "r", 100, 60)], "a")
         server.stop()
         await state.add_spend([("spend:d", "key:k", 1.5)], 86400)
+        await state.add_spend_to((("spend:d", "key:k"),), 0.5, 86400)
         with pytest.raises(StateUnavailable):
             await state.acquire([Limit("rate", "r", 100, 60)], "b")
         server.start()  # same port, empty
@@ -204,7 +223,7 @@ def test_after_call_work_survives_a_redis_outage(tmp_path):
         server.stop()
         return spent
 
-    assert run(main()) == {"key:k": 2.5}
+    assert run(main()) == {"key:k": 3.0}
 
 
 @pytest.mark.parametrize("rpm", [3, 7, 10, 50, 60, 100, 1000, 7000])

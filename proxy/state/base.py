@@ -130,6 +130,13 @@ class State:
         """Add amounts to spend hashes: (hash key, field, amount)."""
         raise NotImplementedError
 
+    async def add_spend_to(
+        self, places: tuple[tuple[str, str], ...], amount: float, ttl_s: float
+    ) -> None:
+        """Add one amount to each (hash key, field) of `places`: a call's cost, counted for
+        its key, team, user, model and the whole gateway, for the day and the month."""
+        await self.add_spend([(key, field, amount) for key, field in places], ttl_s)
+
     async def read_spend(self, key: str) -> dict[str, float]:
         raise NotImplementedError
 

@@ -153,9 +153,21 @@ class _Pending:
         self.adjust: dict[str, float] = defaultdict(float)  # key -> seconds of TAT
         self.release: list[tuple[str, str]] = []
         self.spend: dict[tuple[str, str], float] = defaultdict(float)
+        # one amount for several places, summed per place only when sent
+        self.spread: dict[tuple[tuple[str, str], ...], float] = defaultdict(float)
 
     def __bool__(self) -> bool:
-        return bool(self.adjust or self.release or self.spend)
+        return bool(self.adjust or self.release or self.spend or self.spread)
+
+    def spent(self) -> dict[tuple[str, str], float]:
+        """Every place's amount, the spread ones added in."""
+        if not self.spread:
+            return self.spend
+        total = defaultdict(float, self.spend)
+        for places, amount in self.spread.items():
+            for place in places:
+                total[place] += amount
+        return total
 
     def merge(self, other: _Pending) -> None:
         for key, seconds in other.adjust.items():
@@ -163,6 +175,8 @@ class _Pending:
         self.release.extend(other.release)
         for spent, amount in other.spend.items():
             self.spend[spent] += amount
+        for places, amount in other.spread.items():
+            self.spread[places] += amount
 
 
 class RedisState(State):
@@ -255,7 +269,7 @@ class RedisState(State):
             ],
             "adj": [[p + key, seconds] for key, seconds in pending.adjust.items()],
             "rel": [[p + key, lease] for key, lease in pending.release],
-            "spend": [[p + key, f, amount] for (key, f), amount in pending.spend.items()],
+            "spend": [[p + key, f, amount] for (key, f), amount in pending.spent().items()],
         }
         try:
             async with asyncio.timeout(self.config.timeout_s):
@@ -303,6 +317,15 @@ class RedisState(State):
                 self._pending.spend[key, field] += amount
             else:
                 self.dropped(1)
+
+    async def add_spend_to(
+        self, places: tuple[tuple[str, str], ...], amount: float, ttl_s: float
+    ) -> None:
+        self._spend_ttl = int(ttl_s)
+        if valid_amount(amount):
+            self._pending.spread[places] += amount
+        else:
+            self.dropped(len(places))
 
     async def breaker_failure(self, name, failures, window_s, cooldown_s):
         args = [failures, int(window_s * 1000), int(cooldown_s * 1000)]
