@@ -202,15 +202,17 @@ class Cache:
                 semantic.find(probe), semantic.config.lookup_timeout_s
             )
             judge = semantic.judge
-            if judge is not None:  # refused for their words only: a second opinion
+            if judge is not None and not matches:  # refused for their words only: ask
                 for candidate, refusal in refused:
-                    if refusal.kind in SOFT and await judge.same(
+                    if refusal.kind not in SOFT:
+                        continue
+                    same = await judge.same(
                         candidate.prompt, probe.prompt, call.identity, call.request_id
-                    ):
+                    )
+                    self.metrics.judged_of("same" if same else "different").inc()
+                    if same:  # the nearest the judge accepts; no more calls
                         matches.append(candidate)
-                        self.metrics.judged_of("same").inc()
-                    elif refusal.kind in SOFT:
-                        self.metrics.judged_of("different").inc()
+                        break
             for match in matches:
                 stored = await self.store.get(match.key)
                 if stored is None:  # the answer expired or was evicted
