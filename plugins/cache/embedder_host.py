@@ -40,6 +40,7 @@ import orjson
 
 from plugins.cache.embedder import Embedder, LocalEmbedder
 from plugins.cache.parts import EmbedderConfig
+from proxy import logs
 
 log = logging.getLogger("meshgate.cache")
 
@@ -289,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         _detach()
     with open(args.socket + ".pid", "w") as f:
         f.write(str(os.getpid()))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logs.configure("info", access_log=False)  # JSON lines on stderr, as the gateway's
     config = EmbedderConfig(path=args.model, threads=args.threads, max_batch=args.max_batch)
     asyncio.run(Host(LocalEmbedder(config), args.idle_s).serve(args.socket))
     return 0
