@@ -6,6 +6,7 @@ import asyncio
 import functools
 
 import numpy as np
+import orjson
 import pytest
 from starlette.datastructures import Headers
 
@@ -195,3 +196,23 @@ def test_embedder_threads_out_of_range_are_refused(threads):
 
     with pytest.raises(ValueError, match="threads"):
         EmbedderConfig(threads=threads)
+
+
+@pytest.mark.parametrize(
+    ("content", "same"),
+    [("Same.", True), ("**same**", True), ("same, both ask for the capital", True),
+     ("`same`", True), ("Different", False), ("not the same", False), ("", False),
+     ("sameness", False), (None, False), (42, False)],
+)  # fmt: skip
+def test_the_judge_says_same_only_in_its_first_word(content, same):
+    from plugins.cache.judge import _verdict
+
+    body = orjson.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]})
+    assert _verdict(body) is same
+
+
+@pytest.mark.parametrize("body", [b"", b"not json", b"{}", b'{"choices": []}', b"[1]"])
+def test_a_judge_answer_that_is_not_a_chat_completion_says_no(body):
+    from plugins.cache.judge import _verdict
+
+    assert _verdict(body) is False

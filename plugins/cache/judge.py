@@ -102,4 +102,4 @@ def _verdict(body: bytes) -> bool:
     if not isinstance(text, str):
         return False
     words = text.strip().lower().split()
-    return bool(words) and words[0].strip(".!*\"'") == "same"
+    return bool(words) and words[0].strip(".,:;!*\"'`") == "same"
