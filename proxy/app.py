@@ -55,6 +55,25 @@ class Endpoint:
         )
 
 
+class App(Starlette):
+    """Starlette, with the model calls served straight from the ASGI call: their
+    endpoints read the raw scope and render every error themselves (Gateway.serve),
+    so the router and the two error middlewares would only add a frame to every
+    request and every streamed event."""
+
+    def __init__(self, *args, fast: dict[tuple[str, str], Endpoint], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fast = fast
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            endpoint = self.fast.get((scope["method"], scope["path"]))
+            if endpoint is not None and not scope.get("root_path"):
+                scope["app"] = self
+                return await endpoint(scope, receive, send)
+        await super().__call__(scope, receive, send)
+
+
 def create_app(config: Config | None = None) -> Starlette:
     """Build the app; with no config, load the file named by $MESHGATE_CONFIG (or proxy.yaml)."""
     if config is None:
@@ -109,12 +128,16 @@ def create_app(config: Config | None = None) -> Starlette:
         body, content_type = live.gateway.metrics.render()
         return _identified(request, Response(body, media_type=content_type))
 
+    fast: dict[tuple[str, str], Endpoint] = {}
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
     for prefix in ("/v1", ""):  # some clients leave /v1 out of their base URL
+        for name, path in (("chat", "chat/completions"), ("completions", "completions"),
+                           ("embeddings", "embeddings")):  # fmt: skip
+            fast["POST", f"{prefix}/{path}"] = Endpoint(live, name)
         routes += [
             Route(f"{prefix}/chat/completions", Endpoint(live, "chat"), methods=["POST"]),
             Route(f"{prefix}/completions", Endpoint(live, "completions"), methods=["POST"]),
@@ -124,10 +147,11 @@ def create_app(config: Config | None = None) -> Starlette:
         ]
     methods = ["GET", "POST", "PUT", "DELETE"]
     routes.append(Route("/admin/{path:path}", _admin(live), methods=methods))
-    app = Starlette(
+    app = App(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
+        fast=fast,
     )
     # Starlette would redirect /v1/models/ to /v1/models, with a Location built from
     # the client's own Host header: an open redirect. Unknown paths are 404s instead.
