@@ -16,6 +16,7 @@ its own request skips the cache. Verdicts are remembered per process.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -58,14 +59,15 @@ class Judge:
     def __init__(self, config: JudgeConfig, context: PluginContext) -> None:
         self.config = config
         self.call = context.call
-        self.verdicts: OrderedDict[tuple[str, str], bool] = OrderedDict()
+        # keyed by a digest of the two prompts: 10,000 verdicts hold no prompts
+        self.verdicts: OrderedDict[bytes, bool] = OrderedDict()
 
     async def same(
         self, stored: str, asked: str, identity: Identity | None, request_id: str
     ) -> bool:
         """Whether the judge says `asked` may be answered with `stored`'s answer. A
         judge that fails or says anything else says no."""
-        pair = (stored, asked)
+        pair = hashlib.sha256(f"{len(stored)}:{stored}{asked}".encode()).digest()
         if pair in self.verdicts:
             self.verdicts.move_to_end(pair)
             return self.verdicts[pair]

@@ -279,8 +279,8 @@ for _w in _OUR.split():
 for _w in _RE.split():
     SPELLINGS[_w] = _w[:-2] + "er"
     SPELLINGS[_w + "s"] = _w[:-2] + "ers"
-_ISE = re.compile(r"(\w{3,})is(e|es|ed|ing|ation|ations|er|ers)$")  # organise -> organize
-_YSE = re.compile(r"(\w{2,})ys(e|es|ed|ing|er)$")  # analyse -> analyze
+ISE = re.compile(r"(\w{3,})is(e|es|ed|ing|ation|ations|er|ers)$")  # organise -> organize
+YSE = re.compile(r"(\w{2,})ys(e|es|ed|ing|er)$")  # analyse -> analyze
 
 # Phrases said two ways, rewritten to one before the words are read.
 PHRASES = [

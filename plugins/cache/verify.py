@@ -354,8 +354,8 @@ def _fold(word: str) -> str:
 def _spelt(word: str) -> str:
     """British -ise and -yse endings spelt -ize and -yze ("organise", "analysed")."""
     if len(word) >= 6:
-        word = lx._ISE.sub(r"\1iz\2", word)
-        word = lx._YSE.sub(r"\1yz\2", word)
+        word = lx.ISE.sub(r"\1iz\2", word)
+        word = lx.YSE.sub(r"\1yz\2", word)
     return word
 
 
