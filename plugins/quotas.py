@@ -20,6 +20,9 @@ and the cost is added to the spend of the key, team, user and model. Cost is
 usage times the deployment's price; the estimate prices the estimated tokens at
 the dearest per-token rate of the model's deployments, so a budget overshoots
 by at most one call's estimation error, however many calls run at once.
+
+On Redis, a caller far from its limits is admitted from a block of units its
+worker reserved at once (`lease`, plugins/quota_leases.py), not one check per call.
 """
 
 from __future__ import annotations
@@ -36,12 +39,13 @@ from typing import Literal
 
 from prometheus_client import Counter, Gauge
 
+from plugins.quota_leases import Block, Held, LeaseConfig, Leases
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, QuotaExceeded, RateLimited
 from proxy.metrics import Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
-from proxy.state import Limit, StateUnavailable
+from proxy.state import Limit, StateUnavailable, Verdict
 from proxy.tracing import span
 
 log = logging.getLogger("meshgate.quotas")
@@ -97,12 +101,37 @@ class LimitConfig:
 class QuotasConfig:
     limits: list[LimitConfig] = field(default_factory=list)
     on_state_error: Literal["allow", "deny"] = "allow"
+    # With a shared state: blocks of units held per caller (plugins/quota_leases.py).
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
     # Tokens reserved for the answer when a request sets no max_tokens.
     default_completion_tokens: int = DEFAULT_COMPLETION_TOKENS
 
     def __post_init__(self) -> None:
         if self.default_completion_tokens < 1:
             raise ValueError("default_completion_tokens must be at least 1")
+
+
+class _Template:
+    """The limits a caller's calls to one model count against on one day, built once."""
+
+    __slots__ = ("budget", "concurrency", "key", "kinds", "limit_text", "limits", "rates",
+                 "requests", "spend", "tokens")  # fmt: skip
+
+    def __init__(self, key: tuple, kinds: list[str], limits: list[Limit],
+                 spend: tuple[tuple[str, str], ...]) -> None:  # fmt: skip
+        self.key = key
+        self.kinds = tuple(kinds)  # per limit: requests, tokens, concurrency or budget
+        self.limits = tuple(limits)
+        self.spend = spend  # where the cost is added up
+        self.requests = [i for i, k in enumerate(kinds) if k == "requests"]
+        self.tokens = [i for i, k in enumerate(kinds) if k == "tokens"]
+        self.concurrency = [i for i, k in enumerate(kinds) if k == "concurrency"]
+        self.budget = [i for i, k in enumerate(kinds) if k == "budget"]
+        # the x-ratelimit-* header names of each kind of rate limit it has, and their limits
+        self.rates = [(_RATE_HEADERS[kind], indexes)
+                      for kind, indexes in (("requests", self.requests), ("tokens", self.tokens))
+                      if indexes]  # fmt: skip
+        self.limit_text = [_count(limit.limit) for limit in limits]
 
 
 class _Plan:
@@ -135,7 +164,7 @@ class Quotas:
         self.catalog = context.catalog
         self.state = context.state
         self.metrics = context.metrics
-        self._templates: dict[tuple, tuple] = {}
+        self._templates: dict[tuple, _Template] = {}
         self._lease_prefix = os.urandom(6).hex() + ":"  # unique to this process
         r = context.registry
         self.refusals = Labelled(Counter(
@@ -149,13 +178,33 @@ class Quotas:
             ["subject", "period"], registry=r, multiprocess_mode="livemax",
         ))  # fmt: skip
         self._leases = itertools.count()
+        self.blocks: Leases | None = None
+        if context.state.config.shared and config.lease.share:
+            self.blocks = Leases(context.state, config.lease, self.granted)
         context.add_admin_route("spend", ("GET",), self.spend_report)
+
+    async def start(self) -> None:
+        if self.blocks is not None:
+            await self.blocks.start()
+
+    async def close(self) -> None:
+        if self.blocks is not None:
+            await self.blocks.close()
 
     async def __call__(self, call: Call, call_next: Next) -> Reply:
         if call.endpoint not in MODEL_CALLS:
             return await call_next(call)
         estimate = self.estimate(call)
-        plan = self.plan(call, estimate)
+        template = self.template(call)
+        usd = _estimated_cost(call, estimate) if template.budget else 0.0
+        if template.limits and self.blocks is not None:
+            with span("meshgate.quota.check", {"meshgate.quota.limits": len(template.limits)}):
+                held = await self.blocks.take(
+                    template.key, template.kinds, template.limits, estimate, usd
+                )
+            if held is not None:
+                return await self._from_block(call, call_next, template, held)
+        plan = self.plan(template, estimate, usd)
         headers: dict[str, str] = {}
         counted = False
         if plan.limits:
@@ -172,11 +221,8 @@ class Quotas:
                     limit = plan.limits[i]
                     where = (limit.key, limit.field)
                     plan.reserved[where] = plan.reserved.get(where, 0.0) + limit.cost
-                    if i < len(verdict.remaining):
-                        used = 1.0 - max(0.0, verdict.remaining[i]) / limit.limit
-                        period = "day" if limit.key.startswith("spend:d:") else "month"
-                        self.budget_used(limit.field, period).set(used)
-                headers = self.headers(plan, verdict)
+                self.granted(plan.limits, verdict)
+                headers = self.headers(plan.limits, template, verdict.remaining, verdict.reset_s)
         try:
             reply = await call_next(call)
         except BaseException:
@@ -190,15 +236,45 @@ class Quotas:
             usage = reply.get_usage()
             if counted:
                 await self.settle(call, plan, estimate, usage)
-            await self.record_spend(call, plan, reply, usage, estimate)
+            await self.record_spend(call, template.spend, reply, usage, estimate)
+            await self.unreserve(call, plan)  # the cost is counted now, not its estimate
 
         return reply.on_complete(complete)
+
+    async def _from_block(self, call: Call, call_next: Next, template: _Template,
+                          held: Held) -> Reply:  # fmt: skip
+        """A call admitted from its caller's block (plugins/quota_leases.py)."""
+        assert self.blocks is not None
+        headers = _block_headers(template, held.block)
+        try:
+            reply = await call_next(call)
+        except BaseException:
+            await self.blocks.done(held, 0, 0.0)
+            raise
+        reply.headers.update(headers)
+
+        async def complete(reply: Reply) -> None:
+            assert self.blocks is not None
+            usage = reply.get_usage()
+            cost = await self.record_spend(call, template.spend, reply, usage, held.estimate)
+            total = usage.get("total_tokens") if usage else None
+            await self.blocks.done(held, total if isinstance(total, int) else None, cost or 0.0)
+
+        return reply.on_complete(complete)
+
+    def granted(self, limits: tuple[Limit, ...] | list[Limit], verdict: Verdict) -> None:
+        """Budgets' share used, as the state said when a call or a block was admitted."""
+        for i, limit in enumerate(limits):
+            if limit.kind == "budget" and i < len(verdict.remaining):
+                used = 1.0 - max(0.0, verdict.remaining[i]) / limit.limit
+                period = "day" if limit.key.startswith("spend:d:") else "month"
+                self.budget_used(limit.field, period).set(used)
 
     def estimate(self, call: Call) -> int:
         """Tokens to reserve: the shared estimate of the whole call."""
         return estimate_tokens(call.endpoint, call.body, self.config.default_completion_tokens)
 
-    def plan(self, call: Call, estimate: int) -> _Plan:
+    def template(self, call: Call) -> _Template:
         identity = call.identity
         who = (
             _counted_as(identity),
@@ -210,9 +286,16 @@ class Quotas:
         template = self._templates.get((who, day))
         if template is None:
             template = self._template(who, day, month)
+        return template
+
+    def plan(self, template: _Template, estimate: int, usd: float) -> _Plan:
+        """The limits of one call checked on its own: the template's, with its tokens
+        and estimated cost."""
         plan = _Plan(f"{self._lease_prefix}{next(self._leases)}")
-        plan.requests, plan.tokens, plan.concurrency, plan.budget, limits, plan.spend = template
-        usd = _estimated_cost(call, estimate) if plan.budget else 0.0
+        plan.requests, plan.tokens = template.requests, template.tokens
+        plan.concurrency, plan.budget = template.concurrency, template.budget
+        plan.spend = template.spend
+        limits: tuple[Limit, ...] | list[Limit] = template.limits
         if plan.tokens or usd:
             limits = list(limits)
             for i in plan.tokens:
@@ -224,16 +307,12 @@ class Quotas:
         plan.limits = limits
         return plan
 
-    def _template(self, who: tuple[str, str, str, str], day: str, month: str) -> tuple:
+    def _template(self, who: tuple[str, str, str, str], day: str, month: str) -> _Template:
         """Which limits a caller's calls count against, and their keys: built once per
         caller, model and day."""
         subjects = dict(zip(("key", "team", "user", "model"), who, strict=True))
         subjects["global"] = "all"
-        # indices into `limits`, by kind
-        requests: list[int] = []
-        tokens: list[int] = []
-        concurrency: list[int] = []
-        budget: list[int] = []
+        kinds: list[str] = []
         limits: list[Limit] = []
         for lc in self.config.limits:
             if not lc.matches(subjects):
@@ -241,17 +320,17 @@ class Quotas:
             subject = subjects[lc.per]
             prefix = f"q:{lc.id}:{subject}"
             if lc.rpm:
-                requests.append(len(limits))
+                kinds.append("requests")
                 limits.append(Limit("rate", prefix + ":r", lc.rpm, 60.0, 1.0))
             if lc.tpm:
-                tokens.append(len(limits))
+                kinds.append("tokens")
                 limits.append(Limit("rate", prefix + ":t", lc.tpm, 60.0, 0.0))
             if lc.concurrent:
-                concurrency.append(len(limits))
+                kinds.append("concurrency")
                 limits.append(Limit("concurrency", prefix + ":c", lc.concurrent))
             for amount, period in ((lc.budget_usd_day, day), (lc.budget_usd_month, month)):
                 if amount:
-                    budget.append(len(limits))
+                    kinds.append("budget")
                     limits.append(
                         Limit("budget", period, amount, cost=0.0, field=f"{lc.per}:{subject}")
                     )
@@ -260,7 +339,7 @@ class Quotas:
         key, team, user, model = who
         fields = (f"key:{key}", f"team:{team}", f"user:{user}", f"model:{model}", "global:all")
         spend = tuple((period, f) for period in (day, month) for f in fields)
-        template = (requests, tokens, concurrency, budget, tuple(limits), spend)
+        template = _Template((who, day), kinds, limits, spend)
         self._templates[who, day] = template
         return template
 
@@ -294,20 +373,21 @@ class Quotas:
             )
         headers = {}
         if i in plan.requests:
-            headers = {"x-ratelimit-limit-requests": f"{limit.limit:g}",
+            headers = {"x-ratelimit-limit-requests": _count(limit.limit),
                        "x-ratelimit-remaining-requests": "0",
                        "x-ratelimit-reset-requests": _duration(retry)}  # fmt: skip
         return RateLimited(message, retry_after_s=retry, headers=headers)
 
-    def headers(self, plan: _Plan, verdict) -> dict[str, str]:
+    def headers(self, limits, template: _Template, remaining, resets) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers of the tightest requests and tokens limits."""
         headers = {}
-        for kind, indexes in (("requests", plan.requests), ("tokens", plan.tokens)):
+        for kind, indexes in (("requests", template.requests), ("tokens", template.tokens)):
             if not indexes:
                 continue
-            i = min(indexes, key=lambda j: verdict.remaining[j])  # the tightest limit
-            headers[f"x-ratelimit-limit-{kind}"] = f"{plan.limits[i].limit:g}"
-            headers[f"x-ratelimit-remaining-{kind}"] = f"{max(0, verdict.remaining[i]):g}"
-            headers[f"x-ratelimit-reset-{kind}"] = _duration(verdict.reset_s[i])
+            i = min(indexes, key=lambda j: remaining[j])
+            headers[f"x-ratelimit-limit-{kind}"] = _count(limits[i].limit)
+            headers[f"x-ratelimit-remaining-{kind}"] = _count(max(0, remaining[i]))
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(resets[i])
         return headers
 
     async def settle(self, call: Call, plan: _Plan, estimate: int, usage: dict | None) -> None:
@@ -327,28 +407,28 @@ class Quotas:
             self.metrics.state_errors.labels("quotas", "settle_skipped").inc()
 
     async def record_spend(
-        self, call: Call, plan: _Plan, reply: Reply, usage: dict | None, estimate: int
-    ) -> None:
+        self, call: Call, spend: tuple[tuple[str, str], ...], reply: Reply, usage: dict | None,
+        estimate: int,
+    ) -> float | None:  # fmt: skip
+        """Add the call's cost to its spend places; the cost, None when unpriced."""
         deployment = reply.deployment
         if deployment is None or deployment.price is None:
-            return await self.unreserve(call, plan)
+            return None
         cost = reply.compute_cost()
         if cost is None and not reply.completed:
             # Cut short with no usage: charge the reservation, not nothing.
             cost = deployment.price.cost({"prompt_tokens": 0, "completion_tokens": estimate})
         cost = cost or 0.0
-        try:
-            if cost:
-                await self.state.add_spend_to(plan.spend, cost, ttl_s=40 * DAY_S)
-            if plan.reserved:  # the reservations were counted at the start: take them back
-                entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
-                await self.state.add_spend(entries, ttl_s=40 * DAY_S)
-        except StateUnavailable as exc:
-            log.warning("could not record spend of %s: %s", call.request_id, exc)
-            self.metrics.state_errors.labels("quotas", "spend_lost").inc()
+        if cost:
+            try:
+                await self.state.add_spend_to(spend, cost, ttl_s=40 * DAY_S)
+            except StateUnavailable as exc:
+                log.warning("could not record spend of %s: %s", call.request_id, exc)
+                self.metrics.state_errors.labels("quotas", "spend_lost").inc()
+        return cost
 
     async def unreserve(self, call: Call, plan: _Plan) -> None:
-        """Give back budget reservations for a call that cost nothing."""
+        """Give back a call's budget reservations: what it cost is counted apart."""
         if not plan.reserved:
             return
         entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
@@ -424,6 +504,33 @@ def _estimated_cost(call: Call, tokens: int) -> float:
         if d.price is not None
     ]
     return tokens * max(rates) if rates else 0.0
+
+
+def _block_headers(template: _Template, block: Block) -> dict[str, str]:
+    """x-ratelimit-* headers for a call admitted from a block: what the state had left
+    when it granted the block, plus what the block has left."""
+    headers = {}
+    for (limit_name, remaining_name, reset_name), indexes in template.rates:
+        i = indexes[0] if len(indexes) == 1 else min(indexes, key=block.remaining)
+        limit = block.limits[i]
+        remaining = max(0.0, block.remaining(i))
+        headers[limit_name] = template.limit_text[i]
+        headers[remaining_name] = str(math.floor(remaining))
+        until_full = (limit.limit - remaining) * limit.period_s / limit.limit
+        headers[reset_name] = _duration(max(0.0, until_full))
+    return headers
+
+
+_RATE_HEADERS = {
+    kind: (f"x-ratelimit-limit-{kind}", f"x-ratelimit-remaining-{kind}",
+           f"x-ratelimit-reset-{kind}")
+    for kind in ("requests", "tokens")
+}  # fmt: skip
+
+
+def _count(value: float) -> str:
+    """A limit or what is left of it as OpenAI writes it: 100000000, never 1e+08."""
+    return str(int(value)) if value == int(value) else f"{value:.15g}"
 
 
 def _duration(seconds: float) -> str:

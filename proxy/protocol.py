@@ -287,8 +287,11 @@ def _characters(value: Any) -> int:
     """Characters of text in messages, a prompt or an input, without serializing it."""
     if isinstance(value, str):
         return len(value)
+    total = 0
     if isinstance(value, dict):
-        return sum(_characters(v) for v in value.values())
-    if isinstance(value, list):
-        return sum(_characters(v) if not isinstance(v, int) else 1 for v in value)
-    return 0
+        for v in value.values():
+            total += len(v) if isinstance(v, str) else _characters(v)
+    elif isinstance(value, list):  # token ids count one each
+        for v in value:
+            total += len(v) if isinstance(v, str) else 1 if isinstance(v, int) else _characters(v)
+    return total

@@ -6,6 +6,7 @@ test_fallback) drive the same plugins through a real gateway."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -164,6 +165,56 @@ def test_a_concurrency_slot_is_given_back_even_when_the_rest_of_the_chain_fails(
         await finish_call(call, reply, True)
 
     run(main())
+
+
+def shared_quotas(redis_server, limits: str) -> tuple[Gateway, Any]:
+    state = f'state: {{backend: redis, url: "{redis_server.url}", prefix: "u{os.urandom(3).hex()}:"}}\n'
+    gateway = Gateway(parse_config(state + MODELS + f"  - quotas: {{limits: [{limits}]}}\n",
+                                   "t.yaml", env={}))  # fmt: skip
+    return gateway, gateway.plugins[0]
+
+
+def test_quotas_admit_from_a_block_and_say_what_is_left_in_whole_numbers(redis_server):
+    gateway, plugin = shared_quotas(redis_server, "{per: global, rpm: 100000000, tpm: 1000000000}")
+
+    async def main():
+        await gateway.state.start()
+        await plugin.start()
+        seen = []
+        for _ in range(3):
+            call = call_of(gateway)
+            reply = await plugin(call, Stub())
+            await finish_call(call, reply, True)
+            seen.append((reply.headers["x-ratelimit-limit-requests"],
+                         reply.headers["x-ratelimit-remaining-requests"],
+                         reply.headers["x-ratelimit-limit-tokens"]))  # fmt: skip
+        blocks = dict(plugin.blocks.blocks)
+        await plugin.close()
+        await gateway.state.close()
+        return seen, blocks
+
+    seen, blocks = run(main())
+    assert seen == [("100000000", str(100000000 - n), "1000000000") for n in (1, 2, 3)]
+    assert len(blocks) == 1  # the three came from one block
+
+
+def test_a_block_gets_its_slot_back_when_the_rest_of_the_chain_fails(redis_server):
+    gateway, plugin = shared_quotas(redis_server, "{per: global, concurrent: 40}")
+
+    async def main():
+        await gateway.state.start()
+        for _ in range(5):
+            call = call_of(gateway)
+            with pytest.raises(UpstreamStatus):
+                await plugin(call, Stub(UpstreamStatus(500, "boom")))
+            await finish_call(call, None, False)
+        (block,) = plugin.blocks.blocks.values()
+        held = (block.in_flight, block.left)
+        await plugin.close()
+        await gateway.state.close()
+        return held
+
+    assert run(main()) == (0, [2.0])  # one block of two slots, both free again
 
 
 # --- cache ----------------------------------------------------------------------

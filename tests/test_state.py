@@ -287,3 +287,47 @@ def test_only_finite_numbers_in_range_are_counted(value):
     assert valid_amount(value) == expected
     limit = Limit("rate", "k", value, 60.0, 1.0)
     assert valid_limit(limit) == (expected and value > 0)
+
+
+def test_a_lease_of_several_slots_holds_them_all_until_it_gives_them_back(make_state):
+    async def main():
+        state = make_state()
+        key = "conc:blk"
+        block = await state.acquire([Limit("concurrency", key, 5, cost=3)], "blk")
+        too_many = await state.acquire([Limit("concurrency", key, 5, cost=3)], "blk2")
+        singles = [await state.acquire([Limit("concurrency", key, 5)], f"s{i}") for i in range(3)]
+        await state.release([key], "blk", 3)
+        await state.flush()
+        again = await state.acquire([Limit("concurrency", key, 5, cost=3)], "blk3")
+        await state.close()
+        return block, too_many, singles, again
+
+    block, too_many, singles, again = run(main())
+    assert block.allowed and block.remaining == (2,)
+    assert not too_many.allowed
+    assert [v.allowed for v in singles] == [True, True, False]
+    assert again.allowed  # the three came back at once; two singles still hold theirs
+
+
+def test_a_budget_block_must_fit_under_the_budget_whole(make_state):
+    async def main():
+        state = make_state()
+        await state.add_spend([("spend:w", "team:t", 0.7)], 86400)
+        await state.flush()
+
+        def budget(cost: float, whole: bool) -> Limit:
+            return Limit("budget", "spend:w", 1.0, cost=cost, field="team:t", whole=whole)
+
+        too_big = await state.acquire([budget(0.4, True)], "a")
+        fits = await state.acquire([budget(0.3, True)], "b")
+        after = await state.acquire([budget(0.01, False)], "c")  # 1.0 reserved or spent
+        await state.close()
+        return too_big, fits, after
+
+    too_big, fits, after = run(main())
+    assert not too_big.allowed and fits.allowed and not after.allowed
+
+
+@pytest.mark.parametrize("slots", [0, 1.5, -1, 1001, float("nan")])
+def test_a_lease_of_slots_is_a_whole_number_within_bounds(slots):
+    assert not valid_limit(Limit("concurrency", "c", 5000, cost=slots))

@@ -9,11 +9,14 @@ Two backends with one contract: `memory` (one process, the default) and `redis`
   time (TAT) by c·P/L; settling later moves it back or on, so token
   reservations are refunded exactly.
 - `concurrency`: a sorted set of leases, each expiring on its own, so a crashed
-  process cannot hold a slot forever.
+  process cannot hold a slot forever. A lease of `cost` slots holds that many
+  (a process's block of slots, plugins/quota_leases.py).
 - `budget`: the amount spent so far (a field of a spend hash), reservations of
   calls in flight included, must be below the limit; an admitted call reserves
   its estimated cost (`cost`) there at once, so concurrent calls cannot all pass
   a budget that only a few of them fit in. Overshoot is bounded by one call.
+  With `whole`, the cost must fit under the limit entirely (a block of budget a
+  process holds for calls to come).
 
 No single operation can poison the state: values are checked before they are
 counted (finite, in range), a rate limit's debt is bounded (MAX_TAT_S), and an
@@ -31,6 +34,7 @@ log = logging.getLogger("meshgate.state")
 
 LEASE_TTL_S = 900.0  # longest a concurrency slot is held without being released
 MAX_TAT_S = 7 * 86400  # how far a rate limit's debt may reach
+MAX_SLOTS = 1_000  # the most concurrency slots one lease holds
 
 
 class StateUnavailable(Exception):
@@ -58,8 +62,9 @@ class Limit:
     key: str
     limit: float
     period_s: float = 60.0  # rate only
-    cost: float = 1.0  # rate only: requests (1) or tokens
+    cost: float = 1.0  # rate: requests or tokens; concurrency: slots; budget: USD reserved
     field: str = ""  # budget only: the spend hash field
+    whole: bool = False  # budget only: the cost must fit under the limit
 
 
 @dataclass(slots=True)
@@ -76,9 +81,19 @@ def valid_limit(limit: Limit) -> bool:
     and a cost that is not negative. (NaN fails every comparison; a value that is not
     a number cannot be compared.)"""
     try:
+        if limit.kind == "concurrency" and not (
+            1 <= limit.cost <= MAX_SLOTS and limit.cost == int(limit.cost)
+        ):
+            return False
         return 0 < limit.limit < _BIG and 0 < limit.period_s < _BIG and 0 <= limit.cost < _BIG
     except TypeError:
         return False
+
+
+def slot_names(lease: str, slots: int) -> list[str]:
+    """The members a lease of `slots` concurrency slots holds: the lease's own name for
+    one slot, `<lease>#1`... for more."""
+    return [lease] if slots == 1 else [f"{lease}#{i}" for i in range(1, slots + 1)]
 
 
 def valid_amount(amount: float) -> bool:
@@ -122,8 +137,8 @@ class State:
         """Move a rate limit by `delta` units (negative refunds part of a reservation)."""
         raise NotImplementedError
 
-    async def release(self, keys: list[str], lease: str) -> None:
-        """Give back the concurrency slots `lease` holds under `keys`."""
+    async def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
+        """Give back the concurrency slots `lease` holds under `keys` (`slots` each)."""
         raise NotImplementedError
 
     async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:

@@ -13,6 +13,7 @@ from proxy.state.base import (
     State,
     StateConfig,
     Verdict,
+    slot_names,
     valid_amount,
 )
 
@@ -48,20 +49,24 @@ class MemoryState(State):
             elif limit.kind == "concurrency":
                 held = self.leases.get(limit.key, {})
                 live = sum(1 for expiry in held.values() if expiry > now)
-                if live >= limit.limit:
+                if live + limit.cost > limit.limit:
                     return _deny(i, 1.0, len(limits))
-                remaining.append(limit.limit - live - 1)
+                remaining.append(limit.limit - live - limit.cost)
                 resets.append(0.0)
             else:
                 spent = self.spend.get(limit.key, {}).get(limit.field, 0.0)
-                if spent + 1e-9 >= limit.limit:
+                if spent + 1e-9 >= limit.limit or (
+                    limit.whole and spent + limit.cost > limit.limit + 1e-9
+                ):
                     return _deny(i, 0.0, len(limits))
                 remaining.append(limit.limit - spent - limit.cost)
                 resets.append(0.0)
         self.tats.update(new_tats)
         for limit in limits:
             if limit.kind == "concurrency":
-                self.leases.setdefault(limit.key, {})[lease] = now + LEASE_TTL_S
+                held = self.leases.setdefault(limit.key, {})
+                for member in slot_names(lease, int(limit.cost)):
+                    held[member] = now + LEASE_TTL_S
             elif limit.kind == "budget" and limit.cost > 0:  # reserve the estimated cost
                 fields = self.spend.setdefault(limit.key, {})
                 fields[limit.field] = fields.get(limit.field, 0.0) + limit.cost
@@ -77,11 +82,12 @@ class MemoryState(State):
             now + MAX_TAT_S, max(now, tat + delta * limit.period_s / limit.limit)
         )
 
-    async def release(self, keys: list[str], lease: str) -> None:
+    async def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
         for key in keys:
             held = self.leases.get(key)
             if held is not None:
-                held.pop(lease, None)
+                for member in slot_names(lease, slots):
+                    held.pop(member, None)
                 if not held:
                     del self.leases[key]
 

@@ -45,8 +45,8 @@ FLUSH_INTERVAL_S = 0.05
 MAX_IN_FLIGHT = 4  # batches sent and not yet answered
 
 # ARGV[1] is the batch as JSON: lease_ttl, spend_ttl, req (per request: lease and
-# its limits as [kind, key, limit, period, cost, field]), adj ([key, seconds of
-# TAT]), rel ([key, lease]) and spend ([key, field, amount]). The answer is JSON:
+# its limits as [kind, key, limit, period, cost, field, whole]), adj ([key, seconds
+# of TAT]), rel ([key, lease, slots]) and spend ([key, field, amount]). The answer is JSON:
 # `out`, per request [allowed, denied limit (1-based), retry_after, values...] or
 # [-1] for a request the script could not process, and `failed`, the entries that
 # failed. Each entry runs under pcall, so one bad value cannot fail the batch.
@@ -72,7 +72,15 @@ for _, adj in ipairs(batch.adj) do
     set_tat(adj[1], tat + adj[2])
   end)
 end
-for _, rel in ipairs(batch.rel) do apply(redis.call, 'ZREM', rel[1], rel[2]) end
+local function slots(lease, n)  -- the members a lease of n slots holds
+  if n == 1 then return {lease} end
+  local members = {}
+  for i = 1, n do members[i] = lease .. '#' .. i end
+  return members
+end
+for _, rel in ipairs(batch.rel) do
+  apply(redis.call, 'ZREM', rel[1], unpack(slots(rel[2], rel[3])))
+end
 local spend_keys = {}
 for _, sp in ipairs(batch.spend) do
   if apply(redis.call, 'HINCRBYFLOAT', sp[1], sp[2], string.format('%.10f', sp[3])) then
@@ -84,7 +92,7 @@ local function admit(req)
   local lease, limits = req[1], req[2]
   local tats, values, denied, retry = {}, {}, 0, 0
   for i, l in ipairs(limits) do
-    local kind, key, limit, period, cost, field = l[1], l[2], l[3], l[4], l[5], l[6]
+    local kind, key, limit, period, cost, field, whole = l[1], l[2], l[3], l[4], l[5], l[6], l[7]
     if kind == 'rate' then
       local interval = period / limit
       local tat = tats[key] or tonumber(redis.call('GET', key) or now)
@@ -97,16 +105,16 @@ local function admit(req)
       values[#values + 1] = used
     elseif kind == 'concurrency' then
       local live = redis.call('ZCARD', key)
-      if live >= limit then  -- drop leases whose holders died, then count again
+      if live + cost > limit then  -- drop leases whose holders died, then count again
         redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
         live = redis.call('ZCARD', key)
       end
-      if live >= limit then denied, retry = i, 1 break end
-      values[#values + 1] = limit - live - 1
+      if live + cost > limit then denied, retry = i, 1 break end
+      values[#values + 1] = limit - live - cost
       values[#values + 1] = 0
     else
       local spent = tonumber(redis.call('HGET', key, field) or '0')
-      if spent + 1e-9 >= limit then denied = i break end
+      if spent + 1e-9 >= limit or (whole and spent + cost > limit + 1e-9) then denied = i break end
       values[#values + 1] = limit - spent - cost
       values[#values + 1] = 0
     end
@@ -115,7 +123,9 @@ local function admit(req)
   for key, tat in pairs(tats) do set_tat(key, tat) end
   for _, l in ipairs(limits) do
     if l[1] == 'concurrency' then
-      redis.call('ZADD', l[2], now + batch.lease_ttl, lease)
+      for _, member in ipairs(slots(lease, l[5])) do
+        redis.call('ZADD', l[2], now + batch.lease_ttl, member)
+      end
       redis.call('PEXPIRE', l[2], math.ceil(batch.lease_ttl * 1000))
     elseif l[1] == 'budget' and l[5] > 0 then  -- reserve the call's estimated cost
       redis.call('HINCRBYFLOAT', l[2], l[6], string.format('%.10f', l[5]))
@@ -151,7 +161,7 @@ class _Pending:
 
     def __init__(self) -> None:
         self.adjust: dict[str, float] = defaultdict(float)  # key -> seconds of TAT
-        self.release: list[tuple[str, str]] = []
+        self.release: list[tuple[str, str, int]] = []  # key, lease, slots
         self.spend: dict[tuple[str, str], float] = defaultdict(float)
         # one amount for several places, summed per place only when sent
         self.spread: dict[tuple[tuple[str, str], ...], float] = defaultdict(float)
@@ -264,11 +274,17 @@ class RedisState(State):
             "lease_ttl": LEASE_TTL_S,
             "spend_ttl": self._spend_ttl,
             "req": [
-                [lease, [[x.kind, p + x.key, x.limit, x.period_s, x.cost, x.field] for x in limits]]
+                [
+                    lease,
+                    [
+                        [x.kind, p + x.key, x.limit, x.period_s, x.cost, x.field, x.whole]
+                        for x in limits
+                    ],
+                ]
                 for limits, lease, _ in batch
             ],
             "adj": [[p + key, seconds] for key, seconds in pending.adjust.items()],
-            "rel": [[p + key, lease] for key, lease in pending.release],
+            "rel": [[p + key, lease, slots] for key, lease, slots in pending.release],
             "spend": [[p + key, f, amount] for (key, f), amount in pending.spent().items()],
         }
         try:
@@ -307,8 +323,8 @@ class RedisState(State):
             return self.dropped(1)
         self._pending.adjust[limit.key] += delta * limit.period_s / limit.limit
 
-    async def release(self, keys: list[str], lease: str) -> None:
-        self._pending.release.extend((key, lease) for key in keys)
+    async def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
+        self._pending.release.extend((key, lease, slots) for key in keys)
 
     async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
         self._spend_ttl = int(ttl_s)

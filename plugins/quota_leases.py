@@ -1,0 +1,295 @@
+"""Quota leases: a caller far from its limits is admitted from a block held in memory.
+
+With a shared state (Redis), checking a call's limits is a round trip and a
+script run. A caller far from its limits does not need one per call: the
+process reserves a block of units for the caller's limits at once (requests,
+tokens, concurrency slots, budget), through the same atomic check as one call,
+and admits the caller's next calls from the block in memory.
+
+- **Never more than the limits.** A block is reserved in the shared state before
+  a call uses it, and a call is admitted only from what its block has left, so
+  leases let through no more than checking each call would: rate and
+  concurrency limits hold exactly, a budget overshoots by at most one call's
+  estimation error, as without leases.
+- **What they cost.** Units a process holds and has not used are not available
+  to other processes until it gives them back (after `seconds`, or when the
+  block runs out), so near a limit another process can be refused a little
+  early. A block is sized to twice what the caller used from the last one,
+  is at most `share` of each limit, and is not taken when it does not fit: then
+  calls are checked one by one, as without leases, for `seconds`.
+- **A process that dies** keeps its block: requests and tokens it held count as
+  used, its slots expire with their lease TTL, and its budget block stays
+  reserved until the period ends.
+
+Headers (`x-ratelimit-remaining-*`) are what the shared state said when the
+block was granted plus what the block has left: what a one-by-one check would
+say, less what other processes used since.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from proxy.state import Limit, State, StateUnavailable, Verdict
+
+log = logging.getLogger("meshgate.quotas")
+
+# What each kind of limit needs from a block for one call, at least: requests,
+# concurrency slots, and multiples of the call's own tokens or estimated cost.
+FIRST_BLOCK = {"requests": 4.0, "tokens": 4.0, "concurrency": 2.0, "budget": 4.0}
+SMALLEST_BLOCK = 2.0  # calls a block must admit to be worth taking
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeaseConfig:
+    share: float = 0.05  # the most of a limit one block holds; 0 checks every call
+    seconds: float = 1.0  # how long a block admits calls before its rest goes back
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.share <= 0.5:
+            raise ValueError("share must be between 0 and 0.5")
+        if not 0.05 <= self.seconds <= 60:
+            raise ValueError("seconds must be between 0.05 and 60")
+
+
+class Block:
+    """Units this process holds for one caller's limits."""
+
+    __slots__ = ("base", "expires", "high", "in_flight", "kinds", "left", "limits", "name",
+                 "returned")  # fmt: skip
+
+    def __init__(self, name: str, kinds: tuple[str, ...], limits: tuple[Limit, ...],
+                 verdict: Verdict, expires: float) -> None:  # fmt: skip
+        self.name = name  # names its concurrency slots in the shared state
+        self.kinds = kinds
+        self.limits = limits  # as reserved: each cost is the units held
+        self.left = [limit.cost for limit in limits]
+        self.high = [0.0] * len(limits)  # the most units out of the block at once
+        self.base = verdict.remaining  # what the state had left, the block counted
+        self.expires = expires
+        self.in_flight = 0
+        self.returned = False
+
+    def take(self, needs: list[float]) -> bool:
+        left = self.left
+        if any(left[i] < need for i, need in enumerate(needs)):
+            return False
+        high, limits = self.high, self.limits
+        for i, need in enumerate(needs):
+            left[i] -= need
+            out = limits[i].cost - left[i]
+            if out > high[i]:
+                high[i] = out
+        self.in_flight += 1
+        return True
+
+    def remaining(self, i: int) -> float:
+        """Units left for everyone, as far as this process knows."""
+        return self.base[i] + self.left[i] if i < len(self.base) else self.left[i]
+
+
+class Held:
+    """One call's share of a block."""
+
+    __slots__ = ("block", "estimate", "usd")
+
+    def __init__(self, block: Block, estimate: int, usd: float) -> None:
+        self.block = block
+        self.estimate = estimate
+        self.usd = usd
+
+
+class Leases:
+    """The blocks of one process, one per caller (a template of limits)."""
+
+    def __init__(self, state: State, config: LeaseConfig,
+                 on_grant: Callable[[tuple[Limit, ...], Verdict], None],
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.state = state
+        self.config = config
+        self.on_grant = on_grant
+        self.clock = clock
+        self.blocks: dict[tuple, Block] = {}
+        self.last: dict[tuple, Block] = {}  # the block before, which sizes the next
+        self._pending: dict[tuple, asyncio.Future] = {}
+        self._checked_until: dict[tuple, float] = {}  # callers checked one by one
+        self._draining: set[Block] = set()  # returned, with calls still in flight
+        self._names = itertools.count()
+        self._prefix = "b" + os.urandom(6).hex() + ":"
+        self._sweeper: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        """Give back every block; slots and budget of calls still in flight go back as
+        they end."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+        for block in list(self.blocks.values()):
+            await self._give_back(block)
+        self.blocks.clear()
+
+    async def take(self, key: tuple, kinds: tuple[str, ...], limits: tuple[Limit, ...],
+                   estimate: int, usd: float) -> Held | None:  # fmt: skip
+        """Admit a call from its caller's block, reserving a new block when needed;
+        None when this call must be checked on its own."""
+        needs = [_need(kind, estimate, usd) for kind in kinds]
+        block = self.blocks.get(key)
+        now = self.clock()
+        if block is not None:
+            if now < block.expires and block.take(needs):
+                return Held(block, estimate, usd)
+            await self._give_back(block)
+        pending = self._pending.get(key)
+        if pending is not None:  # another call is reserving this caller's block
+            await asyncio.shield(pending)
+            block = self.blocks.get(key)
+            if block is not None and block.take(needs):
+                return Held(block, estimate, usd)
+            return None
+        if self._checked_until.get(key, 0.0) > now:
+            return None
+        return await self._reserve(key, kinds, limits, needs, estimate, usd)
+
+    async def _reserve(self, key: tuple, kinds: tuple[str, ...], limits: tuple[Limit, ...],
+                       needs: list[float], estimate: int, usd: float) -> Held | None:  # fmt: skip
+        sizes = self._sizes(key, kinds, limits, needs)
+        if sizes is None:
+            self._checked_until[key] = self.clock() + self.config.seconds
+            return None
+        block_limits = tuple(
+            replace(limit, cost=size, whole=limit.kind == "budget")
+            for limit, size in zip(limits, sizes, strict=True)
+        )
+        name = f"{self._prefix}{next(self._names)}"
+        future = asyncio.get_running_loop().create_future()
+        self._pending[key] = future
+        try:
+            verdict = await self.state.acquire(block_limits, name)
+        except StateUnavailable:
+            return None  # the call's own check meets the same and applies on_state_error
+        finally:
+            del self._pending[key]
+            future.set_result(None)
+        now = self.clock()
+        if not verdict.allowed:
+            self._checked_until[key] = now + self.config.seconds
+            return None
+        self.on_grant(block_limits, verdict)
+        block = Block(name, kinds, block_limits, verdict, now + self.config.seconds)
+        self.blocks[key] = block
+        if len(self._checked_until) > 100_000:
+            self._checked_until.clear()
+        if not block.take(needs):  # sized for it: cannot happen, but never admit unheld
+            await self._give_back(block)
+            return None
+        return Held(block, estimate, usd)
+
+    def _sizes(self, key: tuple, kinds: tuple[str, ...], limits: tuple[Limit, ...],
+               needs: list[float]) -> list[float] | None:  # fmt: skip
+        """Units to hold per limit: twice the most the last block had out at once, at
+        least a few calls' worth, at most `share` of the limit; None when a limit is too small for
+        a block of two calls."""
+        last = self.last.get(key)
+        sizes = []
+        for i, (kind, limit, need) in enumerate(zip(kinds, limits, needs, strict=True)):
+            cap = limit.limit * self.config.share
+            unit = need if kind in ("tokens", "budget") else 1.0
+            if cap < SMALLEST_BLOCK * unit:
+                return None
+            want = FIRST_BLOCK[kind] * unit
+            if last is not None:
+                want = max(want, 2.0 * last.high[i])
+            size = min(cap, want)
+            if kind in ("requests", "concurrency"):
+                size = float(int(size))
+            sizes.append(size)
+        slots = [size for kind, size in zip(kinds, sizes, strict=True) if kind == "concurrency"]
+        if slots:  # a block holds as many slots under each of its concurrency limits
+            sizes = [min(slots) if kind == "concurrency" else size
+                     for kind, size in zip(kinds, sizes, strict=True)]  # fmt: skip
+        return sizes
+
+    async def done(self, held: Held, tokens: int | None, cost: float | None) -> None:
+        """A call admitted from a block ended: its slot, unused tokens and unspent
+        estimate go back to the block (or to the shared state once the block is back).
+        `tokens` None keeps the token reservation; `cost` None spends the estimate."""
+        block = held.block
+        block.in_flight -= 1
+        for i, kind in enumerate(block.kinds):
+            if kind == "tokens" and tokens is not None:
+                unused = held.estimate - tokens
+                if block.returned:
+                    await self.state.adjust(block.limits[i], -unused)
+                else:
+                    block.left[i] += unused
+            elif kind == "concurrency" and not block.returned:
+                block.left[i] += 1
+            elif kind == "budget" and cost is not None and not block.returned:
+                block.left[i] += held.usd - cost
+        if block.returned and not block.in_flight:
+            await self._release(block)
+
+    async def _give_back(self, block: Block) -> None:
+        """Stop admitting from a block: unused requests and tokens go back now, slots
+        and the budget reservation once its last call has ended."""
+        if block.returned:
+            return
+        block.returned = True
+        for key, current in list(self.blocks.items()):
+            if current is block:
+                del self.blocks[key]
+                self.last[key] = block
+        if len(self.last) > 100_000:
+            self.last.clear()
+        try:
+            for i, kind in enumerate(block.kinds):
+                if kind in ("requests", "tokens") and block.left[i]:
+                    await self.state.adjust(block.limits[i], -block.left[i])
+        except StateUnavailable as exc:
+            log.warning("could not give back a quota block: %s", exc)
+        if block.in_flight:
+            self._draining.add(block)
+        else:
+            await self._release(block)
+
+    async def _release(self, block: Block) -> None:
+        self._draining.discard(block)
+        try:
+            slots = [(i, limit) for i, limit in enumerate(block.limits)
+                     if block.kinds[i] == "concurrency"]  # fmt: skip
+            if slots:
+                count = int(slots[0][1].cost)
+                await self.state.release([limit.key for _, limit in slots], block.name, count)
+            budget = [(limit.key, limit.field, -limit.cost) for i, limit in enumerate(block.limits)
+                      if block.kinds[i] == "budget" and limit.cost]  # fmt: skip
+            if budget:
+                await self.state.add_spend(budget, ttl_s=40 * 86400)
+        except StateUnavailable as exc:
+            log.warning("could not release a quota block: %s", exc)
+
+    async def _sweep_forever(self) -> None:
+        """Give back blocks past their time, so an idle caller holds nothing."""
+        while True:
+            await asyncio.sleep(self.config.seconds)
+            now = self.clock()
+            for block in [b for b in self.blocks.values() if b.expires <= now]:
+                await self._give_back(block)
+
+
+def _need(kind: str, estimate: int, usd: float) -> float:
+    if kind == "tokens":
+        return float(estimate)
+    if kind == "budget":
+        return usd
+    return 1.0
