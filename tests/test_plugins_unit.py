@@ -168,7 +168,9 @@ def test_a_concurrency_slot_is_given_back_even_when_the_rest_of_the_chain_fails(
 
 
 def shared_quotas(redis_server, limits: str) -> tuple[Gateway, Any]:
-    state = f'state: {{backend: redis, url: "{redis_server.url}", prefix: "u{os.urandom(3).hex()}:"}}\n'
+    state = (
+        f'state: {{backend: redis, url: "{redis_server.url}", prefix: "u{os.urandom(3).hex()}:"}}\n'
+    )
     gateway = Gateway(parse_config(state + MODELS + f"  - quotas: {{limits: [{limits}]}}\n",
                                    "t.yaml", env={}))  # fmt: skip
     return gateway, gateway.plugins[0]

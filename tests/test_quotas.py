@@ -261,16 +261,15 @@ def test_two_gateways_with_blocks_of_slots_hold_a_concurrency_limit_and_give_the
         statuses = asyncio.run(main())
         assert statuses.count(200) <= 40 and set(statuses) == {200, 429}, statuses
         assert statuses.count(200) >= 30  # blocks hold a few slots unused, not many
+
+        def cli(*args: str) -> str:
+            command = ["redis-cli", "-p", str(redis_server.port), *args]
+            return subprocess.run(command, capture_output=True, text=True).stdout
+
         slots = None
         for _ in range(100):  # blocks go back a second after their last use
-            out = subprocess.run(["redis-cli", "-p", str(redis_server.port), "--scan",
-                                  "--pattern", "q1:q:*:wide:c"], capture_output=True, text=True)  # fmt: skip
-            keys = out.stdout.split()
-            slots = sum(
-                int(subprocess.run(["redis-cli", "-p", str(redis_server.port), "zcard", k],
-                                   capture_output=True, text=True).stdout)  # fmt: skip
-                for k in keys
-            )
+            keys = cli("--scan", "--pattern", "q1:q:*:wide:c").split()
+            slots = sum(int(cli("zcard", key)) for key in keys)
             if slots == 0:
                 break
             time.sleep(0.1)
