@@ -101,8 +101,29 @@ def _span(span: ReadableSpan) -> dict[str, Any]:
     return out
 
 
+# Encoded attributes by (key, type, value) for strings, integers and booleans:
+# most repeat from span to span (the model, the provider, the route), and building
+# their dicts was a third of the encoding. Emptied when full, so values seen once
+# (ids, counts) cannot grow it. (Not floats or arrays: -0.0 == 0.0, (1,) == (True,).)
+_ENCODED: dict[tuple[str, type, Any], dict[str, Any]] = {}
+_ENCODED_MAX = 4096
+_REMEMBERED = (str, int, bool)
+
+
 def _attributes(attributes) -> list[dict[str, Any]]:
-    return [{"key": key, "value": _value(value)} for key, value in attributes.items()]
+    out = []
+    for key, value in attributes.items():
+        kind = type(value)
+        if kind not in _REMEMBERED:
+            out.append({"key": key, "value": _value(value)})
+            continue
+        pair = _ENCODED.get((key, kind, value))
+        if pair is None:
+            if len(_ENCODED) >= _ENCODED_MAX:
+                _ENCODED.clear()
+            pair = _ENCODED[key, kind, value] = {"key": key, "value": _value(value)}
+        out.append(pair)
+    return out
 
 
 def _value(value: Any) -> dict[str, Any]:

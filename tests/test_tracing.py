@@ -13,10 +13,12 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
 
-from proxy import tracing
+from proxy import trace_export, tracing
 from proxy.app import create_app
 from proxy.config import parse_config
 from tests.conftest import Server, free_port, start_gateway
@@ -152,3 +154,30 @@ def test_spans_reach_a_real_otlp_receiver_and_the_trace_id_is_in_the_access_log(
     (attempt,) = [s for s in ours if s["name"] == "chat up-m"]
     assert attempt["attributes"]["gen_ai.request.model"] == "up-m"
     assert attempt["attributes"]["gen_ai.usage.output_tokens"] > 0
+
+
+SCALARS = st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.floats(allow_nan=False) | st.text()
+ATTRIBUTES = st.dictionaries(
+    st.sampled_from(["gen_ai.system", "n", "flag", "ratio", "ids"]),
+    SCALARS | st.lists(SCALARS, max_size=3).map(tuple),
+)
+
+
+@given(st.lists(ATTRIBUTES, min_size=1, max_size=4))
+def test_attributes_encode_as_otlp_json_however_often_they_repeat(spans):
+    """Encoded pairs are remembered, so repeats cost nothing: True, 1 and 1.0 stay
+    three types, and every encoding equals the one made from scratch."""
+    for attributes in spans + spans:
+        expected = [{"key": k, "value": trace_export._value(v)} for k, v in attributes.items()]
+        assert trace_export._attributes(attributes) == expected
+    assert len(trace_export._ENCODED) <= trace_export._ENCODED_MAX
+
+
+def test_values_seen_once_cannot_grow_the_remembered_encodings():
+    for i in range(3 * trace_export._ENCODED_MAX):
+        trace_export._attributes({"gen_ai.response.id": f"chatcmpl-{i}"})
+    assert len(trace_export._ENCODED) <= trace_export._ENCODED_MAX
+    assert trace_export._attributes({"flag": True}) == [
+        {"key": "flag", "value": {"boolValue": True}}
+    ]
+    assert trace_export._attributes({"flag": 1}) == [{"key": "flag", "value": {"intValue": "1"}}]
