@@ -118,12 +118,13 @@ class Leases:
         self.clock = clock
         self.blocks: dict[tuple, Block] = {}
         self.last: dict[tuple, Block] = {}  # the block before, which sizes the next
-        self._pending: dict[tuple, asyncio.Future] = {}
+        self._pending: dict[tuple, asyncio.Future[Block | None]] = {}
         self._checked_until: dict[tuple, float] = {}  # callers checked one by one
         self._draining: set[Block] = set()  # returned, with calls still in flight
         self._names = itertools.count()
         self._prefix = "b" + os.urandom(6).hex() + ":"
         self._sweeper: asyncio.Task | None = None
+        self._closed = False
 
     async def start(self) -> None:
         self._sweeper = asyncio.create_task(self._sweep_forever())
@@ -135,6 +136,9 @@ class Leases:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        self._closed = True
+        if self._pending:  # reservations under way end as given back
+            await asyncio.gather(*self._pending.values(), return_exceptions=True)
         for block in list(self.blocks.values()):
             await self._give_back(block)
         self.blocks.clear()
@@ -151,49 +155,49 @@ class Leases:
                 return Held(block, estimate, usd)
             await self._give_back(block)
         pending = self._pending.get(key)
-        if pending is not None:  # another call is reserving this caller's block
-            await asyncio.shield(pending)
-            block = self.blocks.get(key)
-            if block is not None and block.take(needs):
-                return Held(block, estimate, usd)
-            return None
-        if self._checked_until.get(key, 0.0) > now:
-            return None
-        return await self._reserve(key, kinds, limits, needs, estimate, usd)
+        if pending is None:  # no other call is reserving this caller's block
+            if self._checked_until.get(key, 0.0) > now:
+                return None
+            sizes = self._sizes(key, kinds, limits, needs)
+            if sizes is None:
+                self._checked_until[key] = now + self.config.seconds
+                return None
+            # A task of its own: a caller that goes away mid-reservation (a client
+            # hanging up) must not lose a block Redis has granted.
+            pending = asyncio.ensure_future(self._reserve(key, kinds, limits, sizes))
+            self._pending[key] = pending
+        block = await asyncio.shield(pending)
+        if block is not None and block.take(needs):
+            return Held(block, estimate, usd)
+        return None
 
     async def _reserve(self, key: tuple, kinds: tuple[str, ...], limits: tuple[Limit, ...],
-                       needs: list[float], estimate: int, usd: float) -> Held | None:  # fmt: skip
-        sizes = self._sizes(key, kinds, limits, needs)
-        if sizes is None:
-            self._checked_until[key] = self.clock() + self.config.seconds
-            return None
+                       sizes: list[float]) -> Block | None:  # fmt: skip
+        """Reserve a block in the shared state and make it the caller's."""
         block_limits = tuple(
             replace(limit, cost=size, whole=limit.kind == "budget")
             for limit, size in zip(limits, sizes, strict=True)
         )
         name = f"{self._prefix}{next(self._names)}"
-        future = asyncio.get_running_loop().create_future()
-        self._pending[key] = future
         try:
             verdict = await self.state.acquire(block_limits, name)
         except StateUnavailable:
             return None  # the call's own check meets the same and applies on_state_error
         finally:
             del self._pending[key]
-            future.set_result(None)
         now = self.clock()
         if not verdict.allowed:
             self._checked_until[key] = now + self.config.seconds
+            if len(self._checked_until) > 100_000:
+                self._checked_until.clear()
             return None
         self.on_grant(block_limits, verdict)
         block = Block(name, kinds, block_limits, verdict, now + self.config.seconds)
-        self.blocks[key] = block
-        if len(self._checked_until) > 100_000:
-            self._checked_until.clear()
-        if not block.take(needs):  # sized for it: cannot happen, but never admit unheld
+        if self._closed:  # granted as the process closed: straight back
             await self._give_back(block)
             return None
-        return Held(block, estimate, usd)
+        self.blocks[key] = block
+        return block
 
     def _sizes(self, key: tuple, kinds: tuple[str, ...], limits: tuple[Limit, ...],
                needs: list[float]) -> list[float] | None:  # fmt: skip

@@ -27,6 +27,7 @@ worker reserved at once (`lease`, plugins/quota_leases.py), not one check per ca
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import logging
@@ -151,6 +152,13 @@ class _Plan:
         self.lease = lease  # names this call's concurrency slots
         self.reserved: dict[tuple[str, str], float] = {}  # budget reservations, USD
 
+    def note_reservations(self) -> None:
+        """The state admitted the call: its budgets hold its estimated cost."""
+        for i in self.budget:
+            limit = self.limits[i]
+            where = (limit.key, limit.field)
+            self.reserved[where] = self.reserved.get(where, 0.0) + limit.cost
+
 
 class Quotas:
     Config = QuotasConfig
@@ -178,6 +186,7 @@ class Quotas:
             ["subject", "period"], registry=r, multiprocess_mode="livemax",
         ))  # fmt: skip
         self._leases = itertools.count()
+        self._giving_back: set[asyncio.Task] = set()
         self.blocks: Leases | None = None
         if context.state.config.shared and config.lease.share:
             self.blocks = Leases(context.state, config.lease, self.granted)
@@ -210,17 +219,14 @@ class Quotas:
         if plan.limits:
             try:
                 with span("meshgate.quota.check", {"meshgate.quota.limits": len(plan.limits)}):
-                    verdict = await self.state.acquire(plan.limits, plan.lease)
+                    verdict = await self.acquire(call, plan, estimate)
             except StateUnavailable as exc:
                 self.state_error("acquire", exc)
             else:
                 if not verdict.allowed:
                     raise self.refusal(plan, verdict)
                 counted = True
-                for i in plan.budget:
-                    limit = plan.limits[i]
-                    where = (limit.key, limit.field)
-                    plan.reserved[where] = plan.reserved.get(where, 0.0) + limit.cost
+                plan.note_reservations()
                 self.granted(plan.limits, verdict)
                 headers = self.headers(plan.limits, template, verdict.remaining, verdict.reset_s)
         try:
@@ -240,6 +246,32 @@ class Quotas:
             await self.unreserve(call, plan)  # the cost is counted now, not its estimate
 
         return reply.on_complete(complete)
+
+    async def acquire(self, call: Call, plan: _Plan, estimate: int) -> Verdict:
+        """The state's verdict on one call. On Redis the check is its own task: a call
+        that goes away (its client hung up) while Redis counts it gives back what it
+        was granted, rather than holding a slot until the lease expires."""
+        if not self.state.config.shared:
+            return await self.state.acquire(plan.limits, plan.lease)
+        checking = asyncio.ensure_future(self.state.acquire(plan.limits, plan.lease))
+        try:
+            return await asyncio.shield(checking)
+        except asyncio.CancelledError:
+            checking.add_done_callback(lambda done: self._abandoned(call, plan, estimate, done))
+            raise
+
+    def _abandoned(self, call: Call, plan: _Plan, estimate: int, done: asyncio.Future) -> None:
+        if done.cancelled() or done.exception() is not None or not done.result().allowed:
+            return
+        plan.note_reservations()
+
+        async def give_back() -> None:
+            await self.settle(call, plan, estimate, usage={"total_tokens": 0})
+            await self.unreserve(call, plan)
+
+        task = asyncio.ensure_future(give_back())
+        self._giving_back.add(task)
+        task.add_done_callback(self._giving_back.discard)
 
     async def _from_block(self, call: Call, call_next: Next, template: _Template,
                           held: Held) -> Reply:  # fmt: skip

@@ -219,6 +219,42 @@ def test_a_block_gets_its_slot_back_when_the_rest_of_the_chain_fails(redis_serve
     assert run(main()) == (0, [2.0])  # one block of two slots, both free again
 
 
+def test_a_call_that_goes_away_while_redis_counts_it_gives_its_slot_back(redis_server):
+    """Checked one by one (concurrent: 1 is too small for blocks): the client hangs
+    up while Redis admits the call, and the slot it was granted comes back."""
+    gateway, plugin = shared_quotas(redis_server, "{per: global, concurrent: 1}")
+    state = gateway.state
+    real_acquire = state.acquire
+    answer = asyncio.Event()
+
+    async def slow_acquire(limits, lease):
+        counted = asyncio.ensure_future(real_acquire(limits, lease))  # Redis counts it now
+        await answer.wait()  # the answer comes after the client went
+        return await counted
+
+    state.acquire = slow_acquire
+
+    async def main():
+        await state.start()
+        caller = asyncio.ensure_future(plugin(call_of(gateway), Stub()))
+        await asyncio.sleep(0.01)
+        caller.cancel()
+        answer.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        for _ in range(100):  # the give-back runs on its own
+            await asyncio.sleep(0.01)
+            if not plugin._giving_back:
+                break
+        await state.flush()
+        call = call_of(gateway)
+        reply = await plugin(call, Stub())  # the one slot is free again
+        await finish_call(call, reply, True)
+        await state.close()
+
+    run(main())
+
+
 # --- cache ----------------------------------------------------------------------
 
 

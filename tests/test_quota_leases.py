@@ -317,3 +317,40 @@ def test_a_budget_block_is_refused_when_the_rest_of_the_budget_is_smaller():
     held, spent = asyncio.run(main())
     assert held is None  # checked on its own, which admits one call past 0.95
     assert spent == pytest.approx(0.95)  # and the refused block reserved nothing
+
+
+def test_a_caller_that_goes_away_mid_reservation_loses_no_block():
+    """The reservation is a task of its own: granted after its caller was cancelled,
+    the block is still the caller's to use, and goes back whole at close."""
+
+    class Slow(Counted):
+        def __init__(self, clock: Clock) -> None:
+            super().__init__(clock)
+            self.answer = asyncio.Event()
+
+        async def acquire(self, limits, lease):
+            await self.answer.wait()
+            return await super().acquire(limits, lease)
+
+    async def main():
+        clock = Clock()
+        state = Slow(Clock())
+        blocks = leases(state, clock)
+        caller = asyncio.ensure_future(blocks.take("k", KINDS, limits(concurrent=40), 10, 0.01))
+        await asyncio.sleep(0)
+        caller.cancel()
+        state.answer.set()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        for _ in range(10):
+            await asyncio.sleep(0)
+        kept = dict(blocks.blocks)
+        next_call = await blocks.take("k", KINDS, limits(concurrent=40), 10, 0.01)
+        await blocks.done(next_call, 10, 0.0)
+        await blocks.close()
+        return kept, next_call, state
+
+    kept, next_call, state = asyncio.run(main())
+    assert list(kept) == ["k"] and next_call.block is kept["k"]
+    assert not state.leases.get("c")
+    assert state.spend["spend:d"]["team:t"] == pytest.approx(0.0)
