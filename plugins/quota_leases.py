@@ -79,8 +79,9 @@ class Block:
 
     def take(self, needs: list[float]) -> bool:
         left = self.left
-        if any(left[i] < need for i, need in enumerate(needs)):
-            return False
+        for i, need in enumerate(needs):
+            if left[i] < need:
+                return False
         high, limits = self.high, self.limits
         for i, need in enumerate(needs):
             left[i] -= need
@@ -147,7 +148,10 @@ class Leases:
                    estimate: int, usd: float) -> Held | None:  # fmt: skip
         """Admit a call from its caller's block, reserving a new block when needed;
         None when this call must be checked on its own."""
-        needs = [_need(kind, estimate, usd) for kind in kinds]
+        needs = [
+            float(estimate) if kind == "tokens" else usd if kind == "budget" else 1.0
+            for kind in kinds
+        ]
         block = self.blocks.get(key)
         now = self.clock()
         if block is not None:
@@ -289,11 +293,3 @@ class Leases:
             now = self.clock()
             for block in [b for b in self.blocks.values() if b.expires <= now]:
                 await self._give_back(block)
-
-
-def _need(kind: str, estimate: int, usd: float) -> float:
-    if kind == "tokens":
-        return float(estimate)
-    if kind == "budget":
-        return usd
-    return 1.0
