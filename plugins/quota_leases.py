@@ -62,11 +62,12 @@ class LeaseConfig:
 class Block:
     """Units this process holds for one caller's limits."""
 
-    __slots__ = ("base", "expires", "high", "in_flight", "kinds", "left", "limits", "name",
-                 "returned")  # fmt: skip
+    __slots__ = ("base", "expires", "high", "in_flight", "key", "kinds", "left", "limits",
+                 "name", "returned")  # fmt: skip
 
-    def __init__(self, name: str, kinds: tuple[str, ...], limits: tuple[Limit, ...],
-                 verdict: Verdict, expires: float) -> None:  # fmt: skip
+    def __init__(self, key: tuple, name: str, kinds: tuple[str, ...],
+                 limits: tuple[Limit, ...], verdict: Verdict, expires: float) -> None:  # fmt: skip
+        self.key = key  # the caller's
         self.name = name  # names its concurrency slots in the shared state
         self.kinds = kinds
         self.limits = limits  # as reserved: each cost is the units held
@@ -196,7 +197,7 @@ class Leases:
                 self._checked_until.clear()
             return None
         self.on_grant(block_limits, verdict)
-        block = Block(name, kinds, block_limits, verdict, now + self.config.seconds)
+        block = Block(key, name, kinds, block_limits, verdict, now + self.config.seconds)
         if self._closed:  # granted as the process closed: straight back
             await self._give_back(block)
             return None
@@ -254,12 +255,11 @@ class Leases:
         if block.returned:
             return
         block.returned = True
-        for key, current in list(self.blocks.items()):
-            if current is block:
-                del self.blocks[key]
-                self.last[key] = block
+        if self.blocks.get(block.key) is block:
+            del self.blocks[block.key]
         if len(self.last) > 100_000:
             self.last.clear()
+        self.last[block.key] = block
         try:
             for i, kind in enumerate(block.kinds):
                 if kind in ("requests", "tokens") and block.left[i]:
