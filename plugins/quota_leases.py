@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.state import Limit, State, StateUnavailable, Verdict
+from proxy.state.base import MAX_SLOTS
 
 log = logging.getLogger("meshgate.quotas")
 
@@ -220,7 +221,9 @@ class Leases:
             if last is not None:
                 want = max(want, 2.0 * last.high[i])
             size = min(cap, want)
-            if kind in ("requests", "concurrency"):
+            if kind == "concurrency":  # a lease holds at most MAX_SLOTS slots
+                size = float(int(min(size, MAX_SLOTS)))
+            elif kind == "requests":
                 size = float(int(size))
             sizes.append(size)
         slots = [size for kind, size in zip(kinds, sizes, strict=True) if kind == "concurrency"]

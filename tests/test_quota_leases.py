@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from plugins.quota_leases import LeaseConfig, Leases
 from proxy.state import Limit, StateConfig
+from proxy.state.base import MAX_SLOTS
 from proxy.state.memory import MemoryState
 
 KINDS = ("requests", "tokens", "concurrency", "budget")
@@ -354,3 +355,19 @@ def test_a_caller_that_goes_away_mid_reservation_loses_no_block():
     assert list(kept) == ["k"] and next_call.block is kept["k"]
     assert not state.leases.get("c")
     assert state.spend["spend:d"]["team:t"] == pytest.approx(0.0)
+
+
+def test_a_block_never_holds_more_slots_than_one_lease_may():
+    async def main():
+        clock = Clock()
+        state = Counted(Clock())
+        blocks = leases(state, clock, share=0.5)
+        state.on_dropped = dropped.append
+        held = [await blocks.take("k", KINDS, limits(rpm=1e7, concurrent=100_000), 1, 0.0)
+                for _ in range(3000)]  # fmt: skip
+        sizes = {h.block.limits[2].cost for h in held if h is not None}
+        return held, sizes
+
+    dropped: list[int] = []
+    held, sizes = asyncio.run(main())
+    assert all(h is not None for h in held) and max(sizes) == MAX_SLOTS and not dropped
