@@ -188,7 +188,11 @@ class Leases:
         try:
             verdict = await self.state.acquire(block_limits, name)
         except StateUnavailable:
-            return None  # the call's own check meets the same and applies on_state_error
+            # The call's own check meets the same and applies on_state_error; the
+            # caller's next calls skip the block for a while, so an outage costs one
+            # wait per call, not two.
+            self._checked_until[key] = self.clock() + self.config.seconds
+            return None
         finally:
             del self._pending[key]
         now = self.clock()

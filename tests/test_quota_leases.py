@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from plugins.quota_leases import LeaseConfig, Leases
-from proxy.state import Limit, StateConfig
+from proxy.state import Limit, StateConfig, StateUnavailable
 from proxy.state.base import MAX_SLOTS
 from proxy.state.memory import MemoryState
 
@@ -371,3 +371,23 @@ def test_a_block_never_holds_more_slots_than_one_lease_may():
     dropped: list[int] = []
     held, sizes = asyncio.run(main())
     assert all(h is not None for h in held) and max(sizes) == MAX_SLOTS and not dropped
+
+
+def test_while_the_state_is_unavailable_a_caller_is_checked_on_its_own_without_retrying_a_block():
+    class Down(Counted):
+        async def acquire(self, limits, lease):
+            self.checks += 1
+            raise StateUnavailable("redis: no answer in time")
+
+    async def main():
+        clock = Clock()
+        state = Down(Clock())
+        blocks = leases(state, clock)
+        first = await blocks.take("k", KINDS, limits(), 10, 0.0)
+        second = await blocks.take("k", KINDS, limits(), 10, 0.0)
+        checks = state.checks
+        clock.now += 1.0
+        later = await blocks.take("k", KINDS, limits(), 10, 0.0)
+        return first, second, checks, later, state.checks
+
+    assert asyncio.run(main()) == (None, None, 1, None, 2)
