@@ -38,7 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from proxy.state import Limit, State, StateUnavailable, Verdict
-from proxy.state.base import MAX_SLOTS
+from proxy.state.base import MAX_SLOTS, SPEND_TTL_S
 
 log = logging.getLogger("meshgate.quotas")
 
@@ -123,7 +123,6 @@ class Leases:
         self.last: dict[tuple, Block] = {}  # the block before, which sizes the next
         self._pending: dict[tuple, asyncio.Future[Block | None]] = {}
         self._checked_until: dict[tuple, float] = {}  # callers checked one by one
-        self._draining: set[Block] = set()  # returned, with calls still in flight
         self._names = itertools.count()
         self._prefix = "b" + os.urandom(6).hex() + ":"
         self._sweeper: asyncio.Task | None = None
@@ -273,23 +272,19 @@ class Leases:
                     await self.state.adjust(block.limits[i], -block.left[i])
         except StateUnavailable as exc:
             log.warning("could not give back a quota block: %s", exc)
-        if block.in_flight:
-            self._draining.add(block)
-        else:
+        if not block.in_flight:  # else the last call to end releases it (done)
             await self._release(block)
 
     async def _release(self, block: Block) -> None:
-        self._draining.discard(block)
         try:
-            slots = [(i, limit) for i, limit in enumerate(block.limits)
-                     if block.kinds[i] == "concurrency"]  # fmt: skip
-            if slots:
-                count = int(slots[0][1].cost)
-                await self.state.release([limit.key for _, limit in slots], block.name, count)
-            budget = [(limit.key, limit.field, -limit.cost) for i, limit in enumerate(block.limits)
-                      if block.kinds[i] == "budget" and limit.cost]  # fmt: skip
+            held = list(zip(block.kinds, block.limits, strict=True))
+            slots = [limit for kind, limit in held if kind == "concurrency"]
+            if slots:  # as many under each concurrency limit
+                await self.state.release([s.key for s in slots], block.name, int(slots[0].cost))
+            budget = [(limit.key, limit.field, -limit.cost)
+                      for kind, limit in held if kind == "budget" and limit.cost]  # fmt: skip
             if budget:
-                await self.state.add_spend(budget, ttl_s=40 * 86400)
+                await self.state.add_spend(budget, ttl_s=SPEND_TTL_S)
         except StateUnavailable as exc:
             log.warning("could not release a quota block: %s", exc)
 

@@ -47,6 +47,7 @@ from proxy.metrics import Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
 from proxy.state import Limit, StateUnavailable, Verdict
+from proxy.state.base import SPEND_TTL_S
 from proxy.tracing import span
 
 log = logging.getLogger("meshgate.quotas")
@@ -228,7 +229,9 @@ class Quotas:
                 counted = True
                 plan.note_reservations()
                 self.granted(plan.limits, verdict)
-                headers = self.headers(plan.limits, template, verdict.remaining, verdict.reset_s)
+                headers = _rate_headers(
+                    template, verdict.remaining.__getitem__, verdict.reset_s.__getitem__
+                )
         try:
             reply = await call_next(call)
         except BaseException:
@@ -410,18 +413,6 @@ class Quotas:
                        "x-ratelimit-reset-requests": _duration(retry)}  # fmt: skip
         return RateLimited(message, retry_after_s=retry, headers=headers)
 
-    def headers(self, limits, template: _Template, remaining, resets) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers of the tightest requests and tokens limits."""
-        headers = {}
-        for kind, indexes in (("requests", template.requests), ("tokens", template.tokens)):
-            if not indexes:
-                continue
-            i = min(indexes, key=lambda j: remaining[j])
-            headers[f"x-ratelimit-limit-{kind}"] = _count(limits[i].limit)
-            headers[f"x-ratelimit-remaining-{kind}"] = _count(max(0, remaining[i]))
-            headers[f"x-ratelimit-reset-{kind}"] = _duration(resets[i])
-        return headers
-
     async def settle(self, call: Call, plan: _Plan, estimate: int, usage: dict | None) -> None:
         """Settle token reservations with the real usage and give back concurrency slots.
 
@@ -453,7 +444,7 @@ class Quotas:
         cost = cost or 0.0
         if cost:
             try:
-                await self.state.add_spend_to(spend, cost, ttl_s=40 * DAY_S)
+                await self.state.add_spend_to(spend, cost, ttl_s=SPEND_TTL_S)
             except StateUnavailable as exc:
                 log.warning("could not record spend of %s: %s", call.request_id, exc)
                 self.metrics.state_errors.labels("quotas", "spend_lost").inc()
@@ -465,7 +456,7 @@ class Quotas:
             return
         entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
         try:
-            await self.state.add_spend(entries, ttl_s=40 * DAY_S)
+            await self.state.add_spend(entries, ttl_s=SPEND_TTL_S)
         except StateUnavailable as exc:
             log.warning("could not give back the reservation of %s: %s", call.request_id, exc)
             self.metrics.state_errors.labels("quotas", "spend_lost").inc()
@@ -538,19 +529,28 @@ def _estimated_cost(call: Call, tokens: int) -> float:
     return tokens * max(rates) if rates else 0.0
 
 
-def _block_headers(template: _Template, block: Block) -> dict[str, str]:
-    """x-ratelimit-* headers for a call admitted from a block: what the state had left
-    when it granted the block, plus what the block has left."""
+def _rate_headers(template: _Template, remaining, reset) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers of the tightest requests and tokens limits, from
+    what each limit (by index) has `remaining` and the seconds until it is `reset`."""
     headers = {}
     for (limit_name, remaining_name, reset_name), indexes in template.rates:
-        i = indexes[0] if len(indexes) == 1 else min(indexes, key=block.remaining)
-        limit = block.limits[i]
-        remaining = max(0.0, block.remaining(i))
+        i = indexes[0] if len(indexes) == 1 else min(indexes, key=remaining)
         headers[limit_name] = template.limit_text[i]
-        headers[remaining_name] = str(math.floor(remaining))
-        until_full = (limit.limit - remaining) * limit.period_s / limit.limit
-        headers[reset_name] = _duration(max(0.0, until_full))
+        headers[remaining_name] = _count(max(0, math.floor(remaining(i))))
+        headers[reset_name] = _duration(reset(i))
     return headers
+
+
+def _block_headers(template: _Template, block: Block) -> dict[str, str]:
+    """For a call admitted from a block: what the state had left when it granted the
+    block, plus what the block has left."""
+
+    def until_full(i: int) -> float:
+        limit = block.limits[i]
+        left = max(0.0, block.remaining(i))
+        return max(0.0, (limit.limit - left) * limit.period_s / limit.limit)
+
+    return _rate_headers(template, block.remaining, until_full)
 
 
 _RATE_HEADERS = {

@@ -35,6 +35,7 @@ log = logging.getLogger("meshgate.state")
 LEASE_TTL_S = 900.0  # longest a concurrency slot is held without being released
 MAX_TAT_S = 7 * 86400  # how far a rate limit's debt may reach
 MAX_SLOTS = 1_000  # the most concurrency slots one lease holds
+SPEND_TTL_S = 40 * 86400  # how long a day's or month's spend is kept
 
 
 class StateUnavailable(Exception):

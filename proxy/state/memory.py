@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from proxy.state.base import (
     LEASE_TTL_S,
     MAX_TAT_S,
+    SPEND_TTL_S,
     Limit,
     State,
     StateConfig,
@@ -70,7 +71,7 @@ class MemoryState(State):
             elif limit.kind == "budget" and limit.cost > 0:  # reserve the estimated cost
                 fields = self.spend.setdefault(limit.key, {})
                 fields[limit.field] = fields.get(limit.field, 0.0) + limit.cost
-                self.spend_expiry.setdefault(limit.key, now + 40 * 86400)
+                self.spend_expiry.setdefault(limit.key, now + SPEND_TTL_S)
         return Verdict(True, remaining=tuple(remaining), reset_s=tuple(resets))
 
     async def adjust(self, limit: Limit, delta: float) -> None:

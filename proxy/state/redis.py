@@ -31,6 +31,7 @@ from redis.exceptions import RedisError, ResponseError
 from proxy.state.base import (
     LEASE_TTL_S,
     MAX_TAT_S,
+    SPEND_TTL_S,
     Limit,
     State,
     StateConfig,
@@ -207,7 +208,7 @@ class RedisState(State):
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()
         self._pending = _Pending()
-        self._spend_ttl = 40 * 86400
+        self._spend_ttl = SPEND_TTL_S
         self._flusher: asyncio.Task | None = None
 
     async def start(self) -> None:
