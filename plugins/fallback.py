@@ -40,6 +40,7 @@ from typing import ClassVar, Literal
 from proxy.choice import CapsReached, NoDeployment, untried
 from proxy.config import SettingError
 from proxy.context import PluginContext
+from proxy.deadlines import Deadlines
 from proxy.errors import GatewayError, UpstreamTimeout
 from proxy.health import classify
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted
@@ -88,6 +89,7 @@ class Fallback:
         self.catalog = context.catalog
         self.health = context.health
         self.retry_on = set(config.retry_on)
+        self.deadlines = Deadlines()
         for name, fallbacks in config.models.items():
             if self.catalog.find(name) is None:
                 raise SettingError(("models", name), f"no model named '{name}' under models:")
@@ -103,7 +105,7 @@ class Fallback:
             return await call_next(call)
         deadline = time.monotonic() + self.config.deadline_s
         try:
-            async with asyncio.timeout(self.config.deadline_s):  # one timer for every attempt
+            with self.deadlines.within(self.config.deadline_s):  # one for every attempt
                 return await self._models(call, call_next, deadline)
         except TimeoutError:
             if call.state.get(UNDER_WAY) and call.deployment is not None:
