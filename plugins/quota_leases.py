@@ -145,14 +145,23 @@ class Leases:
             await self._give_back(block)
         self.blocks.clear()
 
+    def take_now(self, key: tuple, kinds: tuple[str, ...], estimate: int,
+                 usd: float) -> Held | None:  # fmt: skip
+        """Admit a call from its caller's current block, without waiting: the path of
+        almost every call, kept free of awaits. None when there is no block, or it
+        expired or is short: then `take`."""
+        block = self.blocks.get(key)
+        if block is None or self.clock() >= block.expires:
+            return None
+        if block.take(_needs(kinds, estimate, usd)):
+            return Held(block, estimate, usd)
+        return None
+
     async def take(self, key: tuple, kinds: tuple[str, ...], limits: tuple[Limit, ...],
                    estimate: int, usd: float) -> Held | None:  # fmt: skip
         """Admit a call from its caller's block, reserving a new block when needed;
         None when this call must be checked on its own."""
-        needs = [
-            float(estimate) if kind == "tokens" else usd if kind == "budget" else 1.0
-            for kind in kinds
-        ]
+        needs = _needs(kinds, estimate, usd)
         block = self.blocks.get(key)
         now = self.clock()
         if block is not None:
@@ -235,24 +244,38 @@ class Leases:
                      for kind, size in zip(kinds, sizes, strict=True)]  # fmt: skip
         return sizes
 
-    async def done(self, held: Held, tokens: int | None, cost: float | None) -> None:
-        """A call admitted from a block ended: its slot, unused tokens and unspent
-        estimate go back to the block (or to the shared state once the block is back).
+    def done_now(self, held: Held, tokens: int | None, cost: float | None) -> bool:
+        """A call admitted from a block ended while the block is still this process's:
+        its slot, unused tokens and unspent estimate go back to the block. False, with
+        nothing done, once the block is back in the shared state: then `done`.
         `tokens` None keeps the token reservation; `cost` None spends the estimate."""
         block = held.block
+        if block.returned:
+            return False
         block.in_flight -= 1
+        left = block.left
         for i, kind in enumerate(block.kinds):
-            if kind == "tokens" and tokens is not None:
-                unused = held.estimate - tokens
-                if block.returned:
-                    await self.state.adjust(block.limits[i], -unused)
-                else:
-                    block.left[i] += unused
-            elif kind == "concurrency" and not block.returned:
-                block.left[i] += 1
-            elif kind == "budget" and cost is not None and not block.returned:
-                block.left[i] += held.usd - cost
-        if block.returned and not block.in_flight:
+            if kind == "tokens":
+                if tokens is not None:
+                    left[i] += held.estimate - tokens
+            elif kind == "concurrency":
+                left[i] += 1
+            elif kind == "budget" and cost is not None:
+                left[i] += held.usd - cost
+        return True
+
+    async def done(self, held: Held, tokens: int | None, cost: float | None) -> None:
+        """As `done_now`, and once the block is back: the unused tokens go back to the
+        shared state, and the block's slots and budget with its last call."""
+        if self.done_now(held, tokens, cost):
+            return
+        block = held.block
+        block.in_flight -= 1
+        if tokens is not None:
+            for kind, limit in zip(block.kinds, block.limits, strict=True):
+                if kind == "tokens":
+                    await self.state.adjust(limit, tokens - held.estimate)
+        if not block.in_flight:
             await self._release(block)
 
     async def _give_back(self, block: Block) -> None:
@@ -295,3 +318,9 @@ class Leases:
             now = self.clock()
             for block in [b for b in self.blocks.values() if b.expires <= now]:
                 await self._give_back(block)
+
+
+def _needs(kinds: tuple[str, ...], estimate: int, usd: float) -> list[float]:
+    """What one call takes from each limit of a block."""
+    return [float(estimate) if kind == "tokens" else usd if kind == "budget" else 1.0
+            for kind in kinds]  # fmt: skip

@@ -208,10 +208,12 @@ class Quotas:
         template = self.template(call)
         usd = _estimated_cost(call, estimate) if template.budget else 0.0
         if template.limits and self.blocks is not None:
-            with span("meshgate.quota.check", {"meshgate.quota.limits": len(template.limits)}):
-                held = await self.blocks.take(
-                    template.key, template.kinds, template.limits, estimate, usd
-                )
+            held = self.blocks.take_now(template.key, template.kinds, estimate, usd)
+            if held is None:
+                with span("meshgate.quota.check", {"meshgate.quota.limits": len(template.limits)}):
+                    held = await self.blocks.take(
+                        template.key, template.kinds, template.limits, estimate, usd
+                    )
             if held is not None:
                 return await self._from_block(call, call_next, template, held)
         plan = self.plan(template, estimate, usd)
@@ -280,20 +282,21 @@ class Quotas:
                           held: Held) -> Reply:  # fmt: skip
         """A call admitted from its caller's block (plugins/quota_leases.py)."""
         assert self.blocks is not None
-        headers = _block_headers(template, held.block)
         try:
             reply = await call_next(call)
         except BaseException:
             await self.blocks.done(held, 0, 0.0)
             raise
-        reply.headers.update(headers)
+        _block_headers(template, held.block, reply.headers)
 
         async def complete(reply: Reply) -> None:
             assert self.blocks is not None
             usage = reply.get_usage()
             cost = await self.record_spend(call, template.spend, reply, usage, held.estimate)
             total = usage.get("total_tokens") if usage else None
-            await self.blocks.done(held, total if isinstance(total, int) else None, cost or 0.0)
+            tokens = total if isinstance(total, int) else None
+            if not self.blocks.done_now(held, tokens, cost or 0.0):
+                await self.blocks.done(held, tokens, cost or 0.0)
 
         return reply.on_complete(complete)
 
@@ -541,16 +544,17 @@ def _rate_headers(template: _Template, remaining, reset) -> dict[str, str]:
     return headers
 
 
-def _block_headers(template: _Template, block: Block) -> dict[str, str]:
-    """For a call admitted from a block: what the state had left when it granted the
-    block, plus what the block has left."""
-
-    def until_full(i: int) -> float:
+def _block_headers(template: _Template, block: Block, headers: dict[str, str]) -> None:
+    """For a call admitted from a block, into `headers`: what the state had left when
+    it granted the block, plus what the block has left now. Written out rather than
+    through _rate_headers' callbacks: it runs for almost every call."""
+    for (limit_name, remaining_name, reset_name), indexes in template.rates:
+        i = indexes[0] if len(indexes) == 1 else min(indexes, key=block.remaining)
         limit = block.limits[i]
         left = max(0.0, block.remaining(i))
-        return max(0.0, (limit.limit - left) * limit.period_s / limit.limit)
-
-    return _rate_headers(template, block.remaining, until_full)
+        headers[limit_name] = template.limit_text[i]
+        headers[remaining_name] = str(math.floor(left))
+        headers[reset_name] = _duration(max(0.0, limit.limit - left) * limit.period_s / limit.limit)
 
 
 _RATE_HEADERS = {
