@@ -309,8 +309,10 @@ class Reply:
                 await self.events.aclose()  # type: ignore[attr-defined]
             except Exception:
                 log.exception("closing a stream failed")
-        for closer in self._closers:
-            await _run(closer, "a reply's closer failed")
+        while self._closers:
+            closers, self._closers = self._closers, []
+            for closer in closers:
+                await _run(closer, "a reply's closer failed")
 
     async def finish(self, completed: bool) -> None:
         """Close the reply and run its completion hooks; later calls do nothing.
@@ -320,8 +322,12 @@ class Reply:
         self._finished = True
         await self.aclose()
         self.completed = completed
-        for hook in self._hooks:
-            await _run(hook, "a completion hook failed", self)
+        # Dropped once run: a hook often holds the call, which holds this reply, and
+        # that cycle would leave the whole request to the garbage collector.
+        while self._hooks:
+            hooks, self._hooks = self._hooks, []
+            for hook in hooks:
+                await _run(hook, "a completion hook failed", self)
 
 
 async def _run(callback: Callable[..., Awaitable[None] | None], failure: str, *args) -> None:
