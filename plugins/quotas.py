@@ -41,6 +41,7 @@ from typing import Literal
 from prometheus_client import Counter, Gauge
 
 from plugins.quota_leases import Block, Held, LeaseConfig, Leases
+from proxy.catalog import Model
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, QuotaExceeded, RateLimited
 from proxy.metrics import Labelled
@@ -174,6 +175,7 @@ class Quotas:
         self.state = context.state
         self.metrics = context.metrics
         self._templates: dict[tuple, _Template] = {}
+        self._rates: dict[str, float] = {}  # per model, for estimated costs
         self._lease_prefix = os.urandom(6).hex() + ":"  # unique to this process
         r = context.registry
         self.refusals = Labelled(Counter(
@@ -206,7 +208,7 @@ class Quotas:
             return await call_next(call)
         estimate = self.estimate(call)
         template = self.template(call)
-        usd = _estimated_cost(call, estimate) if template.budget else 0.0
+        usd = self.estimated_cost(call, estimate) if template.budget else 0.0
         if template.limits and self.blocks is not None:
             held = self.blocks.take_now(template.key, template.kinds, estimate, usd)
             if held is None:
@@ -307,6 +309,17 @@ class Quotas:
                 used = 1.0 - max(0.0, verdict.remaining[i]) / limit.limit
                 period = "day" if limit.key.startswith("spend:d:") else "month"
                 self.budget_used(limit.field, period).set(used)
+
+    def estimated_cost(self, call: Call, tokens: int) -> float:
+        """USD a call may cost before it is made: its estimated tokens at the dearest
+        per-token rate of the model's deployments."""
+        model = call.model
+        if model is None:
+            return 0.0
+        rate = self._rates.get(model.name)
+        if rate is None:
+            rate = self._rates[model.name] = _dearest_rate(model)
+        return tokens * rate
 
     def estimate(self, call: Call) -> int:
         """Tokens to reserve: the shared estimate of the whole call."""
@@ -518,18 +531,14 @@ def _counted_as(identity) -> str:
     return identity.name if identity.kind == "key" else identity.subject
 
 
-def _estimated_cost(call: Call, tokens: int) -> float:
-    """USD a call may cost before it is made: its estimated tokens at the dearest
-    per-token rate of the model's deployments (0 when none is priced)."""
-    model = call.model
-    if model is None:
-        return 0.0
+def _dearest_rate(model: Model) -> float:
+    """The dearest per-token rate of a model's deployments, USD (0 when none is priced)."""
     rates = [
         max(d.price.input_per_token, d.price.output_per_token)
         for d in model.deployments
         if d.price is not None
     ]
-    return tokens * max(rates) if rates else 0.0
+    return max(rates) if rates else 0.0
 
 
 def _rate_headers(template: _Template, remaining, reset) -> dict[str, str]:

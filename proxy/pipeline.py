@@ -366,7 +366,9 @@ def build_chain(plugins: list[Plugin], terminal: Next) -> Next:
 def _link(plugin: Plugin, call_next: Next) -> Next:
     async def run(call: Call) -> Reply:
         reply = await plugin(call, call_next)
-        keep(call, reply)
+        if not reply._owned:  # keep(call, reply), inline: it runs once per plugin per call
+            reply._owned = True
+            call.replies.append(reply)
         return reply
 
     return run
