@@ -8,12 +8,16 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import zlib
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
+from plugins.cache.store import pack, unpack
 from proxy.config import parse_config
 from proxy.errors import (
     AuthenticationFailed,
@@ -283,6 +287,44 @@ def test_cache_refuses_a_bad_ttl_header_before_calling_on():
     with pytest.raises(InvalidRequest) as info:
         run(plugin(call_of(gateway, headers={"X-Meshgate-Cache-TTL": "nan"}), stub))
     assert info.value.param == "x-meshgate-cache-ttl" and stub.seen == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=20_000), st.integers(0, 30_000))
+def test_cache_entries_read_back_exactly_compressed_or_not(value, threshold):
+    packed = pack(value, threshold)
+    assert unpack(packed) == value
+    assert packed[:1] == (b"l" if len(value) >= threshold else b"r")
+
+
+def test_cache_entries_of_earlier_versions_still_read_and_corrupt_ones_are_refused():
+    answer = b'{"choices": []}' * 300
+    assert unpack(b"z" + zlib.compress(answer, 1)) == answer  # zlib, as stored before LZ4
+    packed = pack(answer, 1)
+    for corrupt in (packed[:10], b"l" + (2**31).to_bytes(4, "little") + packed[5:],
+                    b"z" + b"not zlib", b"?" + answer, b""):  # fmt: skip
+        with pytest.raises(ValueError):
+            unpack(corrupt)
+
+
+def test_cache_serves_a_miss_for_an_entry_it_cannot_read():
+    gateway, plugin = plugin_of("  - cache: {}\n")
+    stub = Stub()
+
+    async def ask():
+        call = call_of(gateway)
+        reply = await plugin(call, stub)
+        await finish_call(call, reply, True)
+        return reply.headers.get("x-meshgate-cache")
+
+    async def main():
+        first = await ask()
+        for key, (expires, value) in list(plugin.store.entries.items()):
+            plugin.store.entries[key] = (expires, b"l" + value[1:9])  # truncated
+        return [first, await ask(), await ask()]
+
+    assert run(main()) == ["miss", "miss", "hit-exact"]  # the bad entry was replaced
+    assert len(stub.seen) == 2
 
 
 # --- routing --------------------------------------------------------------------

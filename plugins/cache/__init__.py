@@ -180,11 +180,11 @@ class Cache:
             return None
         finally:
             self.metrics.latency_of("exact").observe(time.perf_counter() - started)
-        if stored is None:
+        reply = _reply(stored) if stored is not None else None
+        if reply is None:
             self.metrics.lookups_of("exact", "miss").inc()
             return None
         self.metrics.lookups_of("exact", "hit").inc()
-        reply = _reply(stored)
         reply.headers["x-meshgate-cache"] = "hit-exact"
         return reply
 
@@ -215,11 +215,11 @@ class Cache:
                         break
             for match in matches:
                 stored = await self.store.get(match.key)
-                if stored is None:  # the answer expired or was evicted
+                reply = _reply(stored) if stored is not None else None
+                if reply is None:  # the answer expired, was evicted, or is unreadable
                     await semantic.forget(match.key)
                     continue
                 result = "hit"
-                reply = _reply(stored)
                 reply.headers["x-meshgate-cache"] = "hit-semantic"
                 reply.headers["x-meshgate-cache-similarity"] = f"{match.similarity:.4f}"
                 return reply, None
@@ -336,8 +336,13 @@ def _storable(reply: Reply) -> bool:
     return reply.completed and "no-store" not in reply.headers.get("cache-control", "")
 
 
-def _reply(stored: bytes) -> Reply:
-    value = unpack(stored)
+def _reply(stored: bytes) -> Reply | None:
+    """The stored answer as a reply; None, logged, when the entry cannot be read."""
+    try:
+        value = unpack(stored)
+    except ValueError as exc:
+        log.warning("serving a miss: %s", exc)
+        return None
     if value[:1] == BODY:
         return Reply(body=value[1:])
     return Reply(events=_replay(value[1:]))
