@@ -29,7 +29,6 @@ say, less what other processes used since.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
@@ -37,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
+from proxy.background import stop
 from proxy.state import Limit, State, StateUnavailable, Verdict
 from proxy.state.base import MAX_SLOTS, SPEND_TTL_S
 
@@ -134,10 +134,7 @@ class Leases:
     async def close(self) -> None:
         """Give back every block; slots and budget of calls still in flight go back as
         they end."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await stop(self._sweeper)
         self._closed = True
         if self._pending:  # reservations under way end as given back
             await asyncio.gather(*self._pending.values(), return_exceptions=True)

@@ -16,7 +16,6 @@ not healthy; routing and fallback read it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import deque
@@ -26,6 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import httpx
 
+from proxy.background import stop
 from proxy.errors import (
     GatewayError,
     ProviderNotConfigured,
@@ -149,9 +149,7 @@ class Health:
 
     async def close(self) -> None:
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop(task)
         self._tasks.clear()
 
     def allows(self, name: str) -> bool:

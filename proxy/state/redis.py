@@ -28,6 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from proxy.background import stop
 from proxy.state.base import (
     LEASE_TTL_S,
     MAX_TAT_S,
@@ -219,10 +220,7 @@ class RedisState(State):
             log.warning("redis at %s is not reachable yet: %s", _where(self.config.url), exc)
 
     async def close(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
+        await stop(self._flusher)
         with contextlib.suppress(StateUnavailable):
             await self.flush()
         if self._pending:
