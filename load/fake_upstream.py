@@ -40,6 +40,9 @@ Scripted answers, for checks of what an answer says:
     reply_by_model   a JSON object: upstream model name -> text (consensus over models)
     tool_calls       a JSON list of tool calls for the assistant message
 
+TGI's native API is spoken too: POST /generate and /generate_stream answer as
+text-generation-inference does (the same knobs apply, except echo and tool_calls).
+
 GET /_stats returns request counts, so tests can tell what reached the upstream.
 """
 
@@ -262,6 +265,8 @@ class FakeUpstream:
                 kind = "rate_limit_error"
             message = f"injected error {status}{knobs['leaked']}"
             return conn.respond(status, _error(message, kind, knobs["error_code"] or None), extra)
+        if path in ("/generate", "/generate_stream"):
+            return await self.tgi(conn, path == "/generate_stream", body, knobs)
         kind = (
             "embeddings"
             if path.endswith("/embeddings")
@@ -404,6 +409,54 @@ class FakeUpstream:
             self.stats.open_streams -= 1
             if instant and not conn.closed:
                 conn.uncork()
+
+    async def tgi(self, conn, stream: bool, body: dict, knobs: dict) -> None:
+        """An answer in TGI's native dialect: /generate, or /generate_stream's token events."""
+        text = self.scripted(knobs, "")
+        pieces = ["tok" if i == 0 else " tok" for i in range(knobs["tokens"])]
+        if text is not None:
+            pieces = [text[i : i + 4] for i in range(0, len(text), 4)] or [""]
+        details = {"finish_reason": "length", "generated_tokens": len(pieces), "seed": None}
+        if not stream:
+            if knobs["latency_ms"]:
+                await asyncio.sleep(knobs["latency_ms"] / 1000)
+            prefill = [{"id": 0, "text": "x", "logprob": None}] * max(1, len(body) // 16)
+            answer = {"generated_text": "".join(pieces), "details": {**details, "prefill": prefill}}
+            return conn.respond(200, orjson.dumps(answer))
+        conn.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        self.stats.open_streams += 1
+        try:
+            if knobs["ttft_ms"]:
+                await asyncio.sleep(knobs["ttft_ms"] / 1000)
+            if knobs["error_event"]:
+                error = {"error": "injected stream error", "error_type": "generation"}
+                _chunk(conn, b"data: " + orjson.dumps(error) + b"\n\n")
+                conn.write(b"0\r\n\r\n")
+                return
+            for i, piece in enumerate(pieces):
+                if knobs["abort_after"] and i >= knobs["abort_after"]:
+                    conn.transport.abort()
+                    return
+                if i and knobs["token_delay_ms"]:
+                    await asyncio.sleep(knobs["token_delay_ms"] / 1000)
+                last = i == len(pieces) - 1
+                event = {
+                    "index": i + 1,
+                    "token": {"id": i, "text": piece, "logprob": -0.1, "special": False},
+                    "generated_text": "".join(pieces) if last else None,
+                    "details": details if last else None,
+                }
+                _chunk(conn, b"data:" + orjson.dumps(event) + b"\n\n")
+            conn.write(b"0\r\n\r\n")
+            self.stats.completed_streams += 1
+        except ConnectionError:
+            self.stats.aborted_streams += 1
+            raise
+        finally:
+            self.stats.open_streams -= 1
 
 
 def _leaked(headers: dict, how: str) -> str:

@@ -1,4 +1,5 @@
-"""TGI's native API, translated to OpenAI chat and completions (respx, no sockets)."""
+"""TGI's native API, translated to OpenAI chat and completions: respx for the
+translation, and the fake upstream's TGI dialect over a real socket."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import respx
 from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.pipeline import Call
 from proxy.upstream import tgi
+from tests.conftest import start_fake_upstream
 
 
 def setup(prompt_format="chatml"):
@@ -135,3 +137,43 @@ def test_embeddings_are_not_served_by_tgi():
     with pytest.raises(InvalidRequest) as info:
         upstream.check_ready("embeddings")
     assert "does not serve /v1/embeddings" in info.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_fake_upstream_speaks_tgi_over_a_socket(tmp_path, stream):
+    """The fake upstream's /generate and /generate_stream, as the TGI adapter reads them.
+    TGI's body has no room for the fake's knobs, so they go as headers."""
+    fake = start_fake_upstream(tmp_path, "--tokens", "5")
+
+    async def text_of(**knobs):
+        config = tgi.Config(type="tgi", base_url=fake.url, headers=knobs)
+        upstream = tgi.Upstream("tgi", config)
+        await upstream.start()
+        try:
+            call = Call("completions", {"model": "m", "prompt": "Hi", "stream": stream}, {}, "r")
+            reply = await upstream.send(call, "m")
+            if not stream:
+                answer = reply.parsed()
+                return answer["choices"][0]["text"], answer["usage"]["completion_tokens"]
+            events = [e async for e in reply.events]
+            if "error" in (events[-1].json() or {}):
+                return events[-1].json()["error"]["message"], 0
+            assert events[-1].is_done
+            pieces = [e.json()["choices"][0]["text"] for e in events[:-2]]
+            return "".join(pieces), events[-2].json()["usage"]["completion_tokens"]
+        finally:
+            await upstream.close()
+
+    async def main():
+        answers = [await text_of(), await text_of(**{"x-fake-reply": "Hello there, world"})]
+        if stream:
+            with pytest.raises(UpstreamUnavailable):
+                await text_of(**{"x-fake-abort-after": "2"})
+            failed = await text_of(**{"x-fake-error-event": "1"})
+            assert "injected stream error" in failed[0]
+        return answers
+
+    try:
+        assert asyncio.run(main()) == [("tok tok tok tok tok", 5), ("Hello there, world", 5)]
+    finally:
+        fake.stop()
