@@ -36,7 +36,7 @@ import hypercorn.protocol as hypercorn_protocol
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Response
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 
 from proxy.errors import GatewayError
 
@@ -248,6 +248,28 @@ def valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
                 or b"\x00\t" in values or b"\t\x00" in values)  # fmt: skip
 
 
+# The fields h11 reads to frame a response and to decide on keep-alive.
+_FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+
+
+def response_head(
+    connection: h11.Connection | H11WSConnection, status: int, headers: list
+) -> bytes:
+    """A response's status line and fields, with `connection` moved on to sending the
+    body. h11 is given only the framing fields: it frames the response from them
+    and writes them; the others (already checked by valid_fields) are written here
+    in one pass, where h11 would take several passes per field."""
+    framing, rest = [], []
+    for name, value in headers:
+        if name.lower() in _FRAMING:
+            framing.append((name, value))
+        else:
+            rest.append(b"%s: %s\r\n" % (name, value))
+    head = connection.send(h11.Response(headers=framing, status_code=status, _parsed=True))
+    assert head is not None  # None only for ConnectionClosed
+    return head[:-2] + b"".join(rest) + b"\r\n"  # before the blank line that ends h11's
+
+
 class MeshgateH11Protocol(H11Protocol):
     """OpenAI error bodies for HTTP-level errors; no request smuggling; response
     fields checked once per response rather than once per field."""
@@ -260,9 +282,13 @@ class MeshgateH11Protocol(H11Protocol):
             headers.append((b"connection", b"close"))
         if not valid_fields(headers):
             raise h11.LocalProtocolError("illegal header field in the response")
-        await self._send_h11_event(
-            h11.Response(headers=headers, status_code=event.status_code, _parsed=True)
-        )
+        try:
+            head = response_head(self.connection, event.status_code, headers)
+        except h11.LocalProtocolError:
+            if self.connection.their_state != h11.ERROR:
+                raise
+            return  # as hypercorn's _send_h11_event: the peer broke the protocol first
+        await self.send(RawData(data=head))
 
     async def _send_error_response(self, status_code: int, reason=None) -> None:
         body = error_body(status_code, reason)

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import h11
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from proxy.server import valid_fields
+from proxy.server import response_head, valid_fields
 from tests.conftest import Server, start_gateway
 
 CLOSE_WAIT = "08"
@@ -238,6 +238,75 @@ def test_response_fields_are_checked_exactly_as_h11_checks_them(fields):
     with), refuse exactly what h11's full check per field refuses."""
     ours = valid_fields(fields) and accepted(fields, parsed=True)
     assert ours == accepted(fields, parsed=False)
+
+
+NAMES = st.sampled_from(
+    [
+        b"content-length",
+        b"Content-Length",
+        b"transfer-encoding",
+        b"connection",
+        b"Connection",
+        b"x-a",
+        b"X-B",
+        b"server",
+        b"date",
+    ]
+)
+VALUES = st.sampled_from([b"0", b"12", b"chunked", b"close", b"keep-alive", b"v", b"a, b"])
+REQUESTS = st.sampled_from([
+    b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+    b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n",
+    b"GET / HTTP/1.0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+])  # fmt: skip
+
+
+def server_after(request: bytes) -> h11.Connection:
+    connection = h11.Connection(h11.SERVER)
+    connection.receive_data(request)
+    assert isinstance(connection.next_event(), h11.Request)
+    return connection
+
+
+def read_back(request: bytes, head: bytes) -> tuple[int, list]:
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=request.split()[0], target="/", headers=[("host", "x")]))
+    client.receive_data(head)
+    response = client.next_event()
+    assert isinstance(response, h11.Response)
+    fields = sorted(response.headers.raw_items(), key=lambda f: f[0].lower())  # stable
+    return response.status_code, [(n.lower(), v) for n, v in fields]
+
+
+@settings(max_examples=500, deadline=None)
+@given(REQUESTS, st.sampled_from([200, 204, 304, 404, 500]),
+       st.lists(st.tuples(NAMES, VALUES), max_size=6))  # fmt: skip
+def test_a_response_head_is_what_h11_alone_would_send(request, status, fields):
+    """The server hands h11 only the framing fields and writes the rest itself: a
+    client reads the same status and fields, and h11 frames the body and decides on
+    keep-alive the same, as when h11 is given every field."""
+    assume(accepted(fields, parsed=False))
+    ours, theirs = server_after(request), server_after(request)
+    head = response_head(ours, status, fields)
+    expected = theirs.send(h11.Response(status_code=status, headers=fields))
+    assert read_back(request, head) == read_back(request, expected)
+    assert (ours.our_state, ours._cstate.keep_alive) == (
+        theirs.our_state,
+        theirs._cstate.keep_alive,
+    )
+    assert body_sent(ours) == body_sent(theirs)
+
+
+def body_sent(connection: h11.Connection) -> list:
+    """What a connection makes of a two-byte body and its end: bytes, or the error."""
+    sent = []
+    for event in (h11.Data(data=b"ab"), h11.EndOfMessage()):
+        try:
+            sent.append(connection.send(event))
+        except h11.LocalProtocolError as exc:
+            return [*sent, str(exc)]
+    return sent
 
 
 def test_every_connection_is_accounted_for_accepted_or_reset_by_its_client(gateway):
