@@ -12,14 +12,19 @@ from proxy.errors import GatewayError, PayloadTooLarge, RequestTimeout
 
 class RequestHeaders(Headers):
     """A request's headers, case-insensitive: starlette's, with a `get` that costs no
-    exception when the header is absent (plugins ask for many that usually are)."""
+    exception when the header is absent (plugins ask for many that usually are),
+    from a table built at the first `get` (a call asks for five or so)."""
+
+    _first: dict[bytes, bytes] | None = None
 
     def get(self, key: str, default=None):
-        name = key.lower().encode("latin-1")
-        for field, value in self._list:
-            if field == name:
-                return value.decode("latin-1")
-        return default
+        first = self._first
+        if first is None:
+            first = self._first = {}
+            for field, value in self._list:
+                first.setdefault(field, value)  # a repeated field: its first, as starlette
+        found = first.get(key.lower().encode("latin-1"))
+        return default if found is None else found.decode("latin-1")
 
 
 class ClientDisconnected(Exception):
