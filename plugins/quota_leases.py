@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -45,6 +46,7 @@ log = logging.getLogger("meshgate.quotas")
 # What each kind of limit needs from a block for one call, at least: requests,
 # concurrency slots, and multiples of the call's own tokens or estimated cost.
 FIRST_BLOCK = {"requests": 4.0, "tokens": 4.0, "concurrency": 2.0, "budget": 4.0}
+KINDS = tuple(FIRST_BLOCK)
 SMALLEST_BLOCK = 2.0  # calls a block must admit to be worth taking
 
 
@@ -61,10 +63,15 @@ class LeaseConfig:
 
 
 class Block:
-    """Units this process holds for one caller's limits."""
+    """Units this process holds for one caller's limits.
 
-    __slots__ = ("base", "expires", "high", "in_flight", "key", "kinds", "left", "limits",
-                 "name", "returned")  # fmt: skip
+    A call takes the same from every limit of a kind (a request, its tokens, a
+    slot, its estimated cost), so what is out of the block is counted once per
+    kind, and a call fits when each kind's count stays within the smallest of
+    its limits: no loop over the limits on a call's path."""
+
+    __slots__ = ("base", "expires", "high", "in_flight", "key", "kinds", "limits", "most",
+                 "name", "out", "returned")  # fmt: skip
 
     def __init__(self, key: tuple, name: str, kinds: tuple[str, ...],
                  limits: tuple[Limit, ...], verdict: Verdict, expires: float) -> None:  # fmt: skip
@@ -72,30 +79,51 @@ class Block:
         self.name = name  # names its concurrency slots in the shared state
         self.kinds = kinds
         self.limits = limits  # as reserved: each cost is the units held
-        self.left = [limit.cost for limit in limits]
-        self.high = [0.0] * len(limits)  # the most units out of the block at once
+        self.most = dict.fromkeys(KINDS, math.inf)  # the smallest limit of each kind
+        for kind, limit in zip(kinds, limits, strict=True):
+            self.most[kind] = min(self.most[kind], limit.cost)
+        self.out = dict.fromkeys(KINDS, 0.0)  # units out of the block, by kind
+        self.high = dict.fromkeys(KINDS, 0.0)  # the most out at once, by kind
         self.base = verdict.remaining  # what the state had left, the block counted
         self.expires = expires
         self.in_flight = 0
         self.returned = False
 
-    def take(self, needs: list[float]) -> bool:
-        left = self.left
-        for i, need in enumerate(needs):
-            if left[i] < need:
-                return False
-        high, limits = self.high, self.limits
-        for i, need in enumerate(needs):
-            left[i] -= need
-            out = limits[i].cost - left[i]
-            if out > high[i]:
-                high[i] = out
+    def take(self, tokens: float, usd: float) -> bool:
+        """Admit one call of `tokens` tokens and `usd` estimated cost, if it fits."""
+        out, most = self.out, self.most
+        requests, slots = out["requests"] + 1.0, out["concurrency"] + 1.0
+        tokens, usd = out["tokens"] + tokens, out["budget"] + usd
+        if (requests > most["requests"] or tokens > most["tokens"]
+                or slots > most["concurrency"] or usd > most["budget"]):  # fmt: skip
+            return False
+        out["requests"], out["tokens"], out["concurrency"], out["budget"] = (
+            requests,
+            tokens,
+            slots,
+            usd,
+        )
+        high = self.high
+        high["requests"] = requests  # requests never come back
+        if tokens > high["tokens"]:
+            high["tokens"] = tokens
+        if slots > high["concurrency"]:
+            high["concurrency"] = slots
+        if usd > high["budget"]:
+            high["budget"] = usd
         self.in_flight += 1
         return True
 
+    @property
+    def left(self) -> list[float]:
+        """Units left in the block, by limit."""
+        pairs = zip(self.kinds, self.limits, strict=True)
+        return [limit.cost - self.out[kind] for kind, limit in pairs]
+
     def remaining(self, i: int) -> float:
-        """Units left for everyone, as far as this process knows."""
-        return self.base[i] + self.left[i] if i < len(self.base) else self.left[i]
+        """Units left for everyone under limit `i`, as far as this process knows."""
+        left = self.limits[i].cost - self.out[self.kinds[i]]
+        return self.base[i] + left if i < len(self.base) else left
 
 
 class Held:
@@ -142,15 +170,14 @@ class Leases:
             await self._give_back(block)
         self.blocks.clear()
 
-    def take_now(self, key: tuple, kinds: tuple[str, ...], estimate: int,
-                 usd: float) -> Held | None:  # fmt: skip
+    def take_now(self, key: tuple, estimate: int, usd: float) -> Held | None:
         """Admit a call from its caller's current block, without waiting: the path of
         almost every call, kept free of awaits. None when there is no block, or it
         expired or is short: then `take`."""
         block = self.blocks.get(key)
         if block is None or self.clock() >= block.expires:
             return None
-        if block.take(_needs(kinds, estimate, usd)):
+        if block.take(estimate, usd):
             return Held(block, estimate, usd)
         return None
 
@@ -158,18 +185,17 @@ class Leases:
                    estimate: int, usd: float) -> Held | None:  # fmt: skip
         """Admit a call from its caller's block, reserving a new block when needed;
         None when this call must be checked on its own."""
-        needs = _needs(kinds, estimate, usd)
         block = self.blocks.get(key)
         now = self.clock()
         if block is not None:
-            if now < block.expires and block.take(needs):
+            if now < block.expires and block.take(estimate, usd):
                 return Held(block, estimate, usd)
             await self._give_back(block)
         pending = self._pending.get(key)
         if pending is None:  # no other call is reserving this caller's block
             if self._checked_until.get(key, 0.0) > now:
                 return None
-            sizes = self._sizes(key, kinds, limits, needs)
+            sizes = self._sizes(key, kinds, limits, _needs(kinds, estimate, usd))
             if sizes is None:
                 self._checked_until[key] = now + self.config.seconds
                 return None
@@ -178,7 +204,7 @@ class Leases:
             pending = asyncio.ensure_future(self._reserve(key, kinds, limits, sizes))
             self._pending[key] = pending
         block = await asyncio.shield(pending)
-        if block is not None and block.take(needs):
+        if block is not None and block.take(estimate, usd):
             return Held(block, estimate, usd)
         return None
 
@@ -221,14 +247,14 @@ class Leases:
         a block of two calls."""
         last = self.last.get(key)
         sizes = []
-        for i, (kind, limit, need) in enumerate(zip(kinds, limits, needs, strict=True)):
+        for kind, limit, need in zip(kinds, limits, needs, strict=True):
             cap = limit.limit * self.config.share
             unit = need if kind in ("tokens", "budget") else 1.0
             if cap < SMALLEST_BLOCK * unit:
                 return None
             want = FIRST_BLOCK[kind] * unit
             if last is not None:
-                want = max(want, 2.0 * last.high[i])
+                want = max(want, 2.0 * last.high[kind])
             size = min(cap, want)
             if kind == "concurrency":  # a lease holds at most MAX_SLOTS slots
                 size = float(int(min(size, MAX_SLOTS)))
@@ -250,15 +276,12 @@ class Leases:
         if block.returned:
             return False
         block.in_flight -= 1
-        left = block.left
-        for i, kind in enumerate(block.kinds):
-            if kind == "tokens":
-                if tokens is not None:
-                    left[i] += held.estimate - tokens
-            elif kind == "concurrency":
-                left[i] += 1
-            elif kind == "budget" and cost is not None:
-                left[i] += held.usd - cost
+        out = block.out
+        out["concurrency"] -= 1.0
+        if tokens is not None:
+            out["tokens"] -= held.estimate - tokens
+        if cost is not None:
+            out["budget"] -= held.usd - cost
         return True
 
     async def done(self, held: Held, tokens: int | None, cost: float | None) -> None:
@@ -287,9 +310,9 @@ class Leases:
             self.last.clear()
         self.last[block.key] = block
         try:
-            for i, kind in enumerate(block.kinds):
-                if kind in ("requests", "tokens") and block.left[i]:
-                    await self.state.adjust(block.limits[i], -block.left[i])
+            for kind, limit, left in zip(block.kinds, block.limits, block.left, strict=True):
+                if kind in ("requests", "tokens") and left:
+                    await self.state.adjust(limit, -left)
         except StateUnavailable as exc:
             log.warning("could not give back a quota block: %s", exc)
         if not block.in_flight:  # else the last call to end releases it (done)
