@@ -9,6 +9,7 @@ import asyncio
 import gc
 import os
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
-from plugins.cache.store import pack, unpack
+from plugins.cache.store import MemoryStore, pack, unpack
 from proxy.config import parse_config
 from proxy.errors import (
     AuthenticationFailed,
@@ -305,6 +306,34 @@ def test_cache_entries_of_earlier_versions_still_read_and_corrupt_ones_are_refus
                     b"z" + b"not zlib", b"?" + answer, b""):  # fmt: skip
         with pytest.raises(ValueError):
             unpack(corrupt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 6), st.integers(0, 50)), max_size=60),
+    st.integers(1, 4),
+    st.integers(20, 120),
+)
+def test_the_memory_store_keeps_the_most_recently_used_within_its_bounds(ops, entries, size):
+    """Against a plain LRU: writes and reads in any order leave the same entries, in
+    the same order, within both bounds, with the bytes counted right."""
+    store, model = MemoryStore(entries, size), OrderedDict[str, bytes]()
+    for write, k, length in ops:
+        key = f"k{k}"
+        if write:
+            value = bytes([k]) * length
+            store.write(key, value, 60.0)
+            if length <= size:  # larger than the whole store: not kept
+                model.pop(key, None)
+                model[key] = value
+                while len(model) > entries or sum(map(len, model.values())) > size:
+                    model.popitem(last=False)
+        else:
+            assert store.read(key) == model.get(key)
+            if key in model:
+                model.move_to_end(key)
+    assert [(k, v) for k, (_, v) in store.entries.items()] == list(model.items())
+    assert store.bytes == sum(map(len, model.values())) <= size
 
 
 def test_cache_serves_a_miss_for_an_entry_it_cannot_read():

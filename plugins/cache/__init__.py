@@ -39,6 +39,7 @@ from plugins.cache.parts import Probe
 from plugins.cache.semantic import SemanticCache, SemanticConfig, create_semantic_cache
 from plugins.cache.store import MemoryStore, RedisStore, pack, unpack
 from plugins.cache.verify import Refusal
+from proxy import tracing
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
 from proxy.metrics import OVERHEAD_BUCKETS, Labelled
@@ -120,17 +121,14 @@ class Cache:
         if "no-store" in control or not self.cacheable(call.body):
             reply = await call_next(call)
             reply.headers["x-meshgate-cache"] = "bypass"
-            self.metrics.lookups_of("exact", "bypass").inc()
+            self.metrics.exact_bypassed.inc()
             return reply
         namespace = self.namespace(call)
         canonical = canonical_request(call)
         key = self.key(call, namespace, canonical)
         lookup = "no-cache" not in control
         if lookup:
-            with span("meshgate.cache.lookup", {"meshgate.cache.kind": "exact"}) as traced:
-                hit = await self.lookup(key)
-                if traced is not None:
-                    traced.set_attribute("meshgate.cache.result", "miss" if hit is None else "hit")
+            hit = await (self.traced_lookup(key) if tracing.enabled() else self.lookup(key))
             if hit is not None:
                 return hit
         probe = None  # built after an exact miss only
@@ -171,20 +169,29 @@ class Cache:
         assert call.model is not None
         return f"{namespace}:{call.model.name}:{digest}"
 
+    async def traced_lookup(self, key: str) -> Reply | None:
+        """`lookup` in a span of its own (with tracing on: else no span is made)."""
+        with span("meshgate.cache.lookup", {"meshgate.cache.kind": "exact"}) as traced:
+            hit = await self.lookup(key)
+            if traced is not None:
+                traced.set_attribute("meshgate.cache.result", "miss" if hit is None else "hit")
+        return hit
+
     async def lookup(self, key: str) -> Reply | None:
         started = time.perf_counter()
-        try:
-            stored = await self.store.get(key)
+        store = self.store
+        try:  # the memory store's answer needs no await: most calls look up and miss
+            stored = store.read(key) if isinstance(store, MemoryStore) else await store.get(key)
         except StateUnavailable as exc:
             log.warning("cache lookup failed, serving a miss: %s", exc)
             return None
         finally:
-            self.metrics.latency_of("exact").observe(time.perf_counter() - started)
+            self.metrics.exact_latency.observe(time.perf_counter() - started)
         reply = _reply(stored) if stored is not None else None
         if reply is None:
-            self.metrics.lookups_of("exact", "miss").inc()
+            self.metrics.exact_misses.inc()
             return None
-        self.metrics.lookups_of("exact", "hit").inc()
+        self.metrics.exact_hits.inc()
         reply.headers["x-meshgate-cache"] = "hit-exact"
         return reply
 
@@ -246,7 +253,7 @@ class Cache:
             body = reply.body
             if b'"tool_calls"' not in body:
                 reply.on_complete(
-                    lambda r: self.put(key, BODY + body, ttl, probe) if _storable(r) else None
+                    lambda r: self.put_now(key, BODY + body, ttl, probe) if _storable(r) else None
                 )
             return
         captured: list[bytes] = []
@@ -280,13 +287,23 @@ class Cache:
             )
         return max(1.0, min(seconds, self.config.max_ttl_s))
 
+    def put_now(self, key: str, value: bytes, ttl: float, probe: Probe | None):
+        """As `put`, done at once when that needs no await (the memory store, nothing
+        semantic to index): then None, else put's coroutine."""
+        store = self.store
+        if probe is not None or not isinstance(store, MemoryStore):
+            return self.put(key, value, ttl, probe)
+        store.write(key, pack(value, self.config.compress_min_bytes), ttl)
+        self.metrics.exact_stored.inc()
+        return None
+
     async def put(self, key: str, value: bytes, ttl: float, probe: Probe | None) -> None:
         try:
             await self.store.set(key, pack(value, self.config.compress_min_bytes), ttl)
         except StateUnavailable as exc:
             log.warning("cache store failed: %s", exc)
             return
-        self.metrics.stores_of("exact").inc()
+        self.metrics.exact_stored.inc()
         if probe is None or self.semantic is None:
             return
         try:
@@ -374,7 +391,10 @@ class CacheMetrics:
             "Refused semantic candidates put to the verify_with model, by its verdict.",
             ["verdict"], registry=r,
         )  # fmt: skip
-        self.lookups_of = Labelled(self.lookups)
         self.judged_of = Labelled(self.judged)
-        self.stores_of = Labelled(self.stores)
-        self.latency_of = Labelled(self.latency)
+        # the exact cache's series, resolved once: they change on every call
+        self.exact_hits = self.lookups.labels("exact", "hit")
+        self.exact_misses = self.lookups.labels("exact", "miss")
+        self.exact_bypassed = self.lookups.labels("exact", "bypass")
+        self.exact_stored = self.stores.labels("exact")
+        self.exact_latency = self.latency.labels("exact")

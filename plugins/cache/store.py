@@ -57,6 +57,13 @@ class MemoryStore:
         self.bytes = 0
 
     async def get(self, key: str) -> bytes | None:
+        return self.read(key)
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        self.write(key, value, ttl_s)
+
+    def read(self, key: str) -> bytes | None:
+        """`get` without an await, for the plugin's hot path."""
         entry = self.entries.get(key)
         if entry is None:
             return None
@@ -67,7 +74,8 @@ class MemoryStore:
         self.entries.move_to_end(key)
         return value
 
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+    def write(self, key: str, value: bytes, ttl_s: float) -> None:
+        """`set` without an await."""
         if len(value) > self.max_bytes:
             return
         if key in self.entries:
@@ -75,7 +83,8 @@ class MemoryStore:
         self.entries[key] = (time.monotonic() + ttl_s, value)
         self.bytes += len(value)
         while len(self.entries) > self.max_entries or self.bytes > self.max_bytes:
-            self._drop(next(iter(self.entries)))
+            _, (_, evicted) = self.entries.popitem(last=False)  # the least recently used
+            self.bytes -= len(evicted)
 
     async def delete(self, pattern: str) -> int:
         doomed = [k for k in self.entries if fnmatchcase(k, pattern)]
