@@ -106,7 +106,10 @@ class Fallback:
         deadline = time.monotonic() + self.config.deadline_s
         try:
             with self.deadlines.within(self.config.deadline_s):  # one for every attempt
-                return await self._models(call, call_next, deadline)
+                try:
+                    return await self._model(call, call_next, call.model.name, deadline)
+                except GatewayError as exc:
+                    return await self._fall_back(call, call_next, exc, deadline)
         except TimeoutError:
             if call.state.get(UNDER_WAY) and call.deployment is not None:
                 await self.health.failed(call.deployment.name)  # cut short by the deadline
@@ -114,27 +117,29 @@ class Fallback:
                 "the request's deadline passed before an upstream answered"
             ) from None
 
-    async def _models(self, call: Call, call_next: Next, deadline: float) -> Reply:
-        """The model asked for, then its fallbacks while the errors allow them."""
+    async def _fall_back(self, call: Call, call_next: Next, error: GatewayError,
+                         deadline: float) -> Reply:  # fmt: skip
+        """After the model asked for failed with `error`: its fallbacks, in turn, while
+        the errors allow them."""
         assert call.model is not None
-        requested = call.model.name
-        queue = [requested]
-        tried: set[str] = set()
+        requested = name = call.model.name
+        tried = {name}
         while True:
-            name = queue.pop(0)
+            more = self._fallbacks(requested, error)
+            queue = [
+                m for m in (more or [])
+                if m not in tried and permitted(call.identity, self.catalog.get(m))
+            ]  # fmt: skip
+            if more is None or not queue or time.monotonic() >= deadline:
+                raise error
+            log.info("request %s falls back from %s to %s: %s",
+                     call.request_id, name, queue[0], error.message)  # fmt: skip
+            name = queue[0]
             tried.add(name)
             try:
                 return await self._model(call, call_next, name, deadline)
             except GatewayError as exc:
-                more = self._fallbacks(requested, exc)
-                queue = [
-                    m for m in (more or [])
-                    if m not in tried and permitted(call.identity, self.catalog.get(m))
-                ]  # fmt: skip
-                if more is None or not queue or time.monotonic() >= deadline:
-                    raise
-                log.info("request %s falls back from %s to %s: %s",
-                         call.request_id, name, queue[0], exc.message)  # fmt: skip
+                error = exc
 
     async def _model(self, call: Call, call_next: Next, name: str, deadline: float) -> Reply:
         """Up to `attempts` attempts at one model. Each goes to a deployment the call

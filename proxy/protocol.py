@@ -293,5 +293,11 @@ def _characters(value: Any) -> int:
             total += len(v) if isinstance(v, str) else _characters(v)
     elif isinstance(value, list):  # token ids count one each
         for v in value:
-            total += len(v) if isinstance(v, str) else 1 if isinstance(v, int) else _characters(v)
+            if isinstance(v, str):
+                total += len(v)
+            elif isinstance(v, dict):  # a message: its strings here, a call fewer each
+                for w in v.values():
+                    total += len(w) if isinstance(w, str) else _characters(w)
+            else:
+                total += 1 if isinstance(v, int) else _characters(v)
     return total
