@@ -109,7 +109,7 @@ FULL = (
 )
 
 
-def gateway(
+def gateway_config(
     port: int,
     upstream_ports: list[int],
     workers: int,
@@ -117,18 +117,22 @@ def gateway(
     state: str | None = None,
     routing: bool = False,
     full: bool = False,
-    cwd: Path = ROOT,
     tracing: str = "",
-):
-    """The gateway over one deployment per upstream port. With `state` ("memory" or a
-    Redis URL), with auth and quotas on it; with `routing`, routing and fallback;
-    with `full`, all of them and the cache. `cwd` is the source tree it runs from."""
+    lease_s: float | None = None,
+) -> Path:
+    """The config file of a gateway over one deployment per upstream port. With
+    `state` ("memory" or a Redis URL), with auth and quotas on it (quota blocks of
+    `lease_s` seconds, when given); with `routing`, routing and fallback; with
+    `full`, all of them and the cache."""
     config = tmp / f"gateway-{port}.yaml"
     extra = ""
     if state == "memory":
         extra = QUOTAS
     elif state:
         extra = f'state: {{backend: redis, url: "{state}"}}\n{FULL if full else QUOTAS}'
+    if lease_s is not None:
+        lease = f"  - quotas:\n      lease: {{seconds: {lease_s}}}\n"
+        extra = extra.replace("  - quotas:\n", lease)
     if routing:
         extra = "pipeline:" + ROUTING
     if tracing:
@@ -154,6 +158,22 @@ models:
 {deployments}
 """
     )
+    return config
+
+
+def gateway(
+    port: int,
+    upstream_ports: list[int],
+    workers: int,
+    tmp: Path,
+    state: str | None = None,
+    routing: bool = False,
+    full: bool = False,
+    cwd: Path = ROOT,
+    tracing: str = "",
+):
+    """The gateway of `gateway_config`, run from the source tree `cwd`."""
+    config = gateway_config(port, upstream_ports, workers, tmp, state, routing, full, tracing)
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     return process(cmd, log=str(tmp / f"gateway-{port}.log"), cwd=cwd)
 
