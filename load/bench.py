@@ -161,19 +161,11 @@ models:
     return config
 
 
-def gateway(
-    port: int,
-    upstream_ports: list[int],
-    workers: int,
-    tmp: Path,
-    state: str | None = None,
-    routing: bool = False,
-    full: bool = False,
-    cwd: Path = ROOT,
-    tracing: str = "",
-):
-    """The gateway of `gateway_config`, run from the source tree `cwd`."""
-    config = gateway_config(port, upstream_ports, workers, tmp, state, routing, full, tracing)
+def gateway(port: int, upstream_ports: list[int], workers: int, tmp: Path, *how,
+            cwd: Path = ROOT, **kw):  # fmt: skip
+    """The gateway of `gateway_config` (`how` and `kw` are its further arguments),
+    run from the source tree `cwd`."""
+    config = gateway_config(port, upstream_ports, workers, tmp, *how, **kw)
     cmd = [sys.executable, "-m", "proxy", "serve", "--config", str(config)]
     return process(cmd, log=str(tmp / f"gateway-{port}.log"), cwd=cwd)
 

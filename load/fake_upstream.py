@@ -50,9 +50,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import time
 import uuid
+from collections.abc import Iterator
 
 import orjson
 
@@ -320,95 +322,96 @@ class FakeUpstream:
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
         )
-        self.stats.open_streams += 1
-        instant = not (knobs["ttft_ms"] or knobs["token_delay_ms"] or knobs["abort_after"])
-        if instant:
-            conn.cork()
-        try:
-            if knobs["ttft_ms"]:
-                await asyncio.sleep(knobs["ttft_ms"] / 1000)
-            if knobs["error_event"]:
-                message = "injected stream error" + knobs["leaked"]
-                _chunk(conn, b"data: " + _error(message, "server_error", None) + b"\n\n")
-                conn.write(b"0\r\n\r\n")
-                return
-            if knobs["malformed_event"]:
-                _chunk(conn, b"data: {not json\n\n")
-            head = {
-                "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
-                "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()),
-                "model": model,
-                "system_fingerprint": "fp_fake",
-            }
-            options = body.get("stream_options")
-            usage_wanted = isinstance(options, dict) and options.get("include_usage")
-            n = knobs["tokens"]
-            sent = 0
-            text = self.scripted(knobs, model)
-            if text is None:
-                pieces = [None] + ["tok" if i == 0 else " tok" for i in range(n)]
-            else:
-                pieces = [None] + [text[i : i + 4] for i in range(0, len(text), 4)]
-                n = len(pieces) - 1
-            for i, piece in enumerate(pieces):
-                if knobs["abort_after"] and sent >= knobs["abort_after"]:
-                    conn.transport.abort()
-                    return
-                if knobs["error_event_after"] and sent == knobs["error_event_after"]:
+        with self._counting():
+            instant = not (knobs["ttft_ms"] or knobs["token_delay_ms"] or knobs["abort_after"])
+            if instant:
+                conn.cork()
+            try:
+                if knobs["ttft_ms"]:
+                    await asyncio.sleep(knobs["ttft_ms"] / 1000)
+                if knobs["error_event"]:
                     message = "injected stream error" + knobs["leaked"]
                     _chunk(conn, b"data: " + _error(message, "server_error", None) + b"\n\n")
                     conn.write(b"0\r\n\r\n")
                     return
-                if i > 1 and knobs["token_delay_ms"]:
-                    await asyncio.sleep(knobs["token_delay_ms"] / 1000)
-                if chat:
-                    delta = (
-                        {"role": "assistant", "content": ""}
-                        if piece is None
-                        else {"content": piece}
-                    )
-                    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
-                else:
-                    choice = {
-                        "index": 0,
-                        "text": piece or "",
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                event = {**head, "choices": [choice]}
-                if usage_wanted:
-                    event["usage"] = None
-                if echo is not None and i == 0:
-                    event["echo"] = echo
-                _chunk(conn, b"data: " + orjson.dumps(event) + b"\n\n")
-                sent += 1
-            last = {"index": 0, "finish_reason": "stop", "logprobs": None}
-            last.update({"delta": {}} if chat else {"text": ""})
-            final = {**head, "choices": [last]}
-            if usage_wanted:
-                final["usage"] = None
-            _chunk(conn, b"data: " + orjson.dumps(final) + b"\n\n")
-            if usage_wanted:
-                usage = {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": n,
-                    "total_tokens": prompt_tokens + n,
+                if knobs["malformed_event"]:
+                    _chunk(conn, b"data: {not json\n\n")
+                head = {
+                    "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+                    "object": "chat.completion.chunk" if chat else "text_completion",
+                    "created": int(time.time()),
+                    "model": model,
+                    "system_fingerprint": "fp_fake",
                 }
-                _chunk(
-                    conn,
-                    b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n",
-                )
-            _chunk(conn, b"data: [DONE]\n\n")
-            conn.write(b"0\r\n\r\n")
-            self.stats.completed_streams += 1
-        except ConnectionError:
-            self.stats.aborted_streams += 1
-            raise
-        finally:
-            self.stats.open_streams -= 1
-            if instant and not conn.closed:
-                conn.uncork()
+                options = body.get("stream_options")
+                usage_wanted = isinstance(options, dict) and options.get("include_usage")
+                n = knobs["tokens"]
+                sent = 0
+                text = self.scripted(knobs, model)
+                if text is None:
+                    pieces = [None] + ["tok" if i == 0 else " tok" for i in range(n)]
+                else:
+                    pieces = [None] + [text[i : i + 4] for i in range(0, len(text), 4)]
+                    n = len(pieces) - 1
+                for i, piece in enumerate(pieces):
+                    if knobs["abort_after"] and sent >= knobs["abort_after"]:
+                        conn.transport.abort()
+                        return
+                    if knobs["error_event_after"] and sent == knobs["error_event_after"]:
+                        message = "injected stream error" + knobs["leaked"]
+                        _chunk(conn, b"data: " + _error(message, "server_error", None) + b"\n\n")
+                        conn.write(b"0\r\n\r\n")
+                        return
+                    if i > 1 and knobs["token_delay_ms"]:
+                        await asyncio.sleep(knobs["token_delay_ms"] / 1000)
+                    if chat:
+                        delta = (
+                            {"role": "assistant", "content": ""}
+                            if piece is None
+                            else {"content": piece}
+                        )
+                        choice = {
+                            "index": 0,
+                            "delta": delta,
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    else:
+                        choice = {
+                            "index": 0,
+                            "text": piece or "",
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    event = {**head, "choices": [choice]}
+                    if usage_wanted:
+                        event["usage"] = None
+                    if echo is not None and i == 0:
+                        event["echo"] = echo
+                    _chunk(conn, b"data: " + orjson.dumps(event) + b"\n\n")
+                    sent += 1
+                last = {"index": 0, "finish_reason": "stop", "logprobs": None}
+                last.update({"delta": {}} if chat else {"text": ""})
+                final = {**head, "choices": [last]}
+                if usage_wanted:
+                    final["usage"] = None
+                _chunk(conn, b"data: " + orjson.dumps(final) + b"\n\n")
+                if usage_wanted:
+                    usage = {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": n,
+                        "total_tokens": prompt_tokens + n,
+                    }
+                    _chunk(
+                        conn,
+                        b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n",
+                    )
+                _chunk(conn, b"data: [DONE]\n\n")
+                conn.write(b"0\r\n\r\n")
+                self.stats.completed_streams += 1
+            finally:
+                if instant and not conn.closed:
+                    conn.uncork()
 
     async def tgi(self, conn, stream: bool, body: dict, knobs: dict) -> None:
         """An answer in TGI's native dialect: /generate, or /generate_stream's token events."""
@@ -427,8 +430,7 @@ class FakeUpstream:
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
             b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n"
         )
-        self.stats.open_streams += 1
-        try:
+        with self._counting():
             if knobs["ttft_ms"]:
                 await asyncio.sleep(knobs["ttft_ms"] / 1000)
             if knobs["error_event"]:
@@ -452,6 +454,13 @@ class FakeUpstream:
                 _chunk(conn, b"data:" + orjson.dumps(event) + b"\n\n")
             conn.write(b"0\r\n\r\n")
             self.stats.completed_streams += 1
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[None]:
+        """Count a stream open while it is written, and aborted if its client went away."""
+        self.stats.open_streams += 1
+        try:
+            yield
         except ConnectionError:
             self.stats.aborted_streams += 1
             raise
