@@ -551,17 +551,12 @@ def _block_headers(template: _Template, block: Block, headers: dict[str, str]) -
     """For a call admitted from a block, into `headers`: what the state had left when
     it granted the block, plus what the block has left now. Written out rather than
     through _rate_headers' callbacks: it runs for almost every call."""
-    out, base = block.out, block.base
     for (limit_name, remaining_name, reset_name), indexes in template.rates:
         i = indexes[0] if len(indexes) == 1 else min(indexes, key=block.remaining)
         limit = block.limits[i]
-        left = limit.cost - out[block.kinds[i]]  # block.remaining(i), inline
-        if i < len(base):
-            left += base[i]
-        if left < 0.0:
-            left = 0.0
+        left = max(0.0, block.remaining(i))
         headers[limit_name] = template.limit_text[i]
-        headers[remaining_name] = str(int(left))  # floor: left is not negative
+        headers[remaining_name] = str(math.floor(left))
         headers[reset_name] = _duration(max(0.0, limit.limit - left) * limit.period_s / limit.limit)
 
 

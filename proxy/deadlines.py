@@ -43,6 +43,17 @@ class Deadlines:
         """A context manager: the current task may run `seconds` more inside it."""
         return Scope(self, seconds)
 
+    def _join(self, scope: Scope, loop: asyncio.AbstractEventLoop, seconds: float) -> set[Scope]:
+        tick_s = max(MIN_TICK_S, seconds / 1000)
+        index = math.ceil((loop.time() + seconds) / tick_s)
+        key = (loop, tick_s, index)
+        members = self._ticks.get(key)
+        if members is None:
+            members = self._ticks[key] = set()
+            loop.call_at(index * tick_s, self._expire, key)
+        members.add(scope)
+        return members
+
     def _expire(self, key: tuple[asyncio.AbstractEventLoop, float, int]) -> None:
         for scope in self._ticks.pop(key, ()):
             scope.expire()
@@ -68,17 +79,7 @@ class Scope:
             raise RuntimeError("a deadline is kept inside a task")
         self._task = task
         self._cancelling = task.cancelling()
-        # join the tick the deadline falls in, the tick's timer set by its first scope
-        loop, seconds, deadlines = task.get_loop(), self._seconds, self._deadlines
-        tick_s = max(MIN_TICK_S, seconds / 1000)
-        index = math.ceil((loop.time() + seconds) / tick_s)
-        key = (loop, tick_s, index)
-        members = deadlines._ticks.get(key)
-        if members is None:
-            members = deadlines._ticks[key] = set()
-            loop.call_at(index * tick_s, deadlines._expire, key)
-        members.add(self)
-        self._members = members
+        self._members = self._deadlines._join(self, task.get_loop(), self._seconds)
         return self
 
     def expire(self) -> None:

@@ -340,13 +340,8 @@ class Reply:
         # that cycle would leave the whole request to the garbage collector.
         while self._hooks:
             hooks, self._hooks = self._hooks, []
-            for hook in hooks:  # _run's work, inline: nearly every call runs hooks
-                try:
-                    result = hook(self)
-                    if result is not None and inspect.isawaitable(result):
-                        await result
-                except Exception:
-                    log.exception("a completion hook failed")
+            for hook in hooks:
+                await _run(hook, "a completion hook failed", self)
 
 
 async def _run(callback: Callable[..., Awaitable[None] | None], failure: str, *args) -> None:

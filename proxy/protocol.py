@@ -293,11 +293,5 @@ def _characters(value: Any) -> int:
             total += len(v) if isinstance(v, str) else _characters(v)
     elif isinstance(value, list):  # token ids count one each
         for v in value:
-            if isinstance(v, str):
-                total += len(v)
-            elif isinstance(v, dict):  # a message: its strings here, a call fewer each
-                for w in v.values():
-                    total += len(w) if isinstance(w, str) else _characters(w)
-            else:
-                total += 1 if isinstance(v, int) else _characters(v)
+            total += len(v) if isinstance(v, str) else 1 if isinstance(v, int) else _characters(v)
     return total
