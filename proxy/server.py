@@ -27,16 +27,18 @@ import logging
 import re
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from itertools import chain
 
 import h11
 import hypercorn.asyncio.run as hypercorn_run
 import hypercorn.protocol as hypercorn_protocol
+import hypercorn.protocol.h11 as hypercorn_h11
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
+from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 
 from proxy.errors import GatewayError
 
@@ -219,55 +221,62 @@ class MeshgateTCPServer(TCPServer):
         await super().protocol_send(event)
 
 
-# RFC 9110's field names and values as h11 checks them, over all of a response's
-# fields joined by NUL (which neither may contain): a name is one or more token
-# characters; a value has no NUL, no whitespace but spaces and tabs, and none of
-# those at either end. A few C-speed passes per response instead of two per field.
-_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]")
-_TOKEN_BYTES = bytes(c for c in range(256) if _TOKEN.fullmatch(bytes([c])))
-_BAD_SPACE = re.compile(rb"[\n\r\x0b\x0c]")
-_SPACE = (32, 9)
-
-
-def valid_fields(headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether h11 would accept these response header fields."""
-    if not headers:
-        return True
-    names = b"\x00".join([name for name, _ in headers])
-    values = b"\x00".join([value for _, value in headers])
-    joins = len(headers) - 1  # any other NUL was in a name or value
-    if names.translate(None, _TOKEN_BYTES) != b"\x00" * joins:
-        return False  # a character that is not a token's
-    if not names or names[0] == 0 or names[-1] == 0 or b"\x00\x00" in names:
-        return False  # an empty name
-    if values.count(b"\x00") != joins or _BAD_SPACE.search(values) is not None:
-        return False
-    if values and (values[0] in _SPACE or values[-1] in _SPACE):
-        return False
-    return not (b"\x00 " in values or b" \x00" in values
-                or b"\x00\t" in values or b"\t\x00" in values)  # fmt: skip
-
+# A response's fields written out as lines, each checked as h11 checks a field
+# (RFC 9110): a name is one or more token characters; a value has no NUL, no
+# whitespace but spaces and tabs, and none of those at either end. One C-speed
+# match per response instead of two per field; a CR or LF inside a field would
+# make another line, so the lines are counted too.
+_FIELD_LINES = re.compile(
+    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*"
+)
 
 # The fields h11 reads to frame a response and to decide on keep-alive.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 
 
 def response_head(
-    connection: h11.Connection | H11WSConnection, status: int, headers: list
+    connection: h11.Connection | H11WSConnection, status: int, headers: Iterable
 ) -> bytes:
     """A response's status line and fields, with `connection` moved on to sending the
-    body. h11 is given only the framing fields: it frames the response from them
-    and writes them; the others (already checked by valid_fields) are written here
-    in one pass, where h11 would take several passes per field."""
-    framing, rest = [], []
+    body; h11.LocalProtocolError, before `connection` is touched, for a field h11
+    would refuse. Every field is checked here in one pass, where h11 would take
+    several per field; h11 is then given only the framing fields, to frame the
+    response from them and write them, and the others are written here."""
+    framing, framing_lines, rest = [], [], []
     for name, value in headers:
+        line = b"%s: %s\r\n" % (name, value)
         if name.lower() in _FRAMING:
-            framing.append((name, value))
+            framing.append((bytes(name), bytes(value)))
+            framing_lines.append(line)
         else:
-            rest.append(b"%s: %s\r\n" % (name, value))
+            rest.append(line)
+    fields = b"".join(rest)
+    checked = fields + b"".join(framing_lines)
+    if checked.count(b"\n") != len(rest) + len(framing) or not _FIELD_LINES.fullmatch(checked):
+        raise h11.LocalProtocolError("illegal header field in the response")
     head = connection.send(h11.Response(headers=framing, status_code=status, _parsed=True))
     assert head is not None  # None only for ConnectionClosed
-    return head[:-2] + b"".join(rest) + b"\r\n"  # before the blank line that ends h11's
+    return head[:-2] + fields + b"\r\n"  # before the blank line that ends h11's
+
+
+class MeshgateHTTPStream(HTTPStream):
+    """hypercorn's stream, handing a response's fields on as the app sent them: the
+    protocol checks them all at once (`response_head`), where hypercorn's check
+    copies and strips each field first."""
+
+    async def app_send(self, message) -> None:
+        if (
+            message is not None
+            and message["type"] == "http.response.start"
+            and self.state == ASGIHTTPState.REQUEST
+        ):
+            self.response = message
+            fields = message.get("headers", [])
+            await self.send(Response(stream_id=self.stream_id, headers=fields,
+                                     status_code=int(message["status"])))  # fmt: skip
+            self.state = ASGIHTTPState.RESPONSE
+            return
+        await super().app_send(message)
 
 
 class MeshgateH11Protocol(H11Protocol):
@@ -280,10 +289,16 @@ class MeshgateH11Protocol(H11Protocol):
         headers = list(chain(event.headers, self.config.response_headers("h11")))
         if self.keep_alive_requests >= self.config.keep_alive_max_requests:
             headers.append((b"connection", b"close"))
-        if not valid_fields(headers):
-            raise h11.LocalProtocolError("illegal header field in the response")
         try:
-            head = response_head(self.connection, event.status_code, headers)
+            try:
+                head = response_head(self.connection, event.status_code, headers)
+            except h11.LocalProtocolError:
+                if self.connection.our_state != h11.SEND_RESPONSE:
+                    raise  # refused by h11 (a bad Content-Length): stripping cannot mend it
+                # hypercorn strips each name and value before checking; here, only
+                # when the fields as sent are refused
+                stripped = [(bytes(n).strip(), bytes(v).strip()) for n, v in headers]
+                head = response_head(self.connection, event.status_code, stripped)
         except h11.LocalProtocolError:
             if self.connection.their_state != h11.ERROR:
                 raise
@@ -335,6 +350,7 @@ def install(max_connections: int | None = None, counters=None) -> None:
     worker's client connections at `max_connections` (default: from the fd limit)."""
     hypercorn_run.TCPServer = MeshgateTCPServer  # type: ignore[misc]
     hypercorn_protocol.H11Protocol = MeshgateH11Protocol  # type: ignore[misc]
+    hypercorn_h11.HTTPStream = MeshgateHTTPStream  # type: ignore[misc]
     MeshgateTCPServer.connections = Connections(
         max_connections or default_max_connections(), counters
     )
