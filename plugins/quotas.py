@@ -554,10 +554,12 @@ def _block_headers(template: _Template, block: Block, headers: dict[str, str]) -
     for (limit_name, remaining_name, reset_name), indexes in template.rates:
         i = indexes[0] if len(indexes) == 1 else min(indexes, key=block.remaining)
         limit = block.limits[i]
-        left = max(0.0, block.remaining(i))
+        left = block.remaining(i)
+        left = left if left > 0.0 else 0.0  # max(0.0, left) parses its arguments: slower
+        used = limit.limit - left
         headers[limit_name] = template.limit_text[i]
-        headers[remaining_name] = str(math.floor(left))
-        headers[reset_name] = _duration(max(0.0, limit.limit - left) * limit.period_s / limit.limit)
+        headers[remaining_name] = str(int(left))  # int() floors: left is not negative
+        headers[reset_name] = _duration(used * limit.period_s / limit.limit if used > 0.0 else 0.0)
 
 
 _RATE_HEADERS = {
