@@ -347,7 +347,7 @@ class Reply:
 async def _run(callback: Callable[..., Awaitable[None] | None], failure: str, *args) -> None:
     try:
         result = callback(*args)
-        if inspect.isawaitable(result):
+        if result is not None and inspect.isawaitable(result):  # None: a plain function's
             await result
     except Exception:
         log.exception(failure)
