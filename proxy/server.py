@@ -238,10 +238,11 @@ def response_head(
     connection: h11.Connection | H11WSConnection, status: int, headers: Iterable
 ) -> bytes:
     """A response's status line and fields, with `connection` moved on to sending the
-    body; h11.LocalProtocolError, before `connection` is touched, for a field h11
-    would refuse. Every field is checked here in one pass, where h11 would take
-    several per field; h11 is then given only the framing fields, to frame the
-    response from them and write them, and the others are written here."""
+    body; h11.LocalProtocolError for a field h11 would refuse (raised before
+    `connection` is touched, unless h11 itself refuses a framing field's value).
+    Every field is checked here in one pass, where h11 would take several per
+    field; h11 is then given only the framing fields, to frame the response from
+    them and write them, and the others are written here."""
     framing, framing_lines, rest = [], [], []
     for name, value in headers:
         line = b"%s: %s\r\n" % (name, value)
