@@ -39,6 +39,7 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.events import Response
 from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
+from hypercorn.utils import build_and_validate_headers
 
 from proxy.errors import GatewayError
 
@@ -298,7 +299,7 @@ class MeshgateH11Protocol(H11Protocol):
                     raise  # refused by h11 (a bad Content-Length): stripping cannot mend it
                 # hypercorn strips each name and value before checking; here, only
                 # when the fields as sent are refused
-                stripped = [(bytes(n).strip(), bytes(v).strip()) for n, v in headers]
+                stripped = build_and_validate_headers(headers)
                 head = response_head(self.connection, event.status_code, stripped)
         except h11.LocalProtocolError:
             if self.connection.their_state != h11.ERROR:
