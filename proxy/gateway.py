@@ -17,9 +17,9 @@ from proxy.admin import AdminRoute
 from proxy.asgi import (
     ClientDisconnected,
     RequestHeaders,
+    ResponseFields,
     accepts_gzip,
     gzipped,
-    header_list,
     read_body,
     send_bytes,
     send_error,
@@ -382,7 +382,7 @@ class Gateway:
             {
                 "type": "http.response.start",
                 "status": reply.status,
-                "headers": header_list(self._headers(call, reply, started, stream=True)),
+                "headers": ResponseFields(self._headers(call, reply, started, stream=True)),
             }
         )
         outcome.status = reply.status

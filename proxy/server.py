@@ -22,6 +22,7 @@ worker before serving.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import re
@@ -29,6 +30,7 @@ import resource
 import time
 from collections.abc import Callable, Iterable
 from itertools import chain
+from operator import itemgetter
 
 import h11
 import hypercorn.asyncio.run as hypercorn_run
@@ -41,6 +43,7 @@ from hypercorn.protocol.h11 import H11Protocol, H11WSConnection
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.utils import build_and_validate_headers
 
+from proxy.asgi import ResponseFields
 from proxy.errors import GatewayError
 
 log = logging.getLogger("meshgate.server")
@@ -222,43 +225,135 @@ class MeshgateTCPServer(TCPServer):
         await super().protocol_send(event)
 
 
-# A response's fields written out as lines, each checked as h11 checks a field
-# (RFC 9110): a name is one or more token characters; a value has no NUL, no
-# whitespace but spaces and tabs, and none of those at either end. One C-speed
-# match per response instead of two per field; a CR or LF inside a field would
-# make another line, so the lines are counted too.
-_FIELD_LINES = re.compile(
-    rb"(?:[-!#$%&'*+.^_`|~0-9a-zA-Z]+: (?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?\r\n)*"
-)
+# What a field may be: a name is one or more token characters (RFC 9110); a
+# value holds no NUL, CR, LF, VT or FF, and spaces and tabs at its ends are the
+# line's optional whitespace (RFC 9112), which h11 would have had stripped first.
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_NAMES = re.compile(rb"%s(?:\n%s)*" % (_TOKEN, _TOKEN))  # one a line
+_LINES = re.compile(rb"(?:%s: [^\x00\r\n\x0b\x0c]*\r\n)*" % _TOKEN)
+_TEXT_TOKEN = re.compile(_TOKEN.decode())
 
 # The fields h11 reads to frame a response and to decide on keep-alive.
 _FRAMING = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_TEXT_FRAMING = frozenset(name.decode() for name in _FRAMING)
+
+# Names the gateway has set, each checked once: a token, and not a framing field.
+_PLAIN_NAMES: set[str] = set()
+_MOST_NAMES = 4096
 
 
 def response_head(
-    connection: h11.Connection | H11WSConnection, status: int, headers: Iterable
+    connection: h11.Connection | H11WSConnection,
+    status: int,
+    headers: Iterable,
+    extra: list[tuple[bytes, bytes]] | None = None,
 ) -> bytes:
-    """A response's status line and fields, with `connection` moved on to sending the
-    body; h11.LocalProtocolError for a field h11 would refuse (raised before
-    `connection` is touched, unless h11 itself refuses a framing field's value).
-    Every field is checked here in one pass, where h11 would take several per
-    field; h11 is then given only the framing fields, to frame the response from
-    them and write them, and the others are written here."""
-    framing, framing_lines, rest = [], [], []
-    for name, value in headers:
-        line = b"%s: %s\r\n" % (name, value)
-        if name.lower() in _FRAMING:
-            framing.append((bytes(name), bytes(value)))
-            framing_lines.append(line)
-        else:
-            rest.append(line)
-    fields = b"".join(rest)
-    checked = fields + b"".join(framing_lines)
-    if checked.count(b"\n") != len(rest) + len(framing) or not _FIELD_LINES.fullmatch(checked):
+    """A response's status line and fields (the app's `headers`, then the server's
+    own `extra`), with `connection` moved on to sending the body;
+    h11.LocalProtocolError for a field h11 would refuse once its value is stripped
+    of spaces and tabs (raised before `connection` is touched, unless h11 itself
+    refuses a framing field's value). The fields are checked all at once, where
+    h11 would take several steps per field; h11 is then given only the framing
+    fields, to frame the response from them and write them, and the others are
+    written here."""
+    extra = extra or []
+    if type(headers) is ResponseFields:
+        head = _gateway_head(connection, status, headers, extra)
+        if head is not None:
+            return head
+    framing, written, lines, names = [], [], [], []
+    try:
+        for name, value in chain(headers, extra):
+            line = b"%s: %s\r\n" % (name, value)
+            names.append(name)
+            lines.append(line)
+            if name.lower() in _FRAMING:
+                framing.append((bytes(name), bytes(value).strip(b" \t")))
+            else:
+                written.append(line)
+    except UnicodeEncodeError:  # a ResponseFields name or value outside Latin-1
+        raise h11.LocalProtocolError("illegal header field in the response") from None
+    if not _valid(b"".join(lines), b"\n".join(names), len(names)):
         raise h11.LocalProtocolError("illegal header field in the response")
+    return _head(connection, status, framing, b"".join(written))
+
+
+def _gateway_head(
+    connection: h11.Connection | H11WSConnection,
+    status: int,
+    made: ResponseFields,
+    extra: list[tuple[bytes, bytes]],
+) -> bytes | None:
+    """`response_head` of the fields the gateway made, written from their dict at
+    once; None when a name is a framing field's (a plugin's) or is not a token:
+    then field by field."""
+    fields = made.fields
+    theirs = _server_lines(tuple(extra))
+    if theirs is None or not _plain(fields):
+        return None
+    values = "".join(fields.values())
+    if "\r" in values or "\n" in values or "\x00" in values or "\x0b" in values or "\x0c" in values:
+        raise h11.LocalProtocolError("illegal header field in the response")
+    try:
+        ours = ("\r\n".join(map(": ".join, fields.items())) + "\r\n").encode("latin-1")
+    except UnicodeEncodeError:
+        raise h11.LocalProtocolError("illegal header field in the response") from None
+    framing = [] if made.length is None else [(b"content-length", b"%d" % made.length)]
+    return _head(connection, status, framing, (ours if fields else b"") + theirs)
+
+
+@functools.lru_cache(maxsize=8)
+def _server_lines(extra: tuple[tuple[bytes, bytes], ...]) -> bytes | None:
+    """The server's own fields (date, server) as lines, checked; None when one is a
+    framing field. Remembered: they change once a second."""
+    if any(name.lower() in _FRAMING for name, _ in extra):
+        return None
+    lines = b"".join(map(b"%s: %s\r\n".__mod__, extra))
+    if not _valid(lines, b"\n".join(map(itemgetter(0), extra)), len(extra)):
+        raise h11.LocalProtocolError("illegal header field in the response")
+    return lines
+
+
+def _plain(names: dict[str, str]) -> bool:
+    """Whether every name is a token and none is a framing field's; each checked
+    once, then remembered (up to `_MOST_NAMES`)."""
+    if _PLAIN_NAMES.issuperset(names):
+        return True
+    new = [name for name in names if name not in _PLAIN_NAMES]
+    for name in new:
+        if type(name) is not str or not _TEXT_TOKEN.fullmatch(name):
+            return False
+        if name.lower() in _TEXT_FRAMING:
+            return False
+    if len(_PLAIN_NAMES) + len(new) > _MOST_NAMES:
+        _PLAIN_NAMES.clear()
+    _PLAIN_NAMES.update(new)
+    return True
+
+
+def _valid(lines: bytes, names: bytes, count: int) -> bool:
+    """Whether `count` fields, written out as `lines` (`name: value` and CRLF each)
+    with their `names` one a line, are fields h11 accepts once their values are
+    stripped of spaces and tabs. A CR or LF inside a field would make a line of
+    its own: hence the count."""
+    if not count:
+        return not lines
+    return (
+        _NAMES.fullmatch(names) is not None
+        and lines.count(b"\n") == count
+        and _LINES.fullmatch(lines) is not None
+    )
+
+
+def _head(
+    connection: h11.Connection | H11WSConnection,
+    status: int,
+    framing: list[tuple[bytes, bytes]],
+    lines: bytes,
+) -> bytes:
     head = connection.send(h11.Response(headers=framing, status_code=status, _parsed=True))
     assert head is not None  # None only for ConnectionClosed
-    return head[:-2] + fields + b"\r\n"  # before the blank line that ends h11's
+    return head[:-2] + lines + b"\r\n"  # before the blank line that ends h11's
 
 
 class MeshgateHTTPStream(HTTPStream):
@@ -288,18 +383,18 @@ class MeshgateH11Protocol(H11Protocol):
     async def stream_send(self, event) -> None:
         if not isinstance(event, Response) or event.status_code < 200:
             return await super().stream_send(event)
-        headers = list(chain(event.headers, self.config.response_headers("h11")))
+        extra = self.config.response_headers("h11")
         if self.keep_alive_requests >= self.config.keep_alive_max_requests:
-            headers.append((b"connection", b"close"))
+            extra.append((b"connection", b"close"))
         try:
             try:
-                head = response_head(self.connection, event.status_code, headers)
+                head = response_head(self.connection, event.status_code, event.headers, extra)
             except h11.LocalProtocolError:
                 if self.connection.our_state != h11.SEND_RESPONSE:
                     raise  # refused by h11 (a bad Content-Length): stripping cannot mend it
                 # hypercorn strips each name and value before checking; here, only
                 # when the fields as sent are refused
-                stripped = build_and_validate_headers(headers)
+                stripped = build_and_validate_headers(chain(event.headers, extra))
                 head = response_head(self.connection, event.status_code, stripped)
         except h11.LocalProtocolError:
             if self.connection.their_state != h11.ERROR:

@@ -19,6 +19,7 @@ from hypercorn.config import Config
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from proxy.asgi import ResponseFields
 from proxy.server import install, response_head
 from tests.conftest import Server, free_port, start_gateway
 
@@ -223,7 +224,7 @@ def test_loop_errors_are_logged_and_failed_accepts_counted():
 FIELD_BYTES = st.binary(max_size=12) | st.sampled_from(
     [b"x-ok", b"a b", b" lead", b"trail ", b"in\tside", b"cr\rlf", b"nl\n", b"\x00", b"\xff",
      b"", b"content-length", b"Transfer-Encoding", b"chunked", b"12", b"1,2", b"v\r\nx-in: 1",
-     b"v\r\n", b":status", b"a:b", b"x\r\n\r\nbody"]
+     b"v\r\n", b":status", b"a:b", b"a: b", b"x\r\n\r\nbody"]
 )  # fmt: skip
 
 
@@ -234,6 +235,12 @@ def accepted(fields) -> bool:
     except h11.LocalProtocolError:
         return False
     return True
+
+
+def trimmed(fields) -> list:
+    """The fields with the spaces and tabs at their values' ends taken off: a line's
+    optional whitespace, which h11 refuses inside a value it is given."""
+    return [(name, value.strip(b" \t")) for name, value in fields]
 
 
 def checked(fields) -> bool:
@@ -248,9 +255,41 @@ def checked(fields) -> bool:
 @given(st.lists(st.tuples(FIELD_BYTES, FIELD_BYTES), max_size=5))
 def test_response_fields_are_checked_exactly_as_h11_checks_them(fields):
     """The server's one check over all of a response's fields, with h11's framing
-    checks, refuses exactly what h11's own check of each field refuses: no field
-    can end a line early and add one of its own."""
-    assert checked(fields) == accepted(fields)
+    checks, refuses exactly what h11's own check of each field refuses, spaces and
+    tabs at a value's ends aside: no field can end a line early and add one of its
+    own."""
+    assert checked(fields) == accepted(trimmed(fields))
+
+
+TEXT = FIELD_BYTES.map(lambda raw: raw.decode("latin-1")) | st.sampled_from(["\u20ac", "x-\u2028"])
+SERVERS = st.lists(st.tuples(st.sampled_from([b"date", b"server", b"alt-svc", b"bad name",
+                                              b"connection"]),
+                             st.sampled_from([b"v", b"close", b"a\r\nb"])), max_size=2)  # fmt: skip
+
+
+def encodable(fields: ResponseFields) -> list | None:
+    """The pairs a ResponseFields stands for; None when one is not Latin-1."""
+    try:
+        return list(fields)
+    except UnicodeEncodeError:
+        return None
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.dictionaries(TEXT, TEXT, max_size=5), st.none() | st.integers(0, 10**6), SERVERS)
+def test_the_gateways_fields_are_checked_exactly_as_h11_checks_them(fields, length, extra):
+    """Fields the gateway hands the server as a dict (written from it at once, not
+    pair by pair), with the server's own: refused exactly when h11, checking each
+    field, refuses them (spaces and tabs at a value's ends aside), or one is not
+    Latin-1."""
+    made = ResponseFields(fields, length)
+    pairs = encodable(made)
+    try:
+        response_head(server_after(POST), 200, made, list(extra))
+        ours = True
+    except h11.LocalProtocolError:
+        ours = False
+    assert ours == (pairs is not None and accepted(trimmed(pairs + extra)))
 
 
 NAMES = st.sampled_from(
@@ -312,6 +351,29 @@ def test_a_response_head_is_what_h11_alone_would_send(request, status, fields):
     assert body_sent(ours) == body_sent(theirs)
 
 
+@settings(max_examples=500, deadline=None)
+@given(REQUESTS, st.sampled_from([200, 204, 304, 404, 500]),
+       st.dictionaries(NAMES.map(bytes.decode), VALUES.map(bytes.decode), max_size=5),
+       st.none() | st.integers(0, 3), st.lists(st.tuples(NAMES, VALUES), max_size=2))  # fmt: skip
+def test_the_gateways_response_head_is_what_h11_alone_would_send(
+    request, status, fields, length, extra
+):
+    """As above, for fields the gateway hands the server as a dict and a body length,
+    framing fields among them or not."""
+    made = ResponseFields(fields, length)
+    pairs = [*made, *extra]
+    assume(accepted(pairs))
+    ours, theirs = server_after(request), server_after(request)
+    head = response_head(ours, status, made, extra)
+    expected = theirs.send(h11.Response(status_code=status, headers=pairs))
+    assert read_back(request, head) == read_back(request, expected)
+    assert (ours.our_state, ours._cstate.keep_alive) == (
+        theirs.our_state,
+        theirs._cstate.keep_alive,
+    )
+    assert body_sent(ours) == body_sent(theirs)
+
+
 def body_sent(connection: h11.Connection) -> list:
     """What a connection makes of a two-byte body and its end: bytes, or the error."""
     sent = []
@@ -360,6 +422,8 @@ async def fields_app(scope, receive, send) -> None:
     fields = {
         "/padded": [(b"x-a", b" padded\t"), (b" x-b ", b"v"), (b"content-length", b" 2")],
         "/bad": [(b"x-a", b"v\r\nx-injected: 1"), (b"content-length", b"2")],
+        "/made-padded": ResponseFields({"x-a": " padded\t", "x-b": "v"}, 2),
+        "/made-bad": ResponseFields({"x-a": "v\r\nx-injected: 1"}, 2),
     }[scope["path"]]
     await send({"type": "http.response.start", "status": 200, "headers": fields})
     await send({"type": "http.response.body", "body": b"ok"})
@@ -389,15 +453,18 @@ def test_fields_the_app_pads_are_sent_stripped_and_bad_ones_refused():
             raw = "GET {} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
             return [
                 await asyncio.to_thread(exchange, port, raw.format(path).encode())
-                for path in ("/padded", "/bad")
+                for path in ("/padded", "/bad", "/made-padded", "/made-bad")
             ]
         finally:
             stop.set()
             await server
 
-    padded, bad = asyncio.run(run())
-    status, headers, body = split(padded)
-    assert (status, headers["x-a"], headers["x-b"], body) == (200, "padded", "v", b"ok")
-    assert b"x-a:  padded" not in padded and b" x-b " not in padded
-    status, headers, _ = split(bad)
-    assert status == 500 and "x-injected" not in headers and b"x-injected" not in bad
+    padded, bad, made_padded, made_bad = asyncio.run(run())
+    for response in (padded, made_padded):
+        status, headers, body = split(response)
+        assert (status, headers["x-a"], headers["x-b"], body) == (200, "padded", "v", b"ok")
+    assert b" x-b " not in padded  # a padded name is refused, then sent stripped
+    assert b"x-a:  padded\t\r\n" in made_padded  # a value's blank ends: optional whitespace
+    for response in (bad, made_bad):
+        status, headers, _ = split(response)
+        assert status == 500 and "x-injected" not in headers and b"x-injected" not in response
