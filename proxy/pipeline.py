@@ -359,7 +359,8 @@ async def finish_call(call: Call, reply: Reply | None, completed: bool) -> None:
     if reply is not None:
         await reply.finish(completed)
     for other in reversed(call.replies):
-        await other.finish(False)
+        if not other._finished:  # usually the client's own, finished above
+            await other.finish(False)
 
 
 Next = Callable[[Call], Awaitable[Reply]]

@@ -356,6 +356,30 @@ def test_cache_serves_a_miss_for_an_entry_it_cannot_read():
     assert len(stub.seen) == 2
 
 
+@pytest.mark.parametrize("backend", ["memory", "redis"])
+def test_cache_times_the_lookups_that_go_to_redis(backend, request):
+    state = ""  # entries of their own on Redis: a prefix no other test shares
+    if backend == "redis":
+        url = request.getfixturevalue("redis_server").url
+        state = f'state: {{backend: redis, url: "{url}", prefix: "u{os.urandom(3).hex()}:"}}\n'
+    config = state + MODELS + f"  - cache: {{backend: {backend}}}\n"
+    gateway = Gateway(parse_config(config, "t.yaml", env={}))
+    plugin, stub = gateway.plugins[0], Stub()
+
+    async def main():
+        for _ in range(3):
+            call = call_of(gateway)
+            await finish_call(call, await plugin(call, stub), True)
+        await plugin.close()
+
+    run(main())
+    registry = gateway.metrics.registry
+    labels = {"kind": "exact"}
+    timed = registry.get_sample_value("meshgate_cache_lookup_seconds_count", labels)
+    hits = registry.get_sample_value("meshgate_cache_lookups_total", {**labels, "result": "hit"})
+    assert (hits, timed) == (2.0, 3.0 if backend == "redis" else 0.0)
+
+
 # --- routing --------------------------------------------------------------------
 
 
