@@ -70,8 +70,8 @@ class Block:
     kind, and a call fits when each kind's count stays within the smallest of
     its limits: no loop over the limits on a call's path."""
 
-    __slots__ = ("base", "expires", "high", "in_flight", "key", "kinds", "limits", "most",
-                 "name", "out", "returned")  # fmt: skip
+    __slots__ = ("base", "expires", "headers", "high", "in_flight", "key", "kinds", "limits",
+                 "most", "name", "out", "returned")  # fmt: skip
 
     def __init__(self, key: tuple, name: str, kinds: tuple[str, ...],
                  limits: tuple[Limit, ...], verdict: Verdict, expires: float) -> None:  # fmt: skip
@@ -88,6 +88,7 @@ class Block:
         self.expires = expires
         self.in_flight = 0
         self.returned = False
+        self.headers: list | None = None  # how the quotas plugin writes its rate headers
 
     def take(self, tokens: float, usd: float) -> bool:
         """Admit one call of `tokens` tokens and `usd` estimated cost, if it fits."""

@@ -550,16 +550,34 @@ def _rate_headers(template: _Template, remaining, reset) -> dict[str, str]:
 def _block_headers(template: _Template, block: Block, headers: dict[str, str]) -> None:
     """For a call admitted from a block, into `headers`: what the state had left when
     it granted the block, plus what the block has left now. Written out rather than
-    through _rate_headers' callbacks: it runs for almost every call."""
+    through _rate_headers' callbacks, from what `_block_rates` worked out once: it
+    runs for almost every call."""
+    rates = block.headers
+    if rates is None:
+        rates = block.headers = _block_rates(template, block)
+    out = block.out
+    for limit_name, limit_text, remaining_name, reset_name, kind, top, limit, scale in rates:
+        left = top - out[kind]
+        left = left if left > 0.0 else 0.0  # max(0.0, left) parses its arguments: slower
+        used = limit - left
+        headers[limit_name] = limit_text
+        headers[remaining_name] = str(int(left))  # int() floors: left is not negative
+        headers[reset_name] = _duration(used * scale if used > 0.0 else 0.0)
+
+
+def _block_rates(template: _Template, block: Block) -> list[tuple]:
+    """Per kind of rate limit a block holds: its header names, and of the tightest
+    limit of that kind its text, what it has left with nothing out of the block,
+    its limit and seconds per unit. Each limit of a kind gives the same units to
+    every call, so the tightest stays the tightest while the block lasts."""
+    rates = []
     for (limit_name, remaining_name, reset_name), indexes in template.rates:
         i = indexes[0] if len(indexes) == 1 else min(indexes, key=block.remaining)
-        limit = block.limits[i]
-        left = block.remaining(i)
-        left = left if left > 0.0 else 0.0  # max(0.0, left) parses its arguments: slower
-        used = limit.limit - left
-        headers[limit_name] = template.limit_text[i]
-        headers[remaining_name] = str(int(left))  # int() floors: left is not negative
-        headers[reset_name] = _duration(used * limit.period_s / limit.limit if used > 0.0 else 0.0)
+        kind, limit = block.kinds[i], block.limits[i]
+        top = block.remaining(i) + block.out[kind]
+        rates.append((limit_name, template.limit_text[i], remaining_name, reset_name, kind, top,
+                      limit.limit, limit.period_s / limit.limit))  # fmt: skip
+    return rates
 
 
 _RATE_HEADERS = {

@@ -206,6 +206,28 @@ def test_quotas_admit_from_a_block_and_say_what_is_left_in_whole_numbers(redis_s
     assert len(blocks) == 1  # the three came from one block
 
 
+def test_a_blocks_headers_are_the_tightest_limits_as_a_check_of_each_call_says(redis_server):
+    """Two requests-per-minute limits: the headers are the tighter one's, its units
+    left, and the time until the units used come back (60 s / 6000 each)."""
+    limits = "{per: global, rpm: 100000000}, {per: key, rpm: 6000}"
+    gateway, plugin = shared_quotas(redis_server, limits)
+
+    async def main():
+        await gateway.state.start()
+        seen = []
+        for _ in range(3):
+            call = call_of(gateway)
+            reply = await plugin(call, Stub())
+            await finish_call(call, reply, True)
+            seen.append(tuple(reply.headers[f"x-ratelimit-{name}-requests"]
+                              for name in ("limit", "remaining", "reset")))  # fmt: skip
+        await plugin.close()
+        await gateway.state.close()
+        return seen
+
+    assert run(main()) == [("6000", str(6000 - n), f"{10 * n}ms") for n in (1, 2, 3)]
+
+
 def test_a_block_gets_its_slot_back_when_the_rest_of_the_chain_fails(redis_server):
     gateway, plugin = shared_quotas(redis_server, "{per: global, concurrent: 40}")
 
