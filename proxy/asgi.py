@@ -119,8 +119,10 @@ class ResponseFields:
     """A response's fields as the gateway makes them, names and values in a dict of
     str, with the body's length apart. In an ASGI message it is the iterable of
     (name, value) byte pairs ASGI asks for; the gateway's own server writes the
-    fields from the dict at once (proxy/server.py), at a fifth of the instructions
-    a field of encoding each into a pair of its own, then writing and checking it."""
+    fields from the dict at once (proxy/server.py), rather than encoding each into
+    a pair of its own, then writing and checking it: 2.5% fewer instructions per
+    request for the bare gateway (`python -m load.instructions --baseline e5ebf08`),
+    more for a pipeline that adds fields."""
 
     __slots__ = ("fields", "length")
 
