@@ -294,12 +294,14 @@ def _gateway_head(
     values = "".join(fields.values())
     if "\r" in values or "\n" in values or "\x00" in values or "\x0b" in values or "\x0c" in values:
         raise h11.LocalProtocolError("illegal header field in the response")
-    try:
-        ours = ("\r\n".join(map(": ".join, fields.items())) + "\r\n").encode("latin-1")
-    except UnicodeEncodeError:
-        raise h11.LocalProtocolError("illegal header field in the response") from None
+    ours = b""
+    if fields:  # a line each, CRLF included
+        try:
+            ours = ("\r\n".join(map(": ".join, fields.items())) + "\r\n").encode("latin-1")
+        except UnicodeEncodeError:
+            raise h11.LocalProtocolError("illegal header field in the response") from None
     framing = [] if made.length is None else [(b"content-length", b"%d" % made.length)]
-    return _head(connection, status, framing, (ours if fields else b"") + theirs)
+    return _head(connection, status, framing, ours + theirs)
 
 
 @functools.lru_cache(maxsize=8)
