@@ -16,6 +16,7 @@ from starlette.routing import Route
 
 from proxy import logs, server, tracing
 from proxy.admin import check_admin
+from proxy.background import stop
 from proxy.config import Config, load_config
 from proxy.errors import (
     GatewayError,
@@ -25,6 +26,7 @@ from proxy.errors import (
     StateError,
 )
 from proxy.gateway import Gateway, request_id_of
+from proxy.metrics import FLUSH_S
 from proxy.reload import Live, Reloader
 from proxy.state import StateUnavailable
 
@@ -107,12 +109,15 @@ def create_app(config: Config | None = None) -> Starlette:
             reloader = Reloader(live, config.source, config.server.reload_check_s)
             reloader.start()
         server.tune_gc()
+        flusher = asyncio.create_task(m.flush_every(FLUSH_S))
         try:
             yield
         finally:
             if reloader is not None:
                 await reloader.close()
             await live.gateway.close()
+            await stop(flusher)
+            m.flush()  # what the last calls counted, before the worker's files are left
             if provider is not None:
                 provider.shutdown()  # sends the spans still queued
 

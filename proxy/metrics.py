@@ -2,12 +2,16 @@
 
 Each app gets its own registry. With several workers, hypercorn's processes
 share nothing, so the CLI sets PROMETHEUS_MULTIPROC_DIR and `/metrics`
-aggregates every worker's files.
+aggregates every worker's files. Counters counted on every call are tallied in
+the process and written out every FLUSH_S (Tally).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import (
@@ -21,6 +25,7 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+FLUSH_S = 1.0  # how late another worker's /metrics may show a worker's tallies
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
 
 
@@ -51,25 +56,78 @@ class PluginRegistry(CollectorRegistry):
 class Labelled:
     """A labelled metric whose children are looked up once per label values:
     prometheus_client's `labels()` checks its arguments and takes a lock on every
-    call, a few microseconds each on the hot path."""
+    call, a few microseconds each on the hot path. With `wrap`, each child is
+    handed out wrapped (in a Tally, say)."""
 
-    __slots__ = ("children", "metric")
+    __slots__ = ("children", "metric", "wrap")
 
-    def __init__(self, metric) -> None:
+    def __init__(self, metric, wrap: Callable[[Any], Any] | None = None) -> None:
         self.metric = metric
+        self.wrap = wrap
         self.children: dict[tuple[str, ...], Any] = {}
 
     def __call__(self, *values: str):
         child = self.children.get(values)
         if child is None:
-            child = self.children[values] = self.metric.labels(*values)
+            child = self.metric.labels(*values)
+            if self.wrap is not None:
+                child = self.wrap(child)
+            self.children[values] = child
         return child
+
+
+class Tally:
+    """A counter (or a labelled counter's child) whose increments are added up here
+    and handed to prometheus_client in one `inc` when flushed (Metrics.flush).
+
+    In a worker, prometheus_client's `inc` takes a lock, asks the kernel for the
+    process id and writes a memory-mapped file shared with the other workers; a
+    counter counted on every call pays that every call. Used from the event
+    loop's thread only, like everything on the request path."""
+
+    __slots__ = ("__weakref__", "child", "pending")
+
+    def __init__(self, child) -> None:
+        self.child = child
+        self.pending = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:  # refused now, as prometheus_client would, not at the flush
+            raise ValueError("a counter can only go up")
+        self.pending += amount
+
+    def flush(self) -> None:
+        if self.pending:
+            amount, self.pending = self.pending, 0.0
+            self.child.inc(amount)
+
+    def __del__(self) -> None:
+        self.flush()  # a plugin's tally dropped with counts not yet handed on
+
+
+class _Flush:
+    """A collector that collects nothing: it flushes the tallies, and is registered
+    first, so every collection of the registry reads what they counted."""
+
+    def __init__(self, tallies: weakref.WeakSet[Tally]) -> None:
+        self.tallies = tallies
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> list:
+        for tally in list(self.tallies):
+            tally.flush()
+        return []
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self.tallies: weakref.WeakSet[Tally] = weakref.WeakSet()
+        self._flush = _Flush(self.tallies)
+        r.register(self._flush)
         self.requests = Counter(
             "meshgate_requests",
             "Requests answered, by model, deployment and status.",
@@ -199,15 +257,33 @@ class Metrics:
             registry=r,
         )
         # The per-request metrics' children, for the hot path.
-        self.requests_of = Labelled(self.requests)
+        self.requests_of = Labelled(self.requests, self.tally)
         self.duration_of = Labelled(self.duration)
         self.ttft_of = Labelled(self.ttft)
         self.upstream_of = Labelled(self.upstream)
-        self.tokens_of = Labelled(self.tokens)
-        self.cost_of = Labelled(self.cost)
+        self.tokens_of = Labelled(self.tokens, self.tally)
+        self.cost_of = Labelled(self.cost, self.tally)
+
+    def tally(self, child) -> Tally:
+        """`child` (a counter) counted through a Tally this registry flushes."""
+        tally = Tally(child)
+        self.tallies.add(tally)
+        return tally
+
+    def flush(self) -> None:
+        """Hand what the tallies counted to their counters (and so to the files the
+        other workers render from)."""
+        self._flush.collect()
+
+    async def flush_every(self, seconds: float) -> None:
+        """Flush every `seconds`, so another worker's /metrics is at most that late."""
+        while True:
+            await asyncio.sleep(seconds)
+            self.flush()
 
     def render(self) -> tuple[bytes, str]:
         if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            self.flush()  # this worker's counts; the others flush on their own
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
             return generate_latest(registry), CONTENT_TYPE_LATEST

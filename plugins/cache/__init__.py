@@ -26,9 +26,10 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import quote
 
 import orjson
@@ -42,7 +43,7 @@ from plugins.cache.verify import Refusal
 from proxy import tracing
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
-from proxy.metrics import OVERHEAD_BUCKETS, Labelled
+from proxy.metrics import OVERHEAD_BUCKETS, Labelled, Tally
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
@@ -97,7 +98,7 @@ class Cache:
         if config.semantic is not None:
             prefix = state.prefix + "cache:"
             self.semantic = create_semantic_cache(config.semantic, context, url, prefix)
-        self.metrics = CacheMetrics(context.registry)
+        self.metrics = CacheMetrics(context.registry, context.metrics.tally)
         context.add_admin_route("cache/stats", ("GET",), self.stats)
         context.add_admin_route("cache", ("DELETE",), self.clear)
 
@@ -322,6 +323,7 @@ class Cache:
     async def stats(self, request) -> dict:
         entries, size = await self.store.size()
         lookups: dict[str, dict[str, float]] = {}
+        self.metrics.flush()
         for metric in self.metrics.lookups.collect():
             for sample in metric.samples:
                 if sample.name.endswith("_total"):
@@ -376,7 +378,7 @@ async def _replay(data: bytes):
 class CacheMetrics:
     """The cache's own metrics, registered on the gateway's registry."""
 
-    def __init__(self, r: CollectorRegistry) -> None:
+    def __init__(self, r: CollectorRegistry, tally: Callable[[Any], Tally]) -> None:
         self.lookups = Counter(
             "meshgate_cache_lookups",
             "Cache lookups by kind and result (hit, miss, bypass, refused, timeout).",
@@ -396,9 +398,14 @@ class CacheMetrics:
             ["verdict"], registry=r,
         )  # fmt: skip
         self.judged_of = Labelled(self.judged)
-        # the exact cache's series, resolved once: they change on every call
-        self.exact_hits = self.lookups.labels("exact", "hit")
-        self.exact_misses = self.lookups.labels("exact", "miss")
-        self.exact_bypassed = self.lookups.labels("exact", "bypass")
-        self.exact_stored = self.stores.labels("exact")
+        # the exact cache's series, resolved once and tallied: they change on every call
+        self.exact_hits = tally(self.lookups.labels("exact", "hit"))
+        self.exact_misses = tally(self.lookups.labels("exact", "miss"))
+        self.exact_bypassed = tally(self.lookups.labels("exact", "bypass"))
+        self.exact_stored = tally(self.stores.labels("exact"))
         self.exact_latency = self.latency.labels("exact")
+
+    def flush(self) -> None:
+        """Hand the tallies' counts to their counters, to read those here."""
+        for tallied in (self.exact_hits, self.exact_misses, self.exact_bypassed, self.exact_stored):
+            tallied.flush()
