@@ -288,10 +288,16 @@ def _characters(value: Any) -> int:
     if isinstance(value, str):
         return len(value)
     total = 0
-    if isinstance(value, dict):
+    if isinstance(value, list):  # token ids count one each
+        for v in value:
+            if isinstance(v, str):
+                total += len(v)
+            elif isinstance(v, dict):  # a message, read here: a call fewer per message
+                for w in v.values():
+                    total += len(w) if isinstance(w, str) else _characters(w)
+            else:
+                total += 1 if isinstance(v, int) else _characters(v)
+    elif isinstance(value, dict):
         for v in value.values():
             total += len(v) if isinstance(v, str) else _characters(v)
-    elif isinstance(value, list):  # token ids count one each
-        for v in value:
-            total += len(v) if isinstance(v, str) else 1 if isinstance(v, int) else _characters(v)
     return total
