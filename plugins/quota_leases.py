@@ -168,7 +168,7 @@ class Leases:
         if self._pending:  # reservations under way end as given back
             await asyncio.gather(*self._pending.values(), return_exceptions=True)
         for block in list(self.blocks.values()):
-            await self._give_back(block)
+            self._give_back(block)
         self.blocks.clear()
 
     def take_now(self, key: tuple, estimate: int, usd: float) -> Held | None:
@@ -191,7 +191,7 @@ class Leases:
         if block is not None:
             if now < block.expires and block.take(estimate, usd):
                 return Held(block, estimate, usd)
-            await self._give_back(block)
+            self._give_back(block)
         pending = self._pending.get(key)
         if pending is None:  # no other call is reserving this caller's block
             if self._checked_until.get(key, 0.0) > now:
@@ -236,7 +236,7 @@ class Leases:
         self.on_grant(block_limits, verdict)
         block = Block(key, name, kinds, block_limits, verdict, now + self.config.seconds)
         if self._closed:  # granted as the process closed: straight back
-            await self._give_back(block)
+            self._give_back(block)
             return None
         self.blocks[key] = block
         return block
@@ -268,38 +268,30 @@ class Leases:
                      for kind, size in zip(kinds, sizes, strict=True)]  # fmt: skip
         return sizes
 
-    def done_now(self, held: Held, tokens: int | None, cost: float | None) -> bool:
-        """A call admitted from a block ended while the block is still this process's:
-        its slot, unused tokens and unspent estimate go back to the block. False, with
-        nothing done, once the block is back in the shared state: then `done`.
-        `tokens` None keeps the token reservation; `cost` None spends the estimate."""
+    def done(self, held: Held, tokens: int | None, cost: float | None) -> None:
+        """A call admitted from a block ended: its slot, unused tokens and unspent
+        estimate go back to the block, or once the block is back in the shared
+        state, the unused tokens go back there, and the block's slots and budget
+        with its last call. `tokens` None keeps the token reservation; `cost` None
+        spends the estimate."""
         block = held.block
-        if block.returned:
-            return False
         block.in_flight -= 1
+        if block.returned:
+            if tokens is not None:
+                for kind, limit in zip(block.kinds, block.limits, strict=True):
+                    if kind == "tokens":
+                        self.state.adjust(limit, tokens - held.estimate)
+            if not block.in_flight:
+                self._release(block)
+            return
         out = block.out
         out["concurrency"] -= 1.0
         if tokens is not None:
             out["tokens"] -= held.estimate - tokens
         if cost is not None:
             out["budget"] -= held.usd - cost
-        return True
 
-    async def done(self, held: Held, tokens: int | None, cost: float | None) -> None:
-        """As `done_now`, and once the block is back: the unused tokens go back to the
-        shared state, and the block's slots and budget with its last call."""
-        if self.done_now(held, tokens, cost):
-            return
-        block = held.block
-        block.in_flight -= 1
-        if tokens is not None:
-            for kind, limit in zip(block.kinds, block.limits, strict=True):
-                if kind == "tokens":
-                    await self.state.adjust(limit, tokens - held.estimate)
-        if not block.in_flight:
-            await self._release(block)
-
-    async def _give_back(self, block: Block) -> None:
+    def _give_back(self, block: Block) -> None:
         """Stop admitting from a block: unused requests and tokens go back now, slots
         and the budget reservation once its last call has ended."""
         if block.returned:
@@ -310,27 +302,21 @@ class Leases:
         if len(self.last) > 100_000:
             self.last.clear()
         self.last[block.key] = block
-        try:
-            for kind, limit, left in zip(block.kinds, block.limits, block.left, strict=True):
-                if kind in ("requests", "tokens") and left:
-                    await self.state.adjust(limit, -left)
-        except StateUnavailable as exc:
-            log.warning("could not give back a quota block: %s", exc)
+        for kind, limit, left in zip(block.kinds, block.limits, block.left, strict=True):
+            if kind in ("requests", "tokens") and left:
+                self.state.adjust(limit, -left)
         if not block.in_flight:  # else the last call to end releases it (done)
-            await self._release(block)
+            self._release(block)
 
-    async def _release(self, block: Block) -> None:
-        try:
-            held = list(zip(block.kinds, block.limits, strict=True))
-            slots = [limit for kind, limit in held if kind == "concurrency"]
-            if slots:  # as many under each concurrency limit
-                await self.state.release([s.key for s in slots], block.name, int(slots[0].cost))
-            budget = [(limit.key, limit.field, -limit.cost)
-                      for kind, limit in held if kind == "budget" and limit.cost]  # fmt: skip
-            if budget:
-                await self.state.add_spend(budget, ttl_s=SPEND_TTL_S)
-        except StateUnavailable as exc:
-            log.warning("could not release a quota block: %s", exc)
+    def _release(self, block: Block) -> None:
+        held = list(zip(block.kinds, block.limits, strict=True))
+        slots = [limit for kind, limit in held if kind == "concurrency"]
+        if slots:  # as many under each concurrency limit
+            self.state.release([s.key for s in slots], block.name, int(slots[0].cost))
+        budget = [(limit.key, limit.field, -limit.cost)
+                  for kind, limit in held if kind == "budget" and limit.cost]  # fmt: skip
+        if budget:
+            self.state.add_spend(budget, ttl_s=SPEND_TTL_S)
 
     async def _sweep_forever(self) -> None:
         """Give back blocks past their time, so an idle caller holds nothing."""
@@ -338,7 +324,7 @@ class Leases:
             await asyncio.sleep(self.config.seconds)
             now = self.clock()
             for block in [b for b in self.blocks.values() if b.expires <= now]:
-                await self._give_back(block)
+                self._give_back(block)
 
 
 def _needs(kinds: tuple[str, ...], estimate: int, usd: float) -> list[float]:

@@ -189,7 +189,6 @@ class Quotas:
             ["subject", "period"], registry=r, multiprocess_mode="livemax",
         ))  # fmt: skip
         self._leases = itertools.count()
-        self._giving_back: set[asyncio.Task] = set()
         self.blocks: Leases | None = None
         if context.state.config.shared and config.lease.share:
             self.blocks = Leases(context.state, config.lease, self.granted)
@@ -220,9 +219,9 @@ class Quotas:
                 try:
                     reply = await call_next(call)
                 except BaseException:
-                    await self.blocks.done(held, 0, 0.0)
+                    self.blocks.done(held, 0, 0.0)
                     raise
-                return self._from_block(call, reply, template, held)
+                return self._from_block(reply, template, held)
         plan = self.plan(template, estimate, usd)
         headers: dict[str, str] = {}
         counted = False
@@ -245,17 +244,17 @@ class Quotas:
             reply = await call_next(call)
         except BaseException:
             if counted:
-                await self.settle(call, plan, estimate, usage={"total_tokens": 0})
-                await self.unreserve(call, plan)
+                self.settle(plan, estimate, usage={"total_tokens": 0})
+                self.unreserve(plan)
             raise
         reply.headers.update(headers)
 
-        async def complete(reply: Reply) -> None:
+        def complete(reply: Reply) -> None:
             usage = reply.get_usage()
             if counted:
-                await self.settle(call, plan, estimate, usage)
-            await self.record_spend(call, template.spend, reply, usage, estimate)
-            await self.unreserve(call, plan)  # the cost is counted now, not its estimate
+                self.settle(plan, estimate, usage)
+            self.record_spend(template.spend, reply, usage, estimate)
+            self.unreserve(plan)  # the cost is counted now, not its estimate
 
         return reply.on_complete(complete)
 
@@ -269,34 +268,27 @@ class Quotas:
         try:
             return await asyncio.shield(checking)
         except asyncio.CancelledError:
-            checking.add_done_callback(lambda done: self._abandoned(call, plan, estimate, done))
+            checking.add_done_callback(lambda done: self._abandoned(plan, estimate, done))
             raise
 
-    def _abandoned(self, call: Call, plan: _Plan, estimate: int, done: asyncio.Future) -> None:
+    def _abandoned(self, plan: _Plan, estimate: int, done: asyncio.Future) -> None:
         if done.cancelled() or done.exception() is not None or not done.result().allowed:
             return
         plan.note_reservations()
+        self.settle(plan, estimate, usage={"total_tokens": 0})
+        self.unreserve(plan)
 
-        async def give_back() -> None:
-            await self.settle(call, plan, estimate, usage={"total_tokens": 0})
-            await self.unreserve(call, plan)
-
-        task = asyncio.ensure_future(give_back())
-        self._giving_back.add(task)
-        task.add_done_callback(self._giving_back.discard)
-
-    def _from_block(self, call: Call, reply: Reply, template: _Template, held: Held) -> Reply:
+    def _from_block(self, reply: Reply, template: _Template, held: Held) -> Reply:
         """The reply to a call admitted from its caller's block (plugins/quota_leases.py)."""
         _block_headers(template, held.block, reply.headers)
+        blocks = self.blocks
+        assert blocks is not None
 
-        async def complete(reply: Reply) -> None:
-            assert self.blocks is not None
+        def complete(reply: Reply) -> None:
             usage = reply.get_usage()
-            cost = await self.record_spend(call, template.spend, reply, usage, held.estimate)
+            cost = self.record_spend(template.spend, reply, usage, held.estimate)
             total = usage.get("total_tokens") if usage else None
-            tokens = total if isinstance(total, int) else None
-            if not self.blocks.done_now(held, tokens, cost or 0.0):
-                await self.blocks.done(held, tokens, cost or 0.0)
+            blocks.done(held, total if isinstance(total, int) else None, cost or 0.0)
 
         return reply.on_complete(complete)
 
@@ -423,26 +415,21 @@ class Quotas:
                        "x-ratelimit-reset-requests": _duration(retry)}  # fmt: skip
         return RateLimited(message, retry_after_s=retry, headers=headers)
 
-    async def settle(self, call: Call, plan: _Plan, estimate: int, usage: dict | None) -> None:
+    def settle(self, plan: _Plan, estimate: int, usage: dict | None) -> None:
         """Settle token reservations with the real usage and give back concurrency slots.
 
         Without usage (an answer cut short) the reservation stands.
         """
-        try:
-            total = usage.get("total_tokens") if usage else None
-            if isinstance(total, int):
-                for i in plan.tokens:
-                    await self.state.adjust(plan.limits[i], total - estimate)
-            if plan.concurrency:
-                await self.state.release([plan.limits[i].key for i in plan.concurrency], plan.lease)
-        except StateUnavailable as exc:
-            log.warning("could not settle quotas for %s: %s", call.request_id, exc)
-            self.metrics.state_errors.labels("quotas", "settle_skipped").inc()
+        total = usage.get("total_tokens") if usage else None
+        if isinstance(total, int):
+            for i in plan.tokens:
+                self.state.adjust(plan.limits[i], total - estimate)
+        if plan.concurrency:
+            self.state.release([plan.limits[i].key for i in plan.concurrency], plan.lease)
 
-    async def record_spend(
-        self, call: Call, spend: tuple[tuple[str, str], ...], reply: Reply, usage: dict | None,
-        estimate: int,
-    ) -> float | None:  # fmt: skip
+    def record_spend(
+        self, spend: tuple[tuple[str, str], ...], reply: Reply, usage: dict | None, estimate: int
+    ) -> float | None:
         """Add the call's cost to its spend places; the cost, None when unpriced."""
         deployment = reply.deployment
         if deployment is None or deployment.price is None:
@@ -453,23 +440,14 @@ class Quotas:
             cost = deployment.price.cost({"prompt_tokens": 0, "completion_tokens": estimate})
         cost = cost or 0.0
         if cost:
-            try:
-                await self.state.add_spend_to(spend, cost, ttl_s=SPEND_TTL_S)
-            except StateUnavailable as exc:
-                log.warning("could not record spend of %s: %s", call.request_id, exc)
-                self.metrics.state_errors.labels("quotas", "spend_lost").inc()
+            self.state.add_spend_to(spend, cost, ttl_s=SPEND_TTL_S)
         return cost
 
-    async def unreserve(self, call: Call, plan: _Plan) -> None:
+    def unreserve(self, plan: _Plan) -> None:
         """Give back a call's budget reservations: what it cost is counted apart."""
-        if not plan.reserved:
-            return
-        entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
-        try:
-            await self.state.add_spend(entries, ttl_s=SPEND_TTL_S)
-        except StateUnavailable as exc:
-            log.warning("could not give back the reservation of %s: %s", call.request_id, exc)
-            self.metrics.state_errors.labels("quotas", "spend_lost").inc()
+        if plan.reserved:
+            entries = [(key, f, -usd) for (key, f), usd in plan.reserved.items()]
+            self.state.add_spend(entries, ttl_s=SPEND_TTL_S)
 
     def state_error(self, what: str, exc: StateUnavailable) -> None:
         decision = self.config.on_state_error

@@ -96,7 +96,7 @@ class Chooser:
             f"Every deployment of '{call.model.name}' is at its rate cap.", retry_after_s=1.0
         )
 
-    async def settle(self, reserved, reply: Reply | None) -> None:
+    def settle(self, reserved, reply: Reply | None) -> None:
         """Count an attempt's real tokens against its deployment's tpm cap (what
         `choose` left in `call.reserved`): the answer's usage when it finished with
         one, nothing when the attempt failed."""
@@ -109,10 +109,7 @@ class Chooser:
             return  # no usage reported: the estimate stands
         for limit in limits:
             if limit.key.endswith(":t"):
-                try:
-                    await self.state.adjust(limit, (total or 0) - tokens)
-                except StateUnavailable:
-                    return
+                self.state.adjust(limit, (total or 0) - tokens)
 
 
 def caps(deployment: Deployment, tokens: int) -> list[Limit]:

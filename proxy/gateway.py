@@ -264,7 +264,7 @@ class Gateway:
                 if held:
                     pool.release()
             call.failed[deployment.name] = time.monotonic()
-            await self.chooser.settle(call.reserved, None)
+            self.chooser.settle(call.reserved, None)
             call.reserved = None
             if isinstance(exc, UpstreamPoolExhausted):
                 self.metrics.pool_timeouts.labels(pool.provider).inc()

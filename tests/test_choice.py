@@ -109,7 +109,7 @@ def test_caps_are_checked_on_every_attempt_and_tokens_given_back_on_failure():
         with pytest.raises(CapsReached) as info:  # y's 100 tokens are reserved
             await chooser.choose(call_for(catalog, "capped", max_tokens=50))
         assert info.value.status == 429 and info.value.headers["retry-after"] == "1"
-        await chooser.settle(second.reserved, None)  # that attempt failed: tokens back
+        chooser.settle(second.reserved, None)  # that attempt failed: tokens back
         assert (await chooser.choose(call_for(catalog, "capped", max_tokens=50))).name == "y"
 
     asyncio.run(main())
@@ -124,7 +124,7 @@ def test_a_finished_answer_counts_its_real_tokens():
         reply = Reply.json(
             {"usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
         )
-        await chooser.settle(taken.reserved, reply)  # 5 of 100 used: room for another
+        chooser.settle(taken.reserved, reply)  # 5 of 100 used: room for another
         other = call_for(catalog, "capped", max_tokens=50)
         other.failed["x"] = 0.0
         assert (await chooser.choose(other)).name == "y"

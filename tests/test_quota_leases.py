@@ -65,7 +65,7 @@ def test_a_block_admits_a_callers_calls_without_asking_the_state():
         held = []
         for _ in range(4):  # one at a time: the first block holds two slots
             held.append(await blocks.take("k", KINDS, limits(), 100, 0.001))
-            await blocks.done(held[-1], 100, 0.001)
+            blocks.done(held[-1], 100, 0.001)
         checks_after_four = state.checks
         fifth = await blocks.take("k", KINDS, limits(), 100, 0.001)
         return held, checks_after_four, fifth, state.checks
@@ -83,7 +83,7 @@ def test_a_block_grows_to_what_its_caller_uses():
         for _ in range(200):
             held = await blocks.take("k", KINDS, limits(rpm=100_000), 100, 0.0)
             assert held is not None
-            await blocks.done(held, 100, 0.0)
+            blocks.done(held, 100, 0.0)
         return state.checks
 
     assert asyncio.run(main()) <= 7  # 4, 8, 16, ... requests: doubling, not one per call
@@ -127,7 +127,7 @@ def test_unused_requests_and_tokens_go_back_and_tokens_settle_on_real_usage():
         blocks = leases(state, clock)
         for _ in range(3):
             held = await blocks.take("k", KINDS, limits(), 100, 0.0)
-            await blocks.done(held, 30, 0.0)  # 30 tokens used of the 100 reserved
+            blocks.done(held, 30, 0.0)  # 30 tokens used of the 100 reserved
         await blocks.close()
         return state
 
@@ -149,9 +149,9 @@ def test_slots_and_budget_stay_held_until_the_last_call_of_a_block_ends():
         second = await blocks.take("k", KINDS, limit_set, 100, 0.01)
         held_slots = len(state.leases.get("c", {}))
         assert first is not None and second is not None and first.block is not second.block
-        await blocks.done(first, 100, 0.01)
+        blocks.done(first, 100, 0.01)
         after_first = len(state.leases.get("c", {}))
-        await blocks.done(second, 100, 0.01)
+        blocks.done(second, 100, 0.01)
         await blocks.close()
         return held_slots, after_first, state
 
@@ -169,7 +169,7 @@ def test_an_idle_callers_block_is_given_back_by_the_sweeper():
         await blocks.start()
         held = await blocks.take("k", KINDS, limits(concurrent=40), 100, 0.0)
         assert held is not None
-        await blocks.done(held, 100, 0.0)
+        blocks.done(held, 100, 0.0)
         clock.now += 1.0
         for _ in range(100):
             await asyncio.sleep(0.02)
@@ -251,22 +251,22 @@ def test_two_processes_with_leases_never_admit_more_than_the_limits(
                 tokens += actual
                 spent += cost
                 if cost:
-                    await state.add_spend([("spend:d", "team:t", cost)], 86400)
+                    state.add_spend([("spend:d", "team:t", cost)], 86400)
                 if held is not None:
-                    await procs[p].done(held, actual, cost)
+                    procs[p].done(held, actual, cost)
                 else:
-                    await state.adjust(limit_set[1], actual - reserved)
-                    await state.release(["c"], lease)
-                    await state.add_spend([("spend:d", "team:t", -usd)], 86400)
+                    state.adjust(limit_set[1], actual - reserved)
+                    state.release(["c"], lease)
+                    state.add_spend([("spend:d", "team:t", -usd)], 86400)
             elif op[0] == "tick":
                 clock.now += op[1]
         for p, held, lease, reserved, _ in live:  # the rest end without spending
             tokens += reserved
             if held is not None:
-                await procs[p].done(held, reserved, 0.0)
+                procs[p].done(held, reserved, 0.0)
             else:
-                await state.release(["c"], lease)
-                await state.add_spend([("spend:d", "team:t", -usd)], 86400)
+                state.release(["c"], lease)
+                state.add_spend([("spend:d", "team:t", -usd)], 86400)
         for proc in procs:
             await proc.close()
         return state, requests, tokens, spent
@@ -288,14 +288,14 @@ def test_a_block_of_slots_admits_that_many_calls_at_once_and_no_more():
         blocks = leases(state, clock, share=0.5)
         limit_set = limits(concurrent=4)
         first = [await blocks.take("k", KINDS, limit_set, 10, 0.0) for _ in range(2)]
-        await blocks.done(first[0], 10, 0.0)  # its slot goes back to the block, once
+        blocks.done(first[0], 10, 0.0)  # its slot goes back to the block, once
         first.append(await blocks.take("k", KINDS, limit_set, 10, 0.0))
         second = [await blocks.take("k", KINDS, limit_set, 10, 0.0) for _ in range(2)]
         fifth = await blocks.take("k", KINDS, limit_set, 10, 0.0)  # all 4 slots are out
         slot = Limit("concurrency", "c", 4)
         while_out = await state.acquire([slot], "single")
         for held in second:
-            await blocks.done(held, 10, 0.0)
+            blocks.done(held, 10, 0.0)
         after = await state.acquire([slot], "single")  # the second block's two came back
         return first, second, fifth, while_out, after
 
@@ -310,7 +310,7 @@ def test_a_budget_block_is_refused_when_the_rest_of_the_budget_is_smaller():
     async def main():
         clock = Clock()
         state = Counted(Clock())
-        await state.add_spend([("spend:d", "team:t", 0.95)], 86400)
+        state.add_spend([("spend:d", "team:t", 0.95)], 86400)
         blocks = leases(state, clock, share=0.5)
         held = await blocks.take("k", KINDS, limits(budget=1.0), 10, 0.02)  # wants 0.08
         return held, state.spend["spend:d"]["team:t"]
@@ -347,7 +347,7 @@ def test_a_caller_that_goes_away_mid_reservation_loses_no_block():
             await asyncio.sleep(0)
         kept = dict(blocks.blocks)
         next_call = await blocks.take("k", KINDS, limits(concurrent=40), 10, 0.01)
-        await blocks.done(next_call, 10, 0.0)
+        blocks.done(next_call, 10, 0.0)
         await blocks.close()
         return kept, next_call, state
 

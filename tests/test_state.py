@@ -62,7 +62,7 @@ def test_all_or_nothing_and_token_refund(make_state):
         tpm = Limit("rate", "tpm:a", 1000, 60, cost=800)
         first = await state.acquire([rpm, Limit("rate", "tpm:a", 1000, 60, cost=800)], "x")
         second = await state.acquire([rpm, tpm], "y")  # 800 more tokens do not fit
-        await state.adjust(tpm, -700)  # the first call used 100 of its 800
+        state.adjust(tpm, -700)  # the first call used 100 of its 800
         await state.flush()
         third = await state.acquire([rpm, tpm], "z")
         await state.close()
@@ -82,7 +82,7 @@ def test_concurrency_leases(make_state):
         a = await state.acquire([slots], "a")
         b = await state.acquire([slots], "b")
         c = await state.acquire([slots], "c")
-        await state.release(["conc:k"], "a")
+        state.release(["conc:k"], "a")
         await state.flush()
         d = await state.acquire([slots], "d")
         await state.close()
@@ -96,10 +96,10 @@ def test_budget_and_spend(make_state):
         state = make_state()
         budget = Limit("budget", "spend:d", 1.0, cost=0.0, field="key:k")
         ok = await state.acquire([budget], "a")
-        await state.add_spend([("spend:d", "key:k", 0.6), ("spend:d", "team:t", 0.6)], 86400)
+        state.add_spend([("spend:d", "key:k", 0.6), ("spend:d", "team:t", 0.6)], 86400)
         await state.flush()
         still = await state.acquire([budget], "b")
-        await state.add_spend([("spend:d", "key:k", 0.5)], 86400)
+        state.add_spend([("spend:d", "key:k", 0.5)], 86400)
         await state.flush()
         over = await state.acquire([budget], "c")
         spent = await state.read_spend("spend:d")
@@ -116,9 +116,9 @@ def test_one_amount_spread_over_places_adds_up_with_single_entries(make_state):
         state = make_state()
         places = (("spend:d", "key:k"), ("spend:d", "team:t"), ("spend:m", "key:k"))
         for _ in range(3):
-            await state.add_spend_to(places, 0.25, 86400)
-        await state.add_spend([("spend:d", "key:k", -0.1)], 86400)  # a reservation given back
-        await state.add_spend_to(places, float("nan"), 86400)  # dropped, never counted
+            state.add_spend_to(places, 0.25, 86400)
+        state.add_spend([("spend:d", "key:k", -0.1)], 86400)  # a reservation given back
+        state.add_spend_to(places, float("nan"), 86400)  # dropped, never counted
         await state.flush()
         spent = await state.read_spend("spend:d"), await state.read_spend("spend:m")
         await state.close()
@@ -163,9 +163,9 @@ def test_one_bad_operation_cannot_poison_the_state(make_state, bad):
         rate = Limit("rate", "r", 10, 60.0, 1.0)
         with pytest.raises(StateUnavailable):
             await state.acquire([bad, good], "bad")
-        await state.adjust(rate, float("-inf"))
-        await state.adjust(rate, -9.2e18)
-        await state.add_spend([("spend:d", "f", float("nan")), ("spend:d", "g", 1.0)], 86400)
+        state.adjust(rate, float("-inf"))
+        state.adjust(rate, -9.2e18)
+        state.add_spend([("spend:d", "f", float("nan")), ("spend:d", "g", 1.0)], 86400)
         await state.flush()
         held = [await state.acquire([good, rate], f"l{i}") for i in range(3)]
         spent = await state.read_spend("spend:d")
@@ -212,12 +212,12 @@ def test_after_call_work_survives_a_redis_outage(tmp_path):
         await state.start()
         await state.acquire([Limit("rate", "r", 100, 60)], "a")
         server.stop()
-        await state.add_spend([("spend:d", "key:k", 1.5)], 86400)
-        await state.add_spend_to((("spend:d", "key:k"),), 0.5, 86400)
+        state.add_spend([("spend:d", "key:k", 1.5)], 86400)
+        state.add_spend_to((("spend:d", "key:k"),), 0.5, 86400)
         with pytest.raises(StateUnavailable):
             await state.acquire([Limit("rate", "r", 100, 60)], "b")
         server.start()  # same port, empty
-        await state.add_spend([("spend:d", "key:k", 1.0)], 86400)
+        state.add_spend([("spend:d", "key:k", 1.0)], 86400)
         spent = await state.read_spend("spend:d")
         await state.close()
         server.stop()
@@ -296,7 +296,7 @@ def test_a_lease_of_several_slots_holds_them_all_until_it_gives_them_back(make_s
         block = await state.acquire([Limit("concurrency", key, 5, cost=3)], "blk")
         too_many = await state.acquire([Limit("concurrency", key, 5, cost=3)], "blk2")
         singles = [await state.acquire([Limit("concurrency", key, 5)], f"s{i}") for i in range(3)]
-        await state.release([key], "blk", 3)
+        state.release([key], "blk", 3)
         await state.flush()
         again = await state.acquire([Limit("concurrency", key, 5, cost=3)], "blk3")
         await state.close()
@@ -312,7 +312,7 @@ def test_a_lease_of_several_slots_holds_them_all_until_it_gives_them_back(make_s
 def test_a_budget_block_must_fit_under_the_budget_whole(make_state):
     async def main():
         state = make_state()
-        await state.add_spend([("spend:w", "team:t", 0.7)], 86400)
+        state.add_spend([("spend:w", "team:t", 0.7)], 86400)
         await state.flush()
 
         def budget(cost: float, whole: bool) -> Limit:

@@ -134,24 +134,29 @@ class State:
         """Check every limit; if all pass, count them all (atomically) and take a lease."""
         raise NotImplementedError
 
-    async def adjust(self, limit: Limit, delta: float) -> None:
+    # After-call work (adjust, release, add_spend) never waits and never fails: the
+    # memory backend applies it at once, Redis sends it with its next batch (and
+    # keeps it through an outage). So a call's end costs no await, and no caller
+    # has an outage of its own to handle there.
+
+    def adjust(self, limit: Limit, delta: float) -> None:
         """Move a rate limit by `delta` units (negative refunds part of a reservation)."""
         raise NotImplementedError
 
-    async def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
+    def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
         """Give back the concurrency slots `lease` holds under `keys` (`slots` each)."""
         raise NotImplementedError
 
-    async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
+    def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
         """Add amounts to spend hashes: (hash key, field, amount)."""
         raise NotImplementedError
 
-    async def add_spend_to(
+    def add_spend_to(
         self, places: tuple[tuple[str, str], ...], amount: float, ttl_s: float
     ) -> None:
         """Add one amount to each (hash key, field) of `places`: a call's cost, counted for
         its key, team, user, model and the whole gateway, for the day and the month."""
-        await self.add_spend([(key, field, amount) for key, field in places], ttl_s)
+        self.add_spend([(key, field, amount) for key, field in places], ttl_s)
 
     async def read_spend(self, key: str) -> dict[str, float]:
         raise NotImplementedError

@@ -74,7 +74,7 @@ class MemoryState(State):
                 self.spend_expiry.setdefault(limit.key, now + SPEND_TTL_S)
         return Verdict(True, remaining=tuple(remaining), reset_s=tuple(resets))
 
-    async def adjust(self, limit: Limit, delta: float) -> None:
+    def adjust(self, limit: Limit, delta: float) -> None:
         if not valid_amount(delta):
             return self.dropped(1)
         now = self.clock()
@@ -83,7 +83,7 @@ class MemoryState(State):
             now + MAX_TAT_S, max(now, tat + delta * limit.period_s / limit.limit)
         )
 
-    async def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
+    def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
         for key in keys:
             held = self.leases.get(key)
             if held is not None:
@@ -92,7 +92,7 @@ class MemoryState(State):
                 if not held:
                     del self.leases[key]
 
-    async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
+    def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
         now = self.clock()
         for key, field, amount in entries:
             if not valid_amount(amount):

@@ -317,15 +317,15 @@ class RedisState(State):
                 except StateUnavailable as exc:
                     log.debug("flush deferred: %s", exc)
 
-    async def adjust(self, limit: Limit, delta: float) -> None:
+    def adjust(self, limit: Limit, delta: float) -> None:
         if not valid_amount(delta):
             return self.dropped(1)
         self._pending.adjust[limit.key] += delta * limit.period_s / limit.limit
 
-    async def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
+    def release(self, keys: list[str], lease: str, slots: int = 1) -> None:
         self._pending.release.extend((key, lease, slots) for key in keys)
 
-    async def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
+    def add_spend(self, entries: list[tuple[str, str, float]], ttl_s: float) -> None:
         self._spend_ttl = int(ttl_s)
         for key, field, amount in entries:
             if valid_amount(amount):
@@ -333,7 +333,7 @@ class RedisState(State):
             else:
                 self.dropped(1)
 
-    async def add_spend_to(
+    def add_spend_to(
         self, places: tuple[tuple[str, str], ...], amount: float, ttl_s: float
     ) -> None:
         self._spend_ttl = int(ttl_s)
