@@ -540,7 +540,9 @@ def _block_headers(template: _Template, block: Block, headers: dict[str, str]) -
         used = limit - left
         headers[limit_name] = limit_text
         headers[remaining_name] = str(int(left))  # int() floors: left is not negative
-        headers[reset_name] = _duration(used * scale if used > 0.0 else 0.0)
+        reset = used * scale if used > 0.0 else 0.0
+        # _duration's first case written here: almost every reset is under a second
+        headers[reset_name] = f"{math.ceil(reset * 1000)}ms" if reset < 1 else _duration(reset)
 
 
 def _block_rates(template: _Template, block: Block) -> list[tuple]:
