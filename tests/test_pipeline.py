@@ -121,12 +121,16 @@ def test_failing_hook_does_not_stop_the_others():
     def bad(r):
         raise ValueError("boom")
 
-    async def good(r):
-        calls.append(r.completed)
+    async def bad_later(r):
+        raise ValueError("boom, awaited")
 
-    reply.on_complete(bad).on_complete(good)
+    async def good(r):
+        calls.append(("awaited", r.completed))
+
+    reply.on_complete(bad).on_complete(good).on_complete(bad_later)
+    reply.on_complete(lambda r: calls.append(("plain", r.completed)))
     run(reply.finish(False))
-    assert calls == [False]
+    assert calls == [("awaited", False), ("plain", False)]
 
 
 def test_reply_usage_from_buffered_body():
