@@ -82,8 +82,11 @@ class Tally:
 
     In a worker, prometheus_client's `inc` takes a lock, asks the kernel for the
     process id and writes a memory-mapped file shared with the other workers; a
-    counter counted on every call pays that every call. Used from the event
-    loop's thread only, like everything on the request path."""
+    counter counted on every call pays that every call. Tallying the counters of
+    every call took the bare gateway to 99.2% of its instructions per request and
+    the full pipeline to 98.7% (`python -m load.instructions --baseline e9f4a31`,
+    one worker). Used from the event loop's thread only, like everything on the
+    request path."""
 
     __slots__ = ("__weakref__", "child", "pending")
 
