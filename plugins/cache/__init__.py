@@ -129,7 +129,11 @@ class Cache:
         key = self.key(call, namespace, canonical)
         lookup = "no-cache" not in control
         if lookup:
-            hit = await (self.traced_lookup(key) if tracing.enabled() else self.lookup(key))
+            store = self.store
+            if isinstance(store, MemoryStore) and not tracing.enabled():
+                hit = self.served(store.read(key))  # a dict read: no coroutine for it
+            else:
+                hit = await (self.traced_lookup(key) if tracing.enabled() else self.lookup(key))
             if hit is not None:
                 return hit
         probe = None  # built after an exact miss only
@@ -180,17 +184,20 @@ class Cache:
 
     async def lookup(self, key: str) -> Reply | None:
         store = self.store
-        if isinstance(store, MemoryStore):  # a dict read: no await, nothing worth timing
-            stored = store.read(key)
-        else:
-            started = time.perf_counter()
-            try:
-                stored = await store.get(key)
-            except StateUnavailable as exc:
-                log.warning("cache lookup failed, serving a miss: %s", exc)
-                return None
-            finally:
-                self.metrics.exact_latency.observe(time.perf_counter() - started)
+        if isinstance(store, MemoryStore):  # a dict read: nothing worth timing
+            return self.served(store.read(key))
+        started = time.perf_counter()
+        try:
+            stored = await store.get(key)
+        except StateUnavailable as exc:
+            log.warning("cache lookup failed, serving a miss: %s", exc)
+            return None
+        finally:
+            self.metrics.exact_latency.observe(time.perf_counter() - started)
+        return self.served(stored)
+
+    def served(self, stored: bytes | None) -> Reply | None:
+        """The hit a stored entry makes, counted as a hit or a miss."""
         reply = _reply(stored) if stored is not None else None
         if reply is None:
             self.metrics.exact_misses.inc()
