@@ -26,10 +26,9 @@ import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import quote
 
 import orjson
@@ -43,7 +42,7 @@ from plugins.cache.verify import Refusal
 from proxy import tracing
 from proxy.context import PluginContext
 from proxy.errors import GatewayError, InvalidRequest
-from proxy.metrics import OVERHEAD_BUCKETS, Labelled, Tally
+from proxy.metrics import OVERHEAD_BUCKETS, Labelled, Metrics
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.sse import EventSplitter
 from proxy.state import StateUnavailable
@@ -98,7 +97,7 @@ class Cache:
         if config.semantic is not None:
             prefix = state.prefix + "cache:"
             self.semantic = create_semantic_cache(config.semantic, context, url, prefix)
-        self.metrics = CacheMetrics(context.registry, context.metrics.tally)
+        self.metrics = CacheMetrics(context.registry, context.metrics)
         context.add_admin_route("cache/stats", ("GET",), self.stats)
         context.add_admin_route("cache", ("DELETE",), self.clear)
 
@@ -385,7 +384,9 @@ async def _replay(data: bytes):
 class CacheMetrics:
     """The cache's own metrics, registered on the gateway's registry."""
 
-    def __init__(self, r: CollectorRegistry, tally: Callable[[Any], Tally]) -> None:
+    def __init__(self, r: CollectorRegistry, gateway: Metrics) -> None:
+        tally = gateway.tally
+        self.flush = gateway.flush  # hands every tally's counts on, these among them
         self.lookups = Counter(
             "meshgate_cache_lookups",
             "Cache lookups by kind and result (hit, miss, bypass, refused, timeout).",
@@ -411,8 +412,3 @@ class CacheMetrics:
         self.exact_bypassed = tally(self.lookups.labels("exact", "bypass"))
         self.exact_stored = tally(self.stores.labels("exact"))
         self.exact_latency = self.latency.labels("exact")
-
-    def flush(self) -> None:
-        """Hand the tallies' counts to their counters, to read those here."""
-        for tallied in (self.exact_hits, self.exact_misses, self.exact_bypassed, self.exact_stored):
-            tallied.flush()
