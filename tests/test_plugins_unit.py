@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import os
 import zlib
 from collections import OrderedDict
@@ -126,6 +127,46 @@ def test_auth_refuses_before_anything_goes_on(headers, error):
     with pytest.raises(error):
         run(plugin(call_of(gateway, "small", headers), stub))
     assert stub.seen == []
+
+
+TWO_KEYS = f"""  - auth:
+      keys:
+        - {{name: raw, key: sk-first-key-0001}}
+        - {{name: hashed, sha256: {hashlib.sha256(b"sk-second-key-002").hexdigest()}}}
+        - {{name: old, key: sk-expired-key-01, expires: "2020-01-01"}}
+"""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["sk-first-key-0001", "sk-second-key-002", "sk-expired-key-01"])
+                | st.text(st.characters(min_codepoint=0x21, max_codepoint=0xFF), min_size=1,
+                          max_size=40), max_size=12))  # fmt: skip
+def test_auth_answers_a_key_the_same_however_often_it_comes(tokens):
+    """Keys already seen are found by another digest: any sequence of tokens, known,
+    expired or not, gets what the SHA-256 lookup alone gives, and only keys that
+    matched are remembered."""
+    _, plugin = plugin_of(TWO_KEYS)
+    expected = {"sk-first-key-0001": "raw", "sk-second-key-002": "hashed"}
+    for token in tokens:
+        headers = Headers(headers={"authorization": f"Bearer {token}"})
+        want = expected.get(token)
+        if want is None:
+            with pytest.raises(AuthenticationFailed):
+                run(plugin.authenticate(headers))
+        else:
+            assert run(plugin.authenticate(headers)).name == want
+    assert len(plugin.seen) <= 3  # one entry per configured key, at most
+    assert {k.identity.name for k in plugin.seen.values()} <= {"raw", "hashed", "old"}
+
+
+def test_auth_refuses_a_key_it_has_seen_once_it_expires(monkeypatch):
+    _, plugin = plugin_of(TWO_KEYS.replace('"2020-01-01"', '"2999-01-01"'))
+    headers = Headers(headers={"authorization": "Bearer sk-expired-key-01"})
+    assert run(plugin.authenticate(headers)).name == "old"
+    assert len(plugin.seen) == 1
+    monkeypatch.setattr("plugins.auth.time.time", lambda: 1e12)  # past 2999
+    with pytest.raises(AuthenticationFailed, match="expired"):
+        run(plugin.authenticate(headers))
 
 
 def test_auth_refuses_a_model_the_key_may_not_use():

@@ -167,8 +167,9 @@ class Cache:
         return call.identity.tenant if call.identity is not None else "anonymous"
 
     def key(self, call: Call, namespace: str, canonical: dict) -> str:
-        digest = hashlib.sha256(
-            call.endpoint.encode() + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.blake2b(  # not OpenSSL's SHA-256: see Auth.seen
+            call.endpoint.encode() + orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS),
+            digest_size=32,
         ).hexdigest()
         assert call.model is not None
         return f"{namespace}:{call.model.name}:{digest}"
