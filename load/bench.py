@@ -262,6 +262,7 @@ def compare(targets: dict[str, int], mode: str, args) -> dict[str, dict]:
         out[name] = {
             "requests": sum(r["requests"] + r["errors"] for r in runs[name] + lat[name]),
             "rps": median(runs[name], "rps"),
+            "rps_rounds": [r["rps"] for r in runs[name]],
             "p50_ms": median(lat[name], "p50_ms"),
             "p99_ms": median(lat[name], "p99_ms"),
             "ttfb_p50_ms": median(lat[name], "ttfb_p50_ms"),
@@ -401,8 +402,12 @@ def report(results: dict, args) -> None:
             print(f"  auth+quotas on {where}: {loss:.1%} fewer req/s, +{added:.3f} ms p50")
         if "meshgate+full" in by_target:
             f = by_target["meshgate+full"]
+            # each round's pair, run back to back: how far the share moves within a run
+            paired = [a / b for a, b in zip(f["rps_rounds"], by_target["meshgate"]["rps_rounds"],
+                                            strict=True) if b]  # fmt: skip
             print(f"  auth+quotas(Redis)+cache miss+routing+fallback keeps "
-                  f"{f['rps'] / mg:.1%} of the bare gateway's req/s, "
+                  f"{f['rps'] / mg:.1%} of the bare gateway's req/s "
+                  f"(rounds: {min(paired):.1%} to {max(paired):.1%}), "
                   f"+{f['p50_ms'] - by_target['meshgate']['p50_ms']:.3f} ms p50")  # fmt: skip
         if args.baseline:
             for name, r in by_target.items():
