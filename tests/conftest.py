@@ -59,6 +59,17 @@ class Server:
     def access_lines(self) -> list[dict]:
         return [orjson.loads(line) for line in self.output().splitlines() if '"request_id"' in line]
 
+    def access_line(self, request_id: str, timeout_s: float = 10.0) -> dict:
+        """The access line of `request_id`, waited for: it is written after the answer
+        is sent, and a busy machine may take a while to flush it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = [x for x in self.access_lines() if x["request_id"] == request_id]
+            if lines or time.monotonic() > deadline:
+                assert len(lines) == 1, f"{len(lines)} access lines for {request_id}"
+                return lines[0]
+            time.sleep(0.05)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.proc.terminate()

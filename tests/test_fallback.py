@@ -59,11 +59,6 @@ def script(**knobs):
     return {"fake": {"fail_key": uuid.uuid4().hex, **knobs}}
 
 
-def attempts_of(gateway, request_id: str) -> dict:
-    time.sleep(0.1)
-    return next(x for x in gateway.access_lines() if x["request_id"] == request_id)
-
-
 def test_retries_a_500_invisibly(sdk, gateway, upstream):
     before = upstream_stats(upstream)["requests"]
     raw = sdk.chat.completions.with_raw_response.create(
@@ -71,7 +66,7 @@ def test_retries_a_500_invisibly(sdk, gateway, upstream):
     )
     assert raw.parse().model == "primary-v1"
     assert upstream_stats(upstream)["requests"] - before == 3
-    assert attempts_of(gateway, raw.headers["x-request-id"])["attempts"] == 3
+    assert gateway.access_line(raw.headers["x-request-id"])["attempts"] == 3
 
 
 def test_honours_retry_after(sdk, gateway):
@@ -88,7 +83,7 @@ def test_honours_retry_after(sdk, gateway):
 def test_falls_back_to_the_next_model_in_order(sdk, gateway):
     raw = sdk.chat.completions.with_raw_response.create(model="gone", messages=MESSAGES)
     assert raw.parse().model == "backup-v1"
-    line = attempts_of(gateway, raw.headers["x-request-id"])
+    line = gateway.access_line(raw.headers["x-request-id"])
     assert line["model"] == "backup" and line["attempts"] == 4  # 3 on gone, then backup
 
 
@@ -132,7 +127,7 @@ def test_no_retry_once_a_stream_has_started(gateway, upstream):
 def test_breaker_opens_skips_and_recovers(tmp_path, sdk, gateway, dead_port):
     def deployment():
         raw = sdk.chat.completions.with_raw_response.create(model="pair", messages=MESSAGES)
-        line = attempts_of(gateway, raw.headers["x-request-id"])
+        line = gateway.access_line(raw.headers["x-request-id"])
         return raw.headers["x-meshgate-deployment"], line.get("attempts", 1)
 
     for _ in range(3):  # pair-a refuses the connection; the third failure opens its breaker
@@ -211,7 +206,7 @@ health:
             r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
                            json={"model": "pair", "messages": MESSAGES})  # fmt: skip
             assert r.headers["x-meshgate-deployment"] == "shared-b"
-            return attempts_of(gateway, r.headers["x-request-id"]).get("attempts", 1)
+            return gateway.access_line(r.headers["x-request-id"]).get("attempts", 1)
 
         assert [attempts(first) for _ in range(3)] == [2, 2, 2]  # the third failure opens it
         time.sleep(0.5)  # a few syncs
@@ -243,7 +238,7 @@ health:
     def answered_by():
         r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
                        json={"model": "local", "messages": MESSAGES})  # fmt: skip
-        line = attempts_of(gateway, r.headers["x-request-id"])
+        line = gateway.access_line(r.headers["x-request-id"])
         return r.headers["x-meshgate-deployment"], line.get("attempts", 1)
 
     try:
@@ -289,11 +284,11 @@ pipeline:
             "model": "timed", "messages": MESSAGES, "fake": {"latency_ms": 1000}})  # fmt: skip
         assert r.status_code == 200
         assert r.headers["x-meshgate-deployment"] == "timed-ok"
-        assert attempts_of(gateway, r.headers["x-request-id"])["attempts"] == 2
+        assert gateway.access_line(r.headers["x-request-id"])["attempts"] == 2
         r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
                        json={"model": "first", "messages": MESSAGES})  # fmt: skip
         assert r.json()["model"] == "third-v1"
-        line = attempts_of(gateway, r.headers["x-request-id"])
+        line = gateway.access_line(r.headers["x-request-id"])
         assert line["model"] == "third" and line["attempts"] == 5  # 2 + 2 + 1
     finally:
         gateway.stop()
