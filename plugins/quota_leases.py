@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import os
 import time
@@ -40,8 +39,6 @@ from dataclasses import dataclass, replace
 from proxy.background import stop
 from proxy.state import Limit, State, StateUnavailable, Verdict
 from proxy.state.base import MAX_SLOTS, SPEND_TTL_S
-
-log = logging.getLogger("meshgate.quotas")
 
 # What each kind of limit needs from a block for one call, at least: requests,
 # concurrency slots, and multiples of the call's own tokens or estimated cost.

@@ -244,8 +244,7 @@ class Quotas:
             reply = await call_next(call)
         except BaseException:
             if counted:
-                self.settle(plan, estimate, usage={"total_tokens": 0})
-                self.unreserve(plan)
+                self.give_back(plan, estimate)
             raise
         reply.headers.update(headers)
 
@@ -275,8 +274,7 @@ class Quotas:
         if done.cancelled() or done.exception() is not None or not done.result().allowed:
             return
         plan.note_reservations()
-        self.settle(plan, estimate, usage={"total_tokens": 0})
-        self.unreserve(plan)
+        self.give_back(plan, estimate)
 
     def _from_block(self, reply: Reply, template: _Template, held: Held) -> Reply:
         """The reply to a call admitted from its caller's block (plugins/quota_leases.py)."""
@@ -442,6 +440,12 @@ class Quotas:
         if cost:
             self.state.add_spend_to(spend, cost, ttl_s=SPEND_TTL_S)
         return cost
+
+    def give_back(self, plan: _Plan, estimate: int) -> None:
+        """Everything a counted call took, for a call that never answered: its token
+        estimate, its slots and its budget reservations."""
+        self.settle(plan, estimate, usage={"total_tokens": 0})
+        self.unreserve(plan)
 
     def unreserve(self, plan: _Plan) -> None:
         """Give back a call's budget reservations: what it cost is counted apart."""
