@@ -154,7 +154,8 @@ class Health:
 
     def allows(self, name: str) -> bool:
         """Whether `name` may take an attempt now; a half-open breaker lets one through."""
-        if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
+        remote = self.remote_until.get(name)  # the clock read only when there is one
+        if name in self.down or (remote is not None and self.clock() < remote):
             return False
         until = self.open_until.get(name)
         if until is None:
@@ -165,7 +166,8 @@ class Health:
         return True
 
     def is_open(self, name: str) -> bool:
-        if name in self.down or self.clock() < self.remote_until.get(name, 0.0):
+        remote = self.remote_until.get(name)
+        if name in self.down or (remote is not None and self.clock() < remote):
             return True
         until = self.open_until.get(name)
         return until is not None and (self.clock() < until or name in self.probing)
