@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
 from plugins.cache.store import MemoryStore, pack, unpack
+from proxy.choice import NoDeployment
 from proxy.config import parse_config
 from proxy.errors import (
     AuthenticationFailed,
@@ -522,6 +523,44 @@ def test_fallback_gives_up_with_the_last_error_when_nothing_is_left():
         run(plugin(call_of(gateway), stub))
     assert info.value.message == "still down"
     assert [seen["model"] for seen in stub.seen] == ["big", "big", "small", "small"]
+
+
+OUTCOMES = {
+    "answers": lambda: None,
+    "fails": lambda: UpstreamStatus(503, "down"),  # an upstream failure: retried
+    "no deployment": lambda: NoDeployment("every breaker open"),  # on to the fallbacks
+    "refused": lambda: InvalidRequest("bad"),  # the client's: never retried
+}
+
+
+@settings(max_examples=150, deadline=None)
+@given(attempts=st.integers(1, 3), outcomes=st.lists(st.sampled_from(sorted(OUTCOMES)), max_size=7))
+def test_fallback_tries_each_model_as_its_rules_say(attempts, outcomes):
+    """Any run of attempt outcomes, any number of attempts per model: the models
+    tried, and the answer or error the client gets, as the docstring's rules say."""
+    gateway, plugin = plugin_of(FALLBACK.replace("attempts: 2", f"attempts: {attempts}"))
+    stub = Stub(*(OUTCOMES[o]() for o in outcomes), None)
+    expected: list[str] = []
+    result = "answers"
+    pending = iter([*outcomes, "answers"])
+    for model in ("big", "small"):
+        for _ in range(attempts):
+            expected.append(model)
+            result = next(pending)
+            if result != "fails":
+                break
+        if result != "fails" and result != "no deployment":
+            break
+    try:
+        run(plugin(call_of(gateway), stub))
+        got = "answers"
+    except NoDeployment:
+        got = "no deployment"
+    except UpstreamStatus:
+        got = "fails"
+    except InvalidRequest:
+        got = "refused"
+    assert ([seen["model"] for seen in stub.seen], got) == (expected, result)
 
 
 def test_fallbacks_deadline_cuts_an_attempt_and_counts_it_against_its_deployment():
