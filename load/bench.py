@@ -244,14 +244,19 @@ def median(results: list[dict], key: str) -> float:
 
 
 def compare(targets: dict[str, int], mode: str, args) -> dict[str, dict]:
-    """Alternate rounds over the targets, so drift in the machine hits each alike."""
+    """Alternate rounds over the targets, so drift in the machine hits each alike. In
+    a round the throughput runs come back to back, then the latency runs, and every
+    other round takes the targets in reverse: the runs compared with each other are
+    neighbours in time, and a steady drift cancels over two rounds."""
     runs: dict[str, list[dict]] = {name: [] for name in targets}
     lat: dict[str, list[dict]] = {name: [] for name in targets}
     for port in targets.values():  # warm-up
         load(port, mode, args.concurrency, 1)
-    for _ in range(args.rounds):
-        for name, port in targets.items():
+    for i in range(args.rounds):
+        order = list(targets.items())[:: -1 if i % 2 else 1]
+        for name, port in order:
             runs[name].append(load(port, mode, args.concurrency, args.seconds))
+        for name, port in order:
             lat[name].append(load(port, mode, 1, args.seconds / 2))
     out = {}
     for name in targets:
