@@ -46,6 +46,28 @@ def test_a_breaker_opens_lets_one_probe_through_and_closes():
     assert not h.is_open("d")
 
 
+@given(down=st.booleans(), remote=st.none() | st.floats(0, 20), until=st.none() | st.floats(0, 20),
+       probing=st.booleans(), now=st.floats(0, 20))  # fmt: skip
+def test_a_deployment_takes_an_attempt_exactly_when_it_is_not_open(down, remote, until, probing,
+                                                                    now):  # fmt: skip
+    """In any state of the health check, another replica's breaker and its own: an
+    attempt is allowed just when the deployment is not open, and an attempt past an
+    open breaker's cooldown becomes its one probe."""
+    h = health(lambda: now)
+    if down:
+        h.down.add("d")
+    if remote is not None:
+        h.remote_until["d"] = remote
+    if until is not None:
+        h.open_until["d"] = until
+    if probing:
+        h.probing.add("d")
+    was_open = h.is_open("d")
+    assert h.allows("d") is not was_open
+    if not was_open and until is not None:
+        assert h.is_open("d")  # the probe is out: nobody else gets through
+
+
 def test_only_upstream_failures_count_against_a_deployment():
     async def main():
         h = health(lambda: 0.0, failures=1)
