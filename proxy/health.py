@@ -154,19 +154,14 @@ class Health:
 
     def allows(self, name: str) -> bool:
         """Whether `name` may take an attempt now; a half-open breaker lets one through."""
-        remote = self.remote_until.get(name)  # the clock read only when there is one
-        if name in self.down or (remote is not None and self.clock() < remote):
+        if self.is_open(name):
             return False
-        until = self.open_until.get(name)
-        if until is None:
-            return True
-        if self.clock() < until or name in self.probing:
-            return False
-        self.probing.add(name)  # half-open: this caller is the probe
+        if name in self.open_until:
+            self.probing.add(name)  # half-open: this caller is the probe
         return True
 
     def is_open(self, name: str) -> bool:
-        remote = self.remote_until.get(name)
+        remote = self.remote_until.get(name)  # the clock read only when there is one
         if name in self.down or (remote is not None and self.clock() < remote):
             return True
         until = self.open_until.get(name)
