@@ -100,9 +100,10 @@ class Auth:
             self.keys[k.digest()] = _Key(identity, expires)
         if len(self.keys) != len(config.keys):
             raise ValueError("two auth keys have the same value")
-        # Keys already presented, by their BLAKE2b digest: Python's own BLAKE2b costs a
-        # busy worker less per call than OpenSSL's SHA-256. Only keys that matched
-        # are added, so it holds at most one entry per configured key.
+        # Keys already presented, by their BLAKE2b digest: Python's own BLAKE2b cost a
+        # busy worker less per call than OpenSSL's SHA-256 in an in-process profile,
+        # though no benchmark under load/ resolves the difference. Only keys that
+        # matched are added, so it holds at most one entry per configured key.
         self.seen: dict[bytes, _Key] = {}
         self.jwt = JWTVerifier(config.jwt) if config.jwt is not None else None
 
