@@ -74,15 +74,32 @@ class UpstreamMalformed(UpstreamUnavailable):
 
 
 class EventSplitter:
-    """Cuts a byte stream into events at blank lines (LF or CRLF framing)."""
+    """Cuts a byte stream into events at blank lines (LF or CRLF framing).
 
-    __slots__ = ("_buffer",)
+    The bytes of an event not yet ended are kept as they came and joined once it
+    ends: an event that arrives in many chunks costs its length once, not once
+    per chunk, and `pending_bytes` lets a reader refuse one that never ends."""
+
+    __slots__ = ("_parts", "pending_bytes")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._parts: list[bytes] = []
+        self.pending_bytes = 0  # of the event not yet ended
 
     def feed(self, chunk: bytes) -> list[Event]:
-        buffer = self._buffer + chunk if self._buffer else chunk
+        parts = self._parts
+        if parts:
+            # A blank line that ends the kept event lies in the chunk or across the
+            # seam (the three bytes before it): if neither has one, keep the chunk.
+            seam = b"".join(parts[-3:])[-3:] + chunk[:3]
+            if not (_has_blank_line(chunk) or _has_blank_line(seam)):
+                parts.append(chunk)
+                self.pending_bytes += len(chunk)
+                return []
+            parts.append(chunk)
+            buffer = b"".join(parts)
+        else:
+            buffer = chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
         events = []
@@ -94,10 +111,17 @@ class EventSplitter:
             if end > start:
                 events.append(Event(buffer[start : end + 2]))
             start = end + 2
-        self._buffer = buffer[start:]
+        rest = buffer[start:]
+        self._parts = [rest] if rest else []
+        self.pending_bytes = len(rest)
         return events
 
     @property
     def pending(self) -> bytes:
         """Bytes received after the last complete event (a torn event when the stream ended)."""
-        return self._buffer
+        return b"".join(self._parts)
+
+
+def _has_blank_line(data: bytes) -> bool:
+    """Whether `data` holds the end of an event: LF LF, or either written as CRLF."""
+    return b"\n\n" in data or b"\n\r\n" in data
