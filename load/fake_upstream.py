@@ -31,6 +31,11 @@ A hostile upstream, for the gateway's defences:
                      (sk-UPST****caaa, as providers mask keys) or prefix (its first 12)
     error_event_after streams: an error event after this many events
     malformed_event  streams: the first event's data is not JSON (0/1)
+    flood            an answer of flood_bytes: body (a declared length), chunked (none
+                     declared), gzip (a small gzip body inflating to it), event (a stream
+                     whose one event is that long) or error (a 500 of that size)
+    flood_bytes      how large a flood is (default 4 MiB)
+    raw_body         answer 200 with exactly these bytes, whatever the endpoint
 
 Scripted answers, for checks of what an answer says:
 
@@ -51,6 +56,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
+import gzip
 import random
 import time
 import uuid
@@ -81,6 +88,9 @@ KNOBS = {
     "replies": str,
     "reply_by_model": str,
     "tool_calls": str,
+    "flood": str,
+    "flood_bytes": int,
+    "raw_body": str,
 }
 DEFAULTS = {
     "latency_ms": 0.0,
@@ -105,6 +115,9 @@ DEFAULTS = {
     "replies": "",
     "reply_by_model": "",
     "tool_calls": "",
+    "flood": "",
+    "flood_bytes": 4 * 1024 * 1024,
+    "raw_body": "",
 }
 REASONS = {
     200: b"OK",
@@ -246,6 +259,10 @@ class FakeUpstream:
         knobs = self.knobs(headers, body)
         if knobs["redirect_to"]:
             return conn.respond(307, b"", {"location": knobs["redirect_to"]})
+        if knobs["raw_body"]:
+            return conn.respond(200, knobs["raw_body"].encode())
+        if knobs["flood"]:
+            return _flood(conn, knobs["flood"], knobs["flood_bytes"])
         knobs["leaked"] = _leaked(headers, knobs["leak"])
         inject = bool(knobs["error_rate"]) and random.random() < knobs["error_rate"]
         if knobs["fail_times"] and self.failed.get(knobs["fail_key"], 0) < knobs["fail_times"]:
@@ -475,6 +492,29 @@ def _leaked(headers: dict, how: str) -> str:
     key = headers.get("api-key") or headers.get("authorization", "").removeprefix("Bearer ")
     quoted = {"full": key, "masked": f"{key[:8]}****{key[-4:]}", "prefix": key[:12]}[how]
     return f": Incorrect API key provided: {quoted}"
+
+
+def _flood(conn: Connection, mode: str, size: int) -> None:
+    """An answer too large to hold: see the `flood` knob."""
+    piece = 64 * 1024
+    if mode in ("body", "error"):
+        return conn.respond(200 if mode == "body" else 500, b"x" * size)
+    if mode == "gzip":
+        return conn.respond(200, _inflating_to(size), {"content-encoding": "gzip"})
+    kind = b"text/event-stream" if mode == "event" else b"application/json"
+    conn.write(b"HTTP/1.1 200 OK\r\ncontent-type: %s\r\ntransfer-encoding: chunked\r\n\r\n" % kind)
+    if mode == "event":
+        _chunk(conn, b"data: ")
+    for start in range(0, size, piece):
+        _chunk(conn, b"x" * min(piece, size - start))
+    if mode == "event":
+        _chunk(conn, b"\n\ndata: [DONE]\n\n")
+    conn.write(b"0\r\n\r\n")
+
+
+@functools.lru_cache(maxsize=4)
+def _inflating_to(size: int) -> bytes:
+    return gzip.compress(b" " * size, compresslevel=9)
 
 
 def _chunk(conn: Connection, data: bytes) -> None:

@@ -155,6 +155,13 @@ class UpstreamUnavailable(GatewayError):
     code = "upstream_unavailable"
 
 
+class UpstreamTooLarge(UpstreamUnavailable):
+    """The upstream's answer (a body, or one event of a stream) passed the provider's
+    `max_response_bytes`: it is cut off there rather than held in memory."""
+
+    code = "upstream_response_too_large"
+
+
 class ProviderNotConfigured(GatewayError):
     """The provider lacks a setting (usually a secret) it needs to be called."""
 

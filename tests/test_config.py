@@ -226,3 +226,13 @@ def test_semantic_cache_settings_are_validated_at_load():
     assert "either path" in error_of(
         BASE + "pipeline:\n  - cache: {semantic: {embedder: {path: /m, model: e}}}\n"
     )
+
+
+@pytest.mark.parametrize("kind", ["openai", "tgi", "simulated"])
+def test_max_response_bytes_is_range_checked_for_every_provider_type(kind):
+    url = "" if kind == "simulated" else ', base_url: "http://127.0.0.1:1"'
+    text = BASE.replace('{type: openai, base_url: "http://127.0.0.1:1/v1"}',
+                        f"{{type: {kind}{url}, max_response_bytes: 100}}")  # fmt: skip
+    assert "max_response_bytes must be at least 1024" in error_of(text)
+    ok = parse_config(text.replace("100}", "2048}"), "test.yaml", env={})
+    assert ok.providers["up"].max_response_bytes == 2048

@@ -260,3 +260,96 @@ def test_a_stream_broken_by_the_upstream_is_said_in_plain_words(servers, after):
         "broke off the stream: the connection closed before the answer was complete"
     )
     assert "<" not in error["message"] and "Error" not in error["message"]
+
+
+MOST = 65536  # max_response_bytes of the bounded gateway's providers
+FLOODS = ["body", "chunked", "gzip", "event", "error"]
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory) -> Iterator[Server]:
+    """A gateway whose providers hold at most MOST bytes of an answer, over a fake
+    upstream that floods them: model `plain` (OpenAI-compatible) as each request's
+    `fake` field says, `tgi-<flood>` (TGI's native API) always so."""
+    tmp = tmp_path_factory.mktemp("bounded")
+    upstream = start_fake_upstream(tmp)
+    base = f"http://127.0.0.1:{upstream.port}"
+    tgis = "".join(
+        f'  tgi-{flood}: {{type: tgi, base_url: "{base}", max_response_bytes: {MOST}, '
+        f'headers: {{x-fake-flood: {flood}, x-fake-flood-bytes: "{64 * MOST}"}}}}\n'
+        for flood in FLOODS
+    )
+    models = "".join(
+        f"  - {{name: tgi-{flood}, deployments: [{{provider: tgi-{flood}, model: native}}]}}\n"
+        for flood in FLOODS
+    )
+    gateway = start_gateway(tmp, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  fake: {{type: openai, base_url: "{base}/v1", max_response_bytes: {MOST}}}
+  tgi: {{type: tgi, base_url: "{base}", max_response_bytes: {MOST}}}
+{tgis}
+models:
+  - {{name: plain, deployments: [{{provider: fake, model: upstream-model}}]}}
+  - {{name: tgi, deployments: [{{provider: tgi, model: native}}]}}
+{models}
+health: {{breaker: {{failures: 100000}}}}
+""")  # fmt: skip
+    yield gateway
+    gateway.stop()
+    upstream.stop()
+
+
+def flooded(gateway: Server, api: str, flood: str, **fields) -> httpx.Response:
+    if api == "tgi":
+        return chat(gateway, f"tgi-{flood}", **fields)
+    return chat(gateway, "plain", fake={"flood": flood, "flood_bytes": 64 * MOST}, **fields)
+
+
+def assert_still_serves(gateway: Server, api: str) -> None:
+    """The worker is healthy and its connections to the upstream still answer."""
+    for stream in (False, True):
+        response = chat(gateway, "tgi" if api == "tgi" else "plain", stream=stream)
+        assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("api", ["openai", "tgi"])
+@pytest.mark.parametrize("flood", ["body", "chunked", "gzip"])
+def test_an_answer_past_max_response_bytes_is_cut_off(bounded, api, flood):
+    """Declared, undeclared or inflating from a small gzip body: past the bound, the
+    client gets a 502 naming it, not a worker grown by the whole answer."""
+    response = flooded(bounded, api, flood)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["code"] == "upstream_response_too_large"
+    assert f"max_response_bytes ({MOST})" in error["message"]
+    assert_still_serves(bounded, api)
+
+
+@pytest.mark.parametrize("api", ["openai", "tgi"])
+def test_a_stream_event_that_never_ends_is_cut_off(bounded, api):
+    response = flooded(bounded, api, "event", stream=True)
+    if response.headers["content-type"].startswith("text/event-stream"):
+        *_, last = [e for e in response.text.split("\n\n") if e]
+        error = orjson.loads(last.removeprefix("data: "))["error"]
+    else:
+        assert response.status_code == 502, response.text
+        error = response.json()["error"]
+    assert error["code"] == "upstream_response_too_large"
+    assert len(response.content) < MOST
+    assert_still_serves(bounded, api)
+
+
+@pytest.mark.parametrize("api", ["openai", "tgi"])
+def test_a_huge_error_answer_is_read_only_in_part(bounded, api):
+    response = flooded(bounded, api, "error")
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["type"] == "upstream_error"
+    assert len(response.content) < MOST
+    assert_still_serves(bounded, api)
+
+
+def test_an_answer_within_max_response_bytes_passes(bounded):
+    response = chat(bounded, "plain", fake={"tokens": MOST // 16})  # about MOST / 4 bytes
+    assert response.status_code == 200, response.text
+    assert len(response.content) > MOST // 8

@@ -9,9 +9,12 @@ import httpx
 import orjson
 import pytest
 import respx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.pipeline import Call
+from proxy.sse import UpstreamMalformed
 from proxy.upstream import tgi
 from tests.conftest import start_fake_upstream
 
@@ -177,3 +180,79 @@ def test_the_fake_upstream_speaks_tgi_over_a_socket(tmp_path, stream):
         assert asyncio.run(main()) == [("tok tok tok tok tok", 5), ("Hello there, world", 5)]
     finally:
         fake.stop()
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+# Answers shaped like TGI's, with any value in any place, and anything else.
+tgi_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "generated_text": json_values,
+        "details": json_values | st.fixed_dictionaries({}, optional={
+            "finish_reason": json_values, "generated_tokens": json_values, "prefill": json_values,
+        }),
+        "token": json_values | st.fixed_dictionaries({}, optional={
+            "text": json_values, "special": json_values,
+        }),
+    },
+)  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(tgi_like, st.lists(tgi_like, max_size=2), json_values))
+def test_any_answer_translates_or_is_refused(answer):
+    """A /generate answer becomes an OpenAI answer with sane usage, or ValueError
+    (the adapter's 502 upstream_malformed_response): never another exception."""
+    try:
+        out = tgi.to_openai(answer, chat_call(), "llama")
+    except ValueError:
+        return
+    assert isinstance(out["choices"][0]["message"]["content"], str)
+    usage = out["usage"]
+    assert all(isinstance(v, int) and v >= 0 for v in usage.values())
+    orjson.dumps(out)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(tgi_like, min_size=1, max_size=4))
+def test_any_stream_translates_or_ends_with_an_upstream_error(events):
+    """Stream events of any shape become OpenAI chunks, or the stream ends with an
+    upstream error: never another exception."""
+    upstream, model = setup()
+    raw = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)
+
+    async def collect():
+        with respx.mock:
+            respx.post("http://tgi:8080/generate_stream").respond(
+                content=raw, headers={"content-type": "text/event-stream"}
+            )
+            reply = await upstream.send(chat_call(stream=True), model)
+            return [e.json() async for e in reply.events]
+
+    try:
+        chunks = run(upstream, collect)
+    except UpstreamUnavailable:  # UpstreamMalformed among them
+        return
+    for chunk in chunks:
+        if chunk is not None and "error" not in chunk:
+            orjson.dumps(chunk)
+
+
+@respx.mock
+@pytest.mark.parametrize("content", [b"not json", b"[]", b"[1]", b'{"generated_text": 5}'])
+def test_a_malformed_answer_is_a_502(content):
+    respx.post("http://tgi:8080/generate").respond(content=content)
+    upstream, model = setup()
+    with pytest.raises(UpstreamMalformed) as refused:
+        run(upstream, lambda: upstream.send(chat_call(), model))
+    assert refused.value.status == 502 and "TGI's /generate format" in refused.value.message

@@ -10,6 +10,7 @@ from proxy.errors import (
     InvalidRequest,
     ProviderNotConfigured,
     UpstreamStatus,
+    UpstreamTooLarge,
     from_upstream_body,
 )
 from proxy.redact import Redactor
@@ -35,6 +36,10 @@ class TimeoutsConfig:
             raise ValueError("timeouts must be positive")
 
 
+MIN_RESPONSE_BYTES = 1024
+ERROR_BODY_BYTES = 64 * 1024  # of an upstream's error answer: its message is at the start
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProviderConfig:
     type: str
@@ -45,8 +50,16 @@ class ProviderConfig:
     # waits pool_timeout_s at most, then gets 503 upstream_pool_exhausted.
     max_connections: int | None = None
     pool_timeout_s: float = 10.0
+    # The most of one answer held in memory: a buffered body (as decompressed), or
+    # one event of a stream. Past it the answer is cut off with a 502 (an upstream
+    # that never ends a body or an event cannot grow a worker without bound).
+    max_response_bytes: int = 128 * 1024 * 1024
     # Environment variables the config names but the environment lacks.
     missing_env: tuple[str, ...] = field(default=(), metadata={"internal": True})
+
+    def __post_init__(self) -> None:  # a subclass's own calls it by name: slots break super()
+        if self.max_response_bytes < MIN_RESPONSE_BYTES:
+            raise ValueError(f"max_response_bytes must be at least {MIN_RESPONSE_BYTES}")
 
 
 class Upstream:
@@ -80,6 +93,13 @@ class Upstream:
                 f"provider '{self.name}' ({self.config.type}) does not serve /v1/{_path(endpoint)}",
                 param="model",
             )
+
+    def too_large(self, what: str) -> UpstreamTooLarge:
+        most = self.config.max_response_bytes
+        return UpstreamTooLarge(
+            f"provider '{self.name}' sent {what} larger than max_response_bytes ({most}); "
+            "it was cut off"
+        )
 
     def status_error(self, status: int, raw: bytes, headers) -> GatewayError:
         """The gateway's error for an upstream's non-2xx answer: the one status policy

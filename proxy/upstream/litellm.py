@@ -63,6 +63,7 @@ class Config(base.ProviderConfig):
     extra: dict[str, Any] = field(default_factory=dict)  # passed to litellm as keyword args
 
     def __post_init__(self) -> None:
+        base.ProviderConfig.__post_init__(self)
         if importlib.util.find_spec("litellm") is None:
             raise ValueError(
                 "type litellm needs the litellm extra: pip install 'meshgate[litellm]'"

@@ -43,6 +43,7 @@ class Config(base.ProviderConfig):
     stream_usage: bool = True
 
     def __post_init__(self) -> None:
+        base.ProviderConfig.__post_init__(self)
         # An empty base_url comes from an unset ${VAR}: the provider is then reported
         # as not usable instead (config.py rejects an empty one written as such).
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
@@ -132,13 +133,13 @@ class Upstream(base.Upstream):
                     allow_redirects=False,
                 )
                 if response.status >= 300:
-                    raw = await response.read()
-                    response.release()
-                    raise self.status_error(response.status, raw, response.headers)
+                    raw = await _read(response, base.ERROR_BODY_BYTES)
+                    raise self.status_error(response.status, raw or b"", response.headers)
                 streamed = call.stream and response.content_type == "text/event-stream"
                 if not streamed:
-                    raw = await response.read()
-                    response.release()
+                    raw = await _read(response, self.config.max_response_bytes)
+                    if raw is None:
+                        raise self.too_large("an answer")
         except TimeoutError:
             raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
         except aiohttp.ClientError as exc:
@@ -160,6 +161,7 @@ class Upstream(base.Upstream):
         redact = self.redact.stream_bytes if self.redact.secrets else None
         clean = False
         try:
+            most = self.config.max_response_bytes
             async for chunk in response.content.iter_any():
                 if time.perf_counter() > deadline:
                     raise UpstreamTimeout(f"provider '{self.name}' exceeded its total timeout")
@@ -167,6 +169,8 @@ class Upstream(base.Upstream):
                     if redact:
                         event.raw = redact(event.raw)
                     yield event
+                if splitter.pending_bytes > most:
+                    raise self.too_large("a stream event")
             if splitter.pending.strip():
                 raise UpstreamUnavailable(f"provider '{self.name}' ended the stream mid-event")
             clean = True
@@ -179,6 +183,28 @@ class Upstream(base.Upstream):
         finally:
             # Closing (not releasing) drops the connection, which stops the upstream.
             response.release() if clean else response.close()
+
+
+async def _read(response: aiohttp.ClientResponse, most: int) -> bytes | None:
+    """The whole body, released; None, the connection closed, once it passes `most`
+    bytes (counted as decompressed: a small compressed body can inflate past it)."""
+    length = response.content_length
+    if length is not None and not response.headers.get("Content-Encoding"):
+        if length > most:  # said at the start: nothing of it is read
+            response.close()
+            return None
+        raw = await response.read()  # a declared length: aiohttp reads exactly that
+        response.release()
+        return raw
+    chunks, size = [], 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > most:
+            response.close()  # the rest is never read: the connection cannot be reused
+            return None
+        chunks.append(chunk)
+    response.release()
+    return b"".join(chunks)
 
 
 def _reason(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.pipeline import Reply
-from proxy.sse import DONE, Event, EventSplitter
+from proxy.sse import DONE, Event, EventSplitter, UpstreamMalformed
 from proxy.upstream import base
 
 if TYPE_CHECKING:
@@ -127,20 +127,29 @@ class Upstream(base.Upstream):
         try:
             response = await self.client.send(request, stream=True)
             if response.status_code >= 300 or not call.stream:
-                raw = await response.aread()
+                failed = response.status_code >= 300
+                most = base.ERROR_BODY_BYTES if failed else self.config.max_response_bytes
+                raw = await _read(response, most)
                 await response.aclose()
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(f"provider '{self.name}' is unreachable: {exc}") from exc
         if response.status_code >= 300:
-            error = self.status_error(response.status_code, raw, response.headers)
+            error = self.status_error(response.status_code, raw or b"", response.headers)
             if response.status_code == 422 and isinstance(error, UpstreamStatus):
                 # TGI's validation errors are OpenAI's 400s
                 error.status, error.type, error.raw = 400, "invalid_request_error", None
             raise error
         if not call.stream:
-            return Reply.json(to_openai(orjson.loads(raw), call, model))
+            if raw is None:
+                raise self.too_large("an answer")
+            try:
+                return Reply.json(to_openai(orjson.loads(raw), call, model))
+            except ValueError:  # orjson's JSONDecodeError among them
+                raise UpstreamMalformed(
+                    f"provider '{self.name}' sent an answer that is not TGI's /generate format"
+                ) from None
         reply = Reply(events=self._events(response, call, model))
         return reply.owns(response.aclose)  # if the stream is never iterated
 
@@ -158,7 +167,10 @@ class Upstream(base.Upstream):
         first = True
         try:
             async for chunk in response.aiter_raw():
-                for event in splitter.feed(chunk):
+                events = splitter.feed(chunk)
+                if splitter.pending_bytes > self.config.max_response_bytes:
+                    raise self.too_large("a stream event")
+                for event in events:
                     data = event.json()
                     if not isinstance(data, dict):
                         continue
@@ -175,7 +187,13 @@ class Upstream(base.Upstream):
                         )
                         return
                     token = data.get("token") or {}
-                    text = "" if token.get("special") else token.get("text", "")
+                    details = data.get("details")
+                    shaped = isinstance(token, dict) and isinstance(details, dict | None)
+                    text = token.get("text", "") if shaped and not token.get("special") else ""
+                    if not shaped or not isinstance(text, str):
+                        raise UpstreamMalformed(
+                            f"provider '{self.name}' sent a stream event that is not TGI's format"
+                        )
                     if first and chat:
                         yield Event.of(
                             {
@@ -190,13 +208,12 @@ class Upstream(base.Upstream):
                             }
                         )
                     first = False
-                    details = data.get("details")
                     if text:
                         yield Event.of({**head, "choices": [_chunk_choice(chat, text, None)]})
                     if details:
                         finish = FINISH.get(str(details.get("finish_reason")), "stop")
                         yield Event.of({**head, "choices": [_chunk_choice(chat, "", finish)]})
-                        n = details.get("generated_tokens", 0)
+                        n = _count(details.get("generated_tokens", 0))
                         usage = {"prompt_tokens": 0, "completion_tokens": n, "total_tokens": n}
                         yield Event.of({**head, "choices": [], "usage": usage})
                         yield Event(DONE)
@@ -226,14 +243,20 @@ def render_chat(messages: list[dict], prompt_format: str) -> str:
 
 
 def to_openai(data: Any, call: Call, model: str) -> dict:
-    """A TGI /generate answer as an OpenAI chat.completion or text_completion."""
-    if isinstance(data, list):  # some TGI versions wrap the answer in a list
+    """A TGI /generate answer as an OpenAI chat.completion or text_completion;
+    ValueError for one that is not in TGI's format."""
+    if isinstance(data, list) and data:  # some TGI versions wrap the answer in a list
         data = data[0]
+    if not isinstance(data, dict):
+        raise ValueError("not an object")
     details = data.get("details") or {}
     text = data.get("generated_text", "")
+    if not isinstance(details, dict) or not isinstance(text, str):
+        raise ValueError("generated_text or details of the wrong type")
     finish = FINISH.get(str(details.get("finish_reason")), "stop")
-    completion = details.get("generated_tokens", 0)
-    prompt = len(details.get("prefill") or ())
+    completion = _count(details.get("generated_tokens", 0))
+    prefill = details.get("prefill") or ()
+    prompt = len(prefill) if isinstance(prefill, list | tuple) else 0
     chat = call.endpoint == "chat"
     choice: dict[str, Any] = {"index": 0, "finish_reason": finish, "logprobs": None}
     if chat:
@@ -252,6 +275,23 @@ def to_openai(data: Any, call: Call, model: str) -> dict:
             "total_tokens": prompt + completion,
         },
     }
+
+
+def _count(value: Any) -> int:
+    """A token count from the upstream, 0 when it is not a sane one."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
+    return value if ok else 0
+
+
+async def _read(response: httpx.Response, most: int) -> bytes | None:
+    """The whole body (decompressed), or None once it passes `most` bytes."""
+    chunks, size = [], 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > most:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _chunk_choice(chat: bool, text: str, finish: str | None) -> dict:
