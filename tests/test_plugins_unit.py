@@ -34,6 +34,7 @@ from proxy.errors import (
 )
 from proxy.gateway import Gateway
 from proxy.pipeline import Call, Reply, finish_call
+from proxy.sse import Event
 
 MODELS = """
 providers: {sim: {type: simulated}}
@@ -348,6 +349,36 @@ def test_cache_answers_a_repeat_without_calling_on():
 
     assert run(main()) == ["miss", "hit-exact", "bypass"]
     assert len(stub.seen) == 2  # the hit never went on
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 400), st.booleans())
+def test_cache_stores_an_answer_only_within_max_entry_bytes(size, streamed):
+    """A larger answer is served whole and not kept, in memory nor in the store."""
+    gateway, plugin = plugin_of("  - cache: {max_entry_bytes: 200}\n")
+    events = [b'data: {"choices": [], "x": "%s"}\n\n' % (b"y" * size), b"data: [DONE]\n\n"]
+    body = b"".join(events)
+
+    async def upstream_events():
+        for raw in events:
+            yield Event(raw)
+
+    def answer(call):
+        return Reply(events=upstream_events()) if streamed else Reply(body=body)
+
+    async def ask():
+        call = call_of(gateway, stream=streamed)
+        reply = await plugin(call, Stub(answer))
+        served = b"".join([e.raw async for e in reply.events]) if streamed else reply.body
+        await finish_call(call, reply, True)
+        return served, reply.headers["x-meshgate-cache"]
+
+    async def main():
+        return await ask(), await ask()
+
+    (first, how), (second, again) = run(main())
+    assert first == second == body and how == "miss"
+    assert again == ("hit-exact" if len(body) <= 200 else "miss")
 
 
 def test_cache_refuses_a_bad_ttl_header_before_calling_on():

@@ -67,13 +67,14 @@ class CacheConfig:
     max_entries: int = 10_000  # memory backend
     max_bytes: int = 256 * 1024 * 1024  # memory backend
     compress_min_bytes: int = 2048
+    max_entry_bytes: int = 8 * 1024 * 1024  # a larger answer is served, not stored
     allow_temperature: bool = False  # also cache answers sampled with temperature > 0
     shared_namespace: str | None = None  # every tenant shares this namespace instead
     semantic: SemanticConfig | None = None  # also answer near-repeated prompts
 
     def __post_init__(self) -> None:
-        if min(self.ttl_s, self.max_ttl_s) <= 0 or self.max_entries < 1:
-            raise ValueError("ttl_s, max_ttl_s and max_entries must be positive")
+        if min(self.ttl_s, self.max_ttl_s) <= 0 or min(self.max_entries, self.max_entry_bytes) < 1:
+            raise ValueError("ttl_s, max_ttl_s, max_entries and max_entry_bytes must be positive")
         if self.semantic and self.semantic.index == "redis" and self.backend != "redis":
             raise ValueError(
                 "semantic.index: redis shares prompts between replicas, so the answers "
@@ -260,9 +261,10 @@ class Cache:
 
     def capture(self, key: str, reply: Reply, probe: Probe | None, ttl: float) -> None:
         """Store the answer once it has been delivered whole, without delaying it."""
+        most = self.config.max_entry_bytes
         if reply.body is not None:
             body = reply.body
-            if b'"tool_calls"' not in body:
+            if b'"tool_calls"' not in body and len(body) <= most:
                 reply.on_complete(
                     lambda r: self.put_now(key, BODY + body, ttl, probe) if _storable(r) else None
                 )
@@ -270,9 +272,14 @@ class Cache:
         captured: list[bytes] = []
 
         async def tap(events):
+            size = 0
             async with aclosing(events):  # closing the tap closes the stream it wraps
                 async for event in events:
-                    captured.append(event.raw)
+                    if size <= most:  # past it the answer will not be stored: stop keeping it
+                        size += len(event.raw)
+                        captured.append(event.raw)
+                        if size > most:
+                            captured.clear()
                     yield event
 
         async def store(r: Reply) -> None:
