@@ -353,3 +353,13 @@ def test_an_answer_within_max_response_bytes_passes(bounded):
     response = chat(bounded, "plain", fake={"tokens": MOST // 16})  # about MOST / 4 bytes
     assert response.status_code == 200, response.text
     assert len(response.content) > MOST // 8
+
+
+@pytest.mark.parametrize("raw", ["not json", "<html>Bad gateway</html>", "[1]", "5", '"text"'])
+def test_an_answer_that_is_not_a_json_object_is_an_upstream_error(bounded, raw):
+    """Not passed on as a 200: the client's SDK could not read it, and it would be
+    cached and billed as an answer."""
+    response = chat(bounded, "plain", fake={"raw_body": raw})
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "upstream_malformed_response"
+    assert_still_serves(bounded, "openai")

@@ -24,7 +24,8 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.pipeline import Reply
-from proxy.sse import Event, EventSplitter
+from proxy.protocol import clean_usage
+from proxy.sse import Event, EventSplitter, UpstreamMalformed
 from proxy.upstream import base
 
 if TYPE_CHECKING:
@@ -135,8 +136,8 @@ class Upstream(base.Upstream):
                 if response.status >= 300:
                     raw = await _read(response, base.ERROR_BODY_BYTES)
                     raise self.status_error(response.status, raw or b"", response.headers)
-                streamed = call.stream and response.content_type == "text/event-stream"
-                if not streamed:
+                raw = None
+                if not (call.stream and response.content_type == "text/event-stream"):
                     raw = await _read(response, self.config.max_response_bytes)
                     if raw is None:
                         raise self.too_large("an answer")
@@ -146,10 +147,23 @@ class Upstream(base.Upstream):
             raise UpstreamUnavailable(
                 f"provider '{self.name}' is unreachable: {_reason(exc)}"
             ) from exc
-        if not streamed:
-            return Reply(body=raw, status=response.status)
+        if raw is not None:
+            return self._answer(raw, response.status)
         reply = Reply(events=self._events(response, call, deadline), status=response.status)
         return reply.owns(response.close)  # if the stream is never iterated
+
+    def _answer(self, raw: bytes, status: int) -> Reply:
+        """A buffered answer, which must be a JSON object; its usage is read here, once
+        (the gateway needs it before answering anyway)."""
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            raise UpstreamMalformed(
+                f"provider '{self.name}' answered with a body that is not a JSON object"
+            )
+        return Reply(body=raw, status=status, usage=clean_usage(answer.get("usage")))
 
     async def _events(
         self,
