@@ -279,19 +279,27 @@ def bounded(tmp_path_factory) -> Iterator[Server]:
         f'headers: {{x-fake-flood: {flood}, x-fake-flood-bytes: "{64 * MOST}"}}}}\n'
         for flood in FLOODS
     )
-    models = "".join(
-        f"  - {{name: tgi-{flood}, deployments: [{{provider: tgi-{flood}, model: native}}]}}\n"
+    lites = "".join(
+        f'  lite-{flood}: {{type: litellm, api_base: "{base}/v1", api_key: sk-lite, max_response_bytes: {MOST}, '
+        f'headers: {{x-fake-flood: {flood}, x-fake-flood-bytes: "{64 * MOST}"}}}}\n'
         for flood in FLOODS
+    )
+    models = "".join(
+        f"  - {{name: {api}-{flood}, deployments: [{{provider: {api}-{flood}, model: {model}}}]}}\n"
+        for flood in FLOODS
+        for api, model in (("tgi", "native"), ("lite", "openai/upstream-model"))
     )
     gateway = start_gateway(tmp, f"""
 server: {{host: 127.0.0.1}}
 providers:
   fake: {{type: openai, base_url: "{base}/v1", max_response_bytes: {MOST}}}
   tgi: {{type: tgi, base_url: "{base}", max_response_bytes: {MOST}}}
-{tgis}
+  lite: {{type: litellm, api_base: "{base}/v1", api_key: sk-lite, max_response_bytes: {MOST}}}
+{tgis}{lites}
 models:
   - {{name: plain, deployments: [{{provider: fake, model: upstream-model}}]}}
   - {{name: tgi, deployments: [{{provider: tgi, model: native}}]}}
+  - {{name: lite, deployments: [{{provider: lite, model: openai/upstream-model}}]}}
 {models}
 health: {{breaker: {{failures: 100000}}}}
 """)  # fmt: skip
@@ -301,32 +309,37 @@ health: {{breaker: {{failures: 100000}}}}
 
 
 def flooded(gateway: Server, api: str, flood: str, **fields) -> httpx.Response:
-    if api == "tgi":
-        return chat(gateway, f"tgi-{flood}", **fields)
+    if api in ("tgi", "lite"):
+        return chat(gateway, f"{api}-{flood}", **fields)
     return chat(gateway, "plain", fake={"flood": flood, "flood_bytes": 64 * MOST}, **fields)
 
 
 def assert_still_serves(gateway: Server, api: str) -> None:
     """The worker is healthy and its connections to the upstream still answer."""
     for stream in (False, True):
-        response = chat(gateway, "tgi" if api == "tgi" else "plain", stream=stream)
+        response = chat(gateway, "plain" if api == "openai" else api, stream=stream)
         assert response.status_code == 200, response.text
 
 
-@pytest.mark.parametrize("api", ["openai", "tgi"])
+@pytest.mark.parametrize("api", ["openai", "tgi", "lite"])
 @pytest.mark.parametrize("flood", ["body", "chunked", "gzip"])
 def test_an_answer_past_max_response_bytes_is_cut_off(bounded, api, flood):
     """Declared, undeclared or inflating from a small gzip body: past the bound, the
-    client gets a 502 naming it, not a worker grown by the whole answer."""
+    client gets a 502 naming it, not a worker grown by the whole answer. litellm's
+    clients ask for no compression, and refuse a compressed answer."""
     response = flooded(bounded, api, flood)
     assert response.status_code == 502, response.text
     error = response.json()["error"]
-    assert error["code"] == "upstream_response_too_large"
-    assert f"max_response_bytes ({MOST})" in error["message"]
+    if api == "lite" and flood == "gzip":
+        assert error["code"] == "upstream_unavailable"
+        assert "gzip-compressed though none was asked for" in error["message"]
+    else:
+        assert error["code"] == "upstream_response_too_large"
+        assert f"max_response_bytes ({MOST})" in error["message"]
     assert_still_serves(bounded, api)
 
 
-@pytest.mark.parametrize("api", ["openai", "tgi"])
+@pytest.mark.parametrize("api", ["openai", "tgi", "lite"])
 def test_a_stream_event_that_never_ends_is_cut_off(bounded, api):
     response = flooded(bounded, api, "event", stream=True)
     if response.headers["content-type"].startswith("text/event-stream"):
@@ -340,10 +353,12 @@ def test_a_stream_event_that_never_ends_is_cut_off(bounded, api):
     assert_still_serves(bounded, api)
 
 
-@pytest.mark.parametrize("api", ["openai", "tgi"])
+@pytest.mark.parametrize("api", ["openai", "tgi", "lite"])
 def test_a_huge_error_answer_is_read_only_in_part(bounded, api):
+    """Its first 64 KiB give the message (openai, tgi: the status passes); litellm
+    reads error bodies itself, so its cap applies to them too."""
     response = flooded(bounded, api, "error")
-    assert response.status_code == 500, response.text
+    assert response.status_code == (502 if api == "lite" else 500), response.text
     assert response.json()["error"]["type"] == "upstream_error"
     assert len(response.content) < MOST
     assert_still_serves(bounded, api)

@@ -28,6 +28,7 @@ from proxy.pipeline import Reply
 from proxy.redact import scrub
 from proxy.sse import DONE, Event
 from proxy.upstream import base
+from proxy.upstream.capped import AnswerTooLarge, CappedTransport, answers_capped, cause
 
 if TYPE_CHECKING:
     from proxy.pipeline import Call
@@ -96,6 +97,8 @@ def _no_redirects(litellm) -> None:
     def create_client(self, *args, **kwargs):
         client = create(self, *args, **kwargs)
         client.follow_redirects = False
+        # httpx has no public way to wrap a built client's transport
+        client._transport = CappedTransport(client._transport)
         return client
 
     handler.create_client = create_client  # type: ignore[method-assign]
@@ -118,7 +121,9 @@ class Upstream(base.Upstream):
             # Used by litellm for OpenAI-compatible providers in place of the SDK's
             # own client, which follows redirects.
             self.litellm.aclient_session = httpx.AsyncClient(
-                follow_redirects=False, timeout=self.config.timeouts.total_s
+                follow_redirects=False,
+                timeout=self.config.timeouts.total_s,
+                transport=CappedTransport(httpx.AsyncHTTPTransport()),
             )
             self._owns_session = True
 
@@ -156,7 +161,8 @@ class Upstream(base.Upstream):
             "embeddings": self.litellm.aembedding,
         }[call.endpoint]
         try:
-            result = await function(**kwargs)
+            with answers_capped(self.config.max_response_bytes):  # read as the request goes out
+                result = await function(**kwargs)
         except Exception as exc:
             raise self.translate(exc) from exc
         if call.stream:
@@ -186,6 +192,11 @@ class Upstream(base.Upstream):
         """One of litellm's exceptions as the gateway's error, by its status."""
         if isinstance(exc, GatewayError):
             return exc
+        capped = cause(exc)
+        if isinstance(capped, AnswerTooLarge):
+            return self.too_large("an answer")
+        if capped is not None:
+            return UpstreamUnavailable(f"provider '{self.name}': {capped}")
         status = getattr(exc, "status_code", None)
         message = self.redact.text(scrub(str(getattr(exc, "message", None) or exc)))
         name = type(exc).__name__
