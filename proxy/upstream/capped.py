@@ -51,8 +51,8 @@ class CappedTransport(httpx.AsyncBaseTransport):
             return await self.inner.handle_async_request(request)
         request.headers["accept-encoding"] = "identity"
         response = await self.inner.handle_async_request(request)
-        encoding = response.headers.get("content-encoding", "identity").strip().lower()
-        if encoding != "identity":
+        encoding = response.headers.get("content-encoding", "").strip().lower()
+        if encoding not in ("", "identity"):
             await response.aclose()
             raise UncappableAnswer(
                 f"the answer came {encoding}-compressed though none was asked for", request=request
