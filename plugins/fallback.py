@@ -106,20 +106,10 @@ class Fallback:
         deadline = time.monotonic() + self.config.deadline_s
         try:
             with self.deadlines.within(self.config.deadline_s):  # one for every attempt
-                call.deployment = None
-                call.state[UNDER_WAY] = True
-                try:  # the first attempt, written here: no frame of _model for most calls
-                    return await call_next(call)
-                except GatewayError as exc:
-                    call.state[UNDER_WAY] = False
-                    error = exc
                 try:
-                    if self._retryable(error):
-                        return await self._model(call, call_next, call.model.name, deadline,
-                                                 error)  # fmt: skip
+                    return await self._model(call, call_next, call.model.name, deadline)
                 except GatewayError as exc:
-                    error = exc
-                return await self._fall_back(call, call_next, error, deadline)
+                    return await self._fall_back(call, call_next, exc, deadline)
         except TimeoutError:
             if call.state.get(UNDER_WAY) and call.deployment is not None:
                 await self.health.failed(call.deployment.name)  # cut short by the deadline
@@ -151,15 +141,13 @@ class Fallback:
             except GatewayError as exc:
                 error = exc
 
-    async def _model(self, call: Call, call_next: Next, name: str, deadline: float,
-                     failed: GatewayError | None = None) -> Reply:  # fmt: skip
-        """Up to `attempts` attempts at one model, the first of which has `failed`
-        when given. Each goes to a deployment the call has not failed on while
-        there is one; then the wait before reusing one backs off (or honours the
-        upstream's Retry-After)."""
+    async def _model(self, call: Call, call_next: Next, name: str, deadline: float) -> Reply:
+        """Up to `attempts` attempts at one model. Each goes to a deployment the call
+        has not failed on while there is one; then the wait before reusing one
+        backs off (or honours the upstream's Retry-After)."""
         call.model = self.catalog.get(name)
-        last = failed
-        for attempt in range(0 if failed is None else 1, self.config.attempts):
+        last: GatewayError | None = None
+        for attempt in range(self.config.attempts):
             if attempt and not untried(call, self.health):
                 await self._wait(attempt, last, deadline)
             if time.monotonic() >= deadline:
