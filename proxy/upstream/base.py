@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -126,6 +127,17 @@ class Upstream:
         if retry_after:
             passed["retry-after"] = retry_after
         return from_upstream_body(status, self.redact.bytes(raw), passed)
+
+
+async def gather(chunks: AsyncIterator[bytes], most: int) -> bytes | None:
+    """A body from its chunks, or None once they pass `most` bytes (the rest unread)."""
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > most:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def secrets_of(config: ProviderConfig) -> list[str]:

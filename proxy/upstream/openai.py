@@ -210,15 +210,12 @@ async def _read(response: aiohttp.ClientResponse, most: int) -> bytes | None:
         raw = await response.read()  # a declared length: aiohttp reads exactly that
         response.release()
         return raw
-    chunks, size = [], 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > most:
-            response.close()  # the rest is never read: the connection cannot be reused
-            return None
-        chunks.append(chunk)
-    response.release()
-    return b"".join(chunks)
+    gathered = await base.gather(response.content.iter_any(), most)
+    if gathered is None:
+        response.close()  # the rest is never read: the connection cannot be reused
+    else:
+        response.release()
+    return gathered
 
 
 def _reason(exc: BaseException) -> str:

@@ -129,7 +129,7 @@ class Upstream(base.Upstream):
             if response.status_code >= 300 or not call.stream:
                 failed = response.status_code >= 300
                 most = base.ERROR_BODY_BYTES if failed else self.config.max_response_bytes
-                raw = await _read(response, most)
+                raw = await base.gather(response.aiter_bytes(), most)  # decompressed
                 await response.aclose()
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
@@ -281,17 +281,6 @@ def _count(value: Any) -> int:
     """A token count from the upstream, 0 when it is not a sane one."""
     ok = isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31
     return value if ok else 0
-
-
-async def _read(response: httpx.Response, most: int) -> bytes | None:
-    """The whole body (decompressed), or None once it passes `most` bytes."""
-    chunks, size = [], 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
-        if size > most:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _chunk_choice(chat: bool, text: str, finish: str | None) -> dict:
