@@ -36,6 +36,7 @@ import orjson
 from load.bench import ROOT, free_port, litellm_proxy, process, wait_http
 
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+METRICS_KEY = "sk-streams-metrics-0123456789"  # server.metrics_key of its gateway
 
 
 class Stream(asyncio.Protocol):
@@ -187,7 +188,8 @@ def raise_fd_limit(needed: int) -> None:
 
 def gateway_config(port: int, upstream_port: int) -> str:
     return f"""
-server: {{host: 127.0.0.1, port: {port}, access_log: true, log_level: info, backlog: 4096}}
+server: {{host: 127.0.0.1, port: {port}, access_log: true, log_level: info, backlog: 4096,
+         metrics_key: {METRICS_KEY}}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: sk-streams}}
 models:
@@ -199,7 +201,9 @@ models:
 def pool_waits(port: int) -> float:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+    scrape = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                    headers={"authorization": f"Bearer {METRICS_KEY}"})  # fmt: skip
+    with urllib.request.urlopen(scrape, timeout=10) as r:
         text = r.read().decode()
     for line in text.splitlines():
         if line.startswith("meshgate_upstream_pool_wait_seconds_count"):

@@ -2,7 +2,9 @@
 
 The admin key is the server's (`server.admin_key`); without it the admin
 endpoints answer 403. It is separate from client keys and compared in
-constant time.
+constant time. `/metrics` has its guard here too: it shows every tenant's
+usage and spend, so it takes `server.metrics_key` or the admin key, unless
+`server.metrics_public` opens it.
 """
 
 from __future__ import annotations
@@ -43,3 +45,20 @@ def check_admin(headers, admin_key: str | None) -> None:
     token = bearer_token(headers) or ""
     if not hmac.compare_digest(token.encode(), admin_key.encode()):
         raise AuthenticationFailed("This endpoint needs the admin key.")
+
+
+def check_metrics(headers, metrics_key: str | None, admin_key: str | None, public: bool) -> None:
+    """Refuse /metrics unless it is public or the request carries either key."""
+    if public:
+        return
+    keys = [key.encode() for key in (metrics_key, admin_key) if key is not None]
+    if not keys:
+        raise PermissionDenied(
+            "/metrics shows every tenant's usage and spend: set `server.metrics_key` "
+            "(Prometheus sends it as a bearer token) or `server.metrics_public: true`.",
+            code="metrics_disabled",
+        )
+    token = (bearer_token(headers) or "").encode()
+    matches = [hmac.compare_digest(token, key) for key in keys]  # each compared, always
+    if not any(matches):
+        raise AuthenticationFailed("/metrics needs the metrics key (or the admin key).")

@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from proxy import logs, server, tracing
-from proxy.admin import check_admin
+from proxy.admin import check_admin, check_metrics
 from proxy.background import stop
 from proxy.config import Config, load_config
 from proxy.errors import (
@@ -130,7 +130,14 @@ def create_app(config: Config | None = None) -> Starlette:
         return _identified(request, JSONResponse({"status": "starting"}, status_code=503))
 
     async def metrics(request: Request) -> Response:
-        body, content_type = live.gateway.metrics.render()
+        gateway = live.gateway
+        settings = gateway.config.server
+        try:
+            check_metrics(request.headers, settings.metrics_key, settings.admin_key,
+                          settings.metrics_public)  # fmt: skip
+        except GatewayError as exc:
+            return _identified(request, _render(exc))
+        body, content_type = gateway.metrics.render()
         return _identified(request, Response(body, media_type=content_type))
 
     fast: dict[tuple[str, str], Endpoint] = {}

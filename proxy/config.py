@@ -38,6 +38,10 @@ class ServerConfig:
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
     max_connections: int | None = None  # per worker; default from the open-file limit
     admin_key: str | None = field(default=None, repr=False)  # guards /admin/*; none: off
+    # /metrics shows every tenant's usage and spend: it needs this key (or the admin
+    # key) as a bearer token, unless metrics_public says anyone may read it.
+    metrics_key: str | None = field(default=None, repr=False)
+    metrics_public: bool = False
     access_log: bool = True
     log_level: str = "info"
     # Buffered answers at least this large are gzipped for clients that accept it
@@ -63,8 +67,10 @@ class ServerConfig:
             raise ValueError("reload_check_s cannot be negative")
         if self.gzip_min_bytes is not None and self.gzip_min_bytes < 0:
             raise ValueError("gzip_min_bytes cannot be negative")
-        if self.admin_key is not None and len(self.admin_key) < 16:
-            raise ValueError("admin_key must be at least 16 characters")
+        for name in ("admin_key", "metrics_key"):
+            key = getattr(self, name)
+            if key is not None and len(key) < 16:
+                raise ValueError(f"{name} must be at least 16 characters")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

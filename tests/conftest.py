@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "hi"}]
+METRICS_KEY = "sk-metrics-scraper-0123456789"  # server.metrics_key of the configs below
 
 
 def free_port() -> int:
@@ -38,6 +39,13 @@ def wait_http(url: str, proc: subprocess.Popen, timeout_s: float = 30) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up in {timeout_s}s")
+
+
+def scrape(url: str, key: str = METRICS_KEY) -> str:
+    """The gateway's /metrics at `url`, read as Prometheus would, with `key`."""
+    request = urllib.request.Request(url + "/metrics", headers={"authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.read().decode()
 
 
 class Server:
@@ -99,7 +107,7 @@ def one_model(upstream_port: int, pipeline: str) -> str:
     """A config serving model `m` from the fake upstream, through `pipeline` (YAML
     list entries, each line indented by two spaces)."""
     return f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, metrics_key: {METRICS_KEY}}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1"}}
 models:
@@ -111,7 +119,7 @@ pipeline:
 
 def gateway_config(upstream_port: int, dead_port: int) -> str:
     return f"""
-server: {{host: 127.0.0.1, max_body_bytes: 65536, graceful_timeout_s: 10}}
+server: {{host: 127.0.0.1, max_body_bytes: 65536, graceful_timeout_s: 10, metrics_key: {METRICS_KEY}}}
 providers:
   fake:
     type: openai

@@ -252,6 +252,22 @@ def test_admin_key_guards_admin_endpoints(gateway):
         client(gateway, ADMIN).models.list()
 
 
+def test_metrics_are_not_served_to_clients(gateway, keys):
+    """/metrics names every key and team with its spend: a client's credential, valid
+    for model calls, does not open it; the admin key does (no metrics_key is set)."""
+    callers = {"nobody": {}, "a client key": {"authorization": f"Bearer {PLAIN}"},
+               "a client key as x-api-key": {"x-api-key": PLAIN},
+               "a token": {"authorization": f"Bearer {token(keys['k1'])}"},
+               "the admin key, not as a bearer": {"authorization": f"Basic {ADMIN}"}}  # fmt: skip
+    for who, headers in callers.items():
+        r = httpx.get(gateway.url + "/metrics", headers=headers)
+        assert r.status_code == 401, who
+        assert r.json()["error"]["type"] == "authentication_error", who
+        assert "meshgate_" not in r.text and "team-a" not in r.text, who
+    ok = httpx.get(gateway.url + "/metrics", headers={"authorization": f"Bearer {ADMIN}"})
+    assert ok.status_code == 200 and "meshgate_requests_total" in ok.text
+
+
 def test_no_secret_in_logs(gateway, keys):
     out = gateway.output()
     for secret in (

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RedisServer, start_gateway, upstream_stats
+from tests.conftest import RedisServer, scrape, start_gateway, upstream_stats
 
 ADMIN = "admin-key-0123456789abcdef"
 KEYS = {"a1": "a", "a2": "a", "b1": "b", "b": None}  # key name -> team
@@ -178,7 +178,7 @@ def test_admin_stats_and_delete(gateway):
     assert deleted["deleted"] >= 1
     assert ask(gateway, "b1", q).headers["x-meshgate-cache"] == "miss"
     assert httpx.get(gateway.url + "/admin/cache/stats").status_code == 401
-    assert "meshgate_cache_lookups_total" in httpx.get(gateway.url + "/metrics").text
+    assert "meshgate_cache_lookups_total" in scrape(gateway.url, ADMIN)
 
 
 def test_redis_backend(tmp_path, upstream):

@@ -25,7 +25,8 @@ KUBE = "1.30.0"
 VALUES = sorted(p.name for p in (CHART / "ci").glob("*-values.yaml"))
 CRDS = {"ServiceMonitor": ServiceMonitor, "PrometheusRule": PrometheusRule,
         "ScaledObject": ScaledObject}  # fmt: skip
-ENV = {"OPENAI_API_KEY": "sk-x", "MESHGATE_ADMIN_KEY": "a" * 20, "TEAM_A_KEY": "sk-team-a-0123"}
+ENV = {"OPENAI_API_KEY": "sk-x", "MESHGATE_ADMIN_KEY": "a" * 20, "TEAM_A_KEY": "sk-team-a-0123",
+       "MESHGATE_METRICS_KEY": "m" * 20}  # fmt: skip
 
 
 def values(name: str) -> dict[str, Any]:
@@ -133,7 +134,11 @@ def test_production_autoscales_on_in_flight_requests_and_ships_monitoring():
     (metric,) = hpa["spec"]["metrics"]
     assert metric["pods"]["metric"]["name"] == "meshgate_in_flight_requests"
     (monitor,) = kind(docs, "ServiceMonitor")
-    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["authorization"] == {
+        "type": "Bearer", "credentials": {"name": "meshgate-keys", "key": "MESHGATE_METRICS_KEY"}
+    }  # fmt: skip
     (rule,) = kind(docs, "PrometheusRule")
     assert rule["spec"] == yaml.safe_load((ROOT / "config/prometheus/alerts.yaml").read_text())
     dashboard = [c for c in kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
@@ -145,6 +150,28 @@ def test_production_autoscales_on_in_flight_requests_and_ships_monitoring():
     assert state == {"backend": "redis", "url": "redis://redis.data.svc:6379/0"}
     (deployment,) = kind(docs, "Deployment")
     assert "replicas" not in deployment["spec"]  # the autoscaler owns it
+
+
+def test_prometheus_scrapes_with_the_metrics_key_or_the_install_fails():
+    """/metrics is keyed (proxy/admin.py): a ServiceMonitor without the key would
+    only ever scrape 401s, so the chart refuses one, unless the metrics are public."""
+    base = values("minimal-values.yaml")
+    server = {"host": "0.0.0.0", "port": 8080}
+    config = {**yaml.safe_load((CHART / "values.yaml").read_text())["config"], "server": server}
+    monitored = {**base, "serviceMonitor": {"enabled": True}, "config": config}
+    with pytest.raises(Exception, match=r"config\.server\.metrics_key"):
+        render(monitored)
+    keyed = {**monitored, "config": {**config, "server": {**server, "metrics_key": "${K}"}},
+             "existingSecret": ""}  # fmt: skip
+    with pytest.raises(Exception, match=r"serviceMonitor\.keySecret\.name"):
+        render(keyed)
+    named = {**keyed, "serviceMonitor": {"enabled": True, "keySecret": {"name": "scrape"}}}
+    (monitor,) = kind(render(named), "ServiceMonitor")
+    credentials = monitor["spec"]["endpoints"][0]["authorization"]["credentials"]
+    assert credentials == {"name": "scrape", "key": "MESHGATE_METRICS_KEY"}
+    public = {**monitored, "config": {**config, "server": {**server, "metrics_public": True}}}
+    (monitor,) = kind(render(public), "ServiceMonitor")
+    assert "authorization" not in monitor["spec"]["endpoints"][0]
 
 
 def test_predictive_scaling_asks_keda_for_the_trend_ahead_of_the_peak():

@@ -14,7 +14,7 @@ import httpx
 import openai
 import orjson
 
-from tests.conftest import ROOT, start_fake_upstream, start_gateway
+from tests.conftest import METRICS_KEY, ROOT, scrape, start_fake_upstream, start_gateway
 
 
 def meshgate(*args: str) -> subprocess.CompletedProcess:
@@ -232,7 +232,8 @@ def requests_answered(metrics: str) -> float:
 
 
 def test_two_workers_serve_and_aggregate_metrics(tmp_path):
-    config = (ROOT / "proxy.yaml").read_text()
+    scraped = f"server:\n  metrics_key: {METRICS_KEY}\n"
+    config = (ROOT / "proxy.yaml").read_text().replace("server:\n", scraped, 1)
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
@@ -248,7 +249,7 @@ def test_two_workers_serve_and_aggregate_metrics(tmp_path):
             deadline = time.monotonic() + 30
             while answered != 20.0 and time.monotonic() < deadline:
                 time.sleep(0.2)
-                answered = requests_answered(http.get("/metrics").text)
+                answered = requests_answered(scrape(gateway.url))
         assert answered == 20.0
         started = [x for x in gateway.output().splitlines() if '"serving 4 models' in x]
         assert len(started) == 2  # one per worker

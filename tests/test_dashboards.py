@@ -24,9 +24,10 @@ SUFFIXES = {"counter": ("_total", "_created"), "gauge": ("",),
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, upstream) -> Iterator[Server]:
-    """Every plugin that exports metrics, so /metrics names them all."""
+    """Every plugin that exports metrics, so /metrics names them all (public here:
+    read as a scraper on a network of its own would)."""
     config = f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, metrics_public: true}}
 providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
 models:
   - {{name: m, deployments: [{{provider: up, model: m, price: {{input_usd_per_mtok: 1, output_usd_per_mtok: 1}}}}]}}

@@ -21,9 +21,11 @@ from hypothesis import strategies as st
 
 from proxy.asgi import ResponseFields
 from proxy.server import install, response_head
-from tests.conftest import Server, free_port, start_gateway
+from tests.conftest import METRICS_KEY, Server, free_port, start_gateway
 
 CLOSE_WAIT = "08"
+SCRAPE = (b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n"
+          b"authorization: Bearer " + METRICS_KEY.encode() + b"\r\n\r\n")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +33,7 @@ def gateway(tmp_path_factory, upstream) -> Iterator[Server]:
     server = start_gateway(
         tmp_path_factory.mktemp("http-layer"),
         f"""
-server: {{host: 127.0.0.1, keep_alive_timeout_s: 60, body_timeout_s: 1}}
+server: {{host: 127.0.0.1, keep_alive_timeout_s: 60, body_timeout_s: 1, metrics_key: {METRICS_KEY}}}
 providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
 models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
 """,
@@ -149,7 +151,7 @@ def test_connections_past_the_cap_get_a_503_and_are_logged_and_counted(tmp_path,
     # Without the cap a worker out of file descriptors drops connections with no
     # response and nothing logged (uvloop accepts and closes them).
     gateway = start_gateway(tmp_path, f"""
-server: {{host: 127.0.0.1, max_connections: 6}}
+server: {{host: 127.0.0.1, max_connections: 6, metrics_key: {METRICS_KEY}}}
 providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
 models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
 """)  # fmt: skip
@@ -167,9 +169,8 @@ models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
             assert orjson.loads(body)["error"]["code"] == "too_many_connections"
         held.pop().close()
         refusals, deadline = 3, time.monotonic() + 20
-        metrics = b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
         while True:  # the gateway notices the close, then has room for one more
-            status, _, body = split(exchange(gateway.port, metrics))
+            status, _, body = split(exchange(gateway.port, SCRAPE))
             if status == 200 or time.monotonic() > deadline:
                 break
             refusals += 1
@@ -386,9 +387,7 @@ def body_sent(connection: h11.Connection) -> list:
 
 def test_every_connection_is_accounted_for_accepted_or_reset_by_its_client(gateway):
     def counter(name: str) -> float:
-        raw = exchange(
-            gateway.port, b"GET /metrics HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
-        )
+        raw = exchange(gateway.port, SCRAPE)
         line = next(x for x in split(raw)[2].splitlines() if x.startswith(name.encode() + b" "))
         return float(line.split()[1])
 

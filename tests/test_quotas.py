@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import MESSAGES, ROOT, RedisServer, start_gateway
+from tests.conftest import MESSAGES, ROOT, RedisServer, scrape, start_gateway
 
 ADMIN = "admin-key-0123456789abcdef"
 KEYS = ["rpm", "tpm", "conc", "budget", "stream", "shared", "free", "dime", "wide"]
@@ -182,7 +182,7 @@ def test_budget_fed_by_cost_then_insufficient_quota(sdk, gateway):
     assert spent >= 50
     assert report["day"]["usd"]["keys"]["budget"] == pytest.approx(spent)
     assert report["month"]["usd"]["models"]["pricey"] >= spent
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = scrape(gateway.url, ADMIN)
     assert (
         'meshgate_cost_usd_total{deployment="up/pricey",key="budget",model="pricey",team="money"}'
         in metrics
@@ -293,10 +293,8 @@ def test_redis_outage_follows_on_state_error_and_recovers(tmp_path, upstream):
         with pytest.raises(openai.InternalServerError) as info:
             clients["deny"].chat.completions.create(model="m", messages=MESSAGES)
         assert info.value.status_code == 503 and info.value.code == "quota_state_unavailable"
-        assert (
-            'meshgate_state_errors_total{decision="allow",plugin="quotas"} 1.0'
-            in httpx.get(allow.url + "/metrics").text
-        )
+        counted = 'meshgate_state_errors_total{decision="allow",plugin="quotas"} 1.0'
+        assert counted in scrape(allow.url, ADMIN)
         assert "quota state unavailable" in allow.output()
         assert allow.proc.poll() is None and deny.proc.poll() is None  # nothing crashed
 
@@ -367,7 +365,7 @@ def test_cost_header_metric_and_access_log(sdk, gateway):
     assert float(raw.headers["x-meshgate-cost-usd"]) == pytest.approx(expected)
     line = gateway.access_line(raw.headers["x-request-id"])
     assert line["cost_usd"] == pytest.approx(expected)
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = scrape(gateway.url, ADMIN)
     assert 'meshgate_cost_usd_total{deployment="up/m",key="free",model="m",team="plain"}' in metrics
 
 

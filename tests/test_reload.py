@@ -16,7 +16,7 @@ import pytest
 
 from proxy.config import parse_config
 from proxy.gateway import Gateway
-from tests.conftest import start_gateway
+from tests.conftest import scrape, start_gateway
 
 ADMIN = "admin-key-0123456789abcdef"
 
@@ -42,7 +42,7 @@ def ask(server, model: str, **extra) -> httpx.Response:
 
 
 def live_hash(server) -> str | None:
-    for line in httpx.get(server.url + "/metrics").text.splitlines():
+    for line in scrape(server.url, ADMIN).splitlines():
         if line.startswith("meshgate_config_info{") and line.endswith(" 1.0"):
             return line.split('hash="')[1].split('"')[0]
     return None
@@ -116,7 +116,7 @@ def test_a_bad_config_is_refused_with_its_line_and_the_old_one_stays(gateway, ba
     assert str(gateway.config) + ":" in line  # file and line of the mistake
     assert live_hash(gateway) == before
     assert ask(gateway, "b").status_code == 200
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = scrape(gateway.url, ADMIN)
     assert 'meshgate_config_reloads_total{result="rejected"} 1.0' in metrics
 
 
@@ -185,6 +185,20 @@ def test_admin_routes_follow_the_live_plugins(gateway, upstream):
     stats = httpx.get(gateway.url + "/admin/cache/stats", headers=auth)
     assert stats.status_code == 200 and stats.json()["backend"] == "memory"
     assert httpx.get(gateway.url + "/admin/cache/stats").status_code in (401, 403)
+
+
+def test_a_new_metrics_key_takes_over_at_the_reload(gateway, upstream):
+    first, second = "metrics-key-first-0123456789", "metrics-key-second-0123456789"
+    for key, old in ((first, None), (second, first)):
+        text = config(upstream.port, ["a"]).replace(
+            "reload_check_s: 0.1", f"reload_check_s: 0.1, metrics_key: {key}"
+        )
+        gateway.config.write_text(text)
+        assert until(lambda text=text: live_hash(gateway) == digest(text))
+        assert "meshgate_config_info" in scrape(gateway.url, key)
+        if old is not None:
+            stale = httpx.get(gateway.url + "/metrics", headers={"authorization": f"Bearer {old}"})
+            assert stale.status_code == 401 and "meshgate_" not in stale.text
 
 
 def test_sighup_to_a_multi_worker_gateway_reloads_every_worker(tmp_path, upstream):

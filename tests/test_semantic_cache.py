@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import RedisServer, start_gateway, upstream_stats
+from tests.conftest import RedisServer, scrape, start_gateway, upstream_stats
 
 pytest.importorskip("sentence_transformers", reason="needs the semantic extra")
 
@@ -110,7 +110,7 @@ def test_unrelated_prompts_and_near_misses_are_not_served(gateway):
         "How do I convert a string to a float in JavaScript?",  # another entity
     ):
         assert cache_of(ask(gateway, other, system=s)) == "miss", other
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = scrape(gateway.url, ADMIN)
     assert 'meshgate_cache_lookups_total{kind="semantic",result="refused"}' in metrics
 
 
@@ -376,7 +376,7 @@ def test_a_slow_lookup_is_a_miss_and_the_answer_is_still_indexed(tmp_path, upstr
         ask(server, "How do I exit vim?")
         parts = [{"type": "text", "text": "How do I exit vim?"}]
         assert cache_of(ask(server, parts)) == "miss"
-        metrics = httpx.get(server.url + "/metrics").text
+        metrics = scrape(server.url, ADMIN)
         assert 'meshgate_cache_lookups_total{kind="semantic",result="timeout"} 2.0' in metrics
         assert until_indexed(server, 2) == 2
     finally:

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from proxy.errors import UpstreamPoolExhausted
 from proxy.upstream.pool import Pool
-from tests.conftest import one_model, upstream_stats
+from tests.conftest import one_model, scrape, upstream_stats
 
 
 def test_a_free_slot_costs_no_wait_and_a_busy_pool_serves_waiters_in_order():
@@ -137,7 +137,7 @@ def test_past_max_connections_calls_wait_then_get_a_503_and_are_counted(small_po
     assert refused.status_code == 503
     error = refused.json()["error"]
     assert error["code"] == "upstream_pool_exhausted" and "'up'" in error["message"]
-    metrics = httpx.get(small_pool.url + "/metrics").text
+    metrics = scrape(small_pool.url)
     assert 'meshgate_upstream_pool_timeouts_total{provider="up"} 1.0' in metrics
     assert 'meshgate_upstream_pool_waiters{provider="up"} 0.0' in metrics
 
@@ -155,7 +155,7 @@ def test_a_call_that_waited_for_a_slot_shows_the_wait_apart_from_the_upstream(
     waited = [line for line in lines if line.get("status") == 200 and line["pool_wait_ms"]]
     assert waited  # the patient call waited for one of the slow streams to end
     assert {"overhead_ms", "latency_ms"} <= waited[-1].keys()
-    metrics = httpx.get(patient_pool.url + "/metrics").text
+    metrics = scrape(patient_pool.url)
     count = [m for m in metrics.splitlines()
              if m.startswith('meshgate_upstream_pool_wait_seconds_count{provider="up"}')]  # fmt: skip
     assert count and float(count[0].split()[-1]) >= 1

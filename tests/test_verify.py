@@ -15,8 +15,10 @@ import orjson
 import pytest
 
 from tests.conftest import (
+    METRICS_KEY,
     Server,
     processes_of_uids,
+    scrape,
     start_fake_upstream,
     start_gateway,
     upstream_stats,
@@ -34,7 +36,7 @@ def config(upstream_port: int, judge_port: int) -> str:
         for name in ("m", "marked", "vote", "split", "a", "b", "c", "judge", "observed")
     )
     return f"""
-server: {{host: 127.0.0.1}}
+server: {{host: 127.0.0.1, metrics_key: {METRICS_KEY}}}
 providers:
   up: {{type: openai, base_url: "http://127.0.0.1:{upstream_port}/v1", api_key: "{SECRET}"}}
   judging: {{type: openai, base_url: "http://127.0.0.1:{judge_port}/v1"}}
@@ -251,7 +253,7 @@ def test_observe_mode_streams_through_and_is_recorded_afterwards(gateway):
         assert r.headers["cache-control"] == "no-store"
         raw = b"".join(r.iter_bytes())
     assert raw.endswith(b"data: [DONE]\n\n")
-    metrics = httpx.get(gateway.url + "/metrics").text
+    metrics = scrape(gateway.url)
     assert 'meshgate_verify_checks_total{check="json_schema",outcome="failed"}' in metrics
 
 
