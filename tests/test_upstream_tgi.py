@@ -62,6 +62,62 @@ def test_request_building():
         upstream.request_body(chat_call(n=2))
 
 
+ASKING = {  # a value of each parameter the native API cannot honour that asks for it
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "functions": [{"name": "f"}], "tool_choice": "required", "function_call": {"name": "f"},
+    "logprobs": True, "top_logprobs": 3, "logit_bias": {"50256": -100},
+    "presence_penalty": 0.5, "audio": {"voice": "alloy", "format": "wav"},
+    "prediction": {"type": "content", "content": "x"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(ASKING))
+def test_what_the_native_api_cannot_honour_is_refused_not_dropped(name):
+    upstream, _ = setup()
+    with pytest.raises(InvalidRequest) as refused:
+        upstream.request_body(chat_call(**{name: ASKING[name]}))
+    assert refused.value.param == name and refused.value.status == 400
+    for inert in tgi.UNSUPPORTED[name]:  # values that ask for nothing pass
+        assert "parameters" in upstream.request_body(chat_call(**{name: inert}))
+
+
+@given(st.dictionaries(st.sampled_from(sorted(tgi.UNSUPPORTED)),
+                       st.one_of(st.none(), st.booleans(), st.integers(-2, 5),
+                                 st.sampled_from(["none", "auto", "required"]),
+                                 st.just([]), st.just({}), st.just([{"name": "f"}]))))  # fmt: skip
+def test_a_request_is_sent_only_when_every_parameter_is_honoured(extra):
+    upstream, _ = setup()
+    asking = [k for k, v in extra.items() if v not in tgi.UNSUPPORTED[k]]
+    if asking:
+        with pytest.raises(InvalidRequest) as refused:
+            upstream.request_body(chat_call(**extra))
+        assert refused.value.param in asking
+    else:
+        assert upstream.request_body(chat_call(**extra))["parameters"]["details"] is True
+
+
+def test_a_json_response_format_becomes_tgi_grammar():
+    upstream, _ = setup()
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+    def grammar(response_format):
+        parameters = upstream.request_body(chat_call(response_format=response_format))
+        return parameters["parameters"].get("grammar")
+
+    assert grammar({"type": "text"}) is None and grammar(None) is None
+    assert grammar({"type": "json_object"}) == {"type": "json", "value": {"type": "object"}}
+    spec = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}
+    assert grammar(spec) == {"type": "json", "value": schema}
+    for bad, param in (({"type": "json_schema", "json_schema": {"name": "a"}},
+                        "response_format.json_schema.schema"),
+                       ({"type": "xml"}, "response_format"), ("json", "response_format"),
+                       ({"type": "json_schema", "json_schema": "s"},
+                        "response_format.json_schema.schema")):  # fmt: skip
+        with pytest.raises(InvalidRequest) as refused:
+            grammar(bad)
+        assert refused.value.param == param
+
+
 @respx.mock
 def test_generate_translated_to_chat_completion():
     route = respx.post("http://tgi:8080/generate").respond(json={

@@ -5,7 +5,10 @@ A TGI new enough to serve `/v1/chat/completions` is better reached as an
 `openai` provider; this adapter is for servers and models reached natively.
 Chat messages are rendered to a prompt with `prompt_format`, since the native
 API takes plain text. TGI's stream does not report the prompt's token count,
-so streamed usage has `prompt_tokens: 0`.
+so streamed usage has `prompt_tokens: 0`. A JSON `response_format` becomes
+TGI's JSON grammar; what the native API cannot honour (tools, logprobs,
+logit_bias, presence_penalty) is refused with a 400 rather than dropped, so a
+client never takes an answer made without it for one made with it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ if TYPE_CHECKING:
     from proxy.pipeline import Call
 
 FINISH = {"length": "length", "eos_token": "stop", "stop_sequence": "stop"}
+# OpenAI parameters /generate has nothing for, each with the values that ask for nothing
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none", "auto"), "function_call": (None, "none", "auto"),
+    "logprobs": (None, False), "top_logprobs": (None, 0),
+    "logit_bias": (None, {}), "presence_penalty": (None, 0),
+    "audio": (None,), "prediction": (None,),
+}  # fmt: skip
 
 TEMPLATES = {
     # (per message, with {role} and {content}; then what opens the assistant's turn)
@@ -94,7 +105,17 @@ class Upstream(base.Upstream):
             inputs = prompt
         if body.get("n", 1) != 1:
             raise InvalidRequest("TGI providers return one choice (n=1)", param="n")
+        for name, inert in UNSUPPORTED.items():
+            if name in body and body[name] not in inert:
+                raise InvalidRequest(
+                    f"`{name}` is not supported by this model's TGI provider (its native "
+                    "API); a TGI serving /v1/chat/completions takes it as an openai provider",
+                    param=name,
+                )
         params: dict[str, Any] = {"details": True}
+        grammar = _grammar(body.get("response_format"))
+        if grammar is not None:
+            params["grammar"] = grammar
         if not call.stream:
             params["decoder_input_details"] = True
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -229,6 +250,29 @@ class Upstream(base.Upstream):
             ) from exc
         finally:
             await response.aclose()
+
+
+def _grammar(response_format: Any) -> dict | None:
+    """TGI's grammar for an OpenAI `response_format`: JSON, to a schema when one is
+    given; None for plain text."""
+    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+    if response_format is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json", "value": {"type": "object"}}
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if isinstance(schema, dict):
+            return {"type": "json", "value": schema}
+        raise InvalidRequest(
+            "response_format.json_schema.schema must be a JSON Schema object",
+            param="response_format.json_schema.schema",
+        )
+    raise InvalidRequest(
+        "response_format must be an object with type text, json_object or json_schema",
+        param="response_format",
+    )
 
 
 def render_chat(messages: list[dict], prompt_format: str) -> str:
