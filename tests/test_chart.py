@@ -145,7 +145,18 @@ def test_production_autoscales_on_in_flight_requests_and_ships_monitoring():
     assert dashboard[0]["metadata"]["labels"]["grafana_dashboard"] == "1"
     expected = json.loads((ROOT / "config/grafana/meshgate.json").read_text())
     assert json.loads(dashboard[0]["data"]["meshgate.json"]) == expected
-    assert kind(docs, "NetworkPolicy") and kind(docs, "PodDisruptionBudget")
+    assert kind(docs, "PodDisruptionBudget")
+    (policy,) = kind(docs, "NetworkPolicy")
+    (ingress,) = policy["spec"]["ingress"]
+    assert ingress["from"] == [  # the API's pods, the ingress controller, Prometheus
+        {"podSelector": {"matchLabels": {"app": "api"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+    ]  # fmt: skip
+    anyone = {**values("production-values.yaml"), "networkPolicy": {"enabled": True}}
+    (policy,) = kind(render(anyone), "NetworkPolicy")
+    assert "from" not in policy["spec"]["ingress"][0]
     state = yaml.safe_load(_configmap(docs)["data"]["proxy.yaml"])["state"]
     assert state == {"backend": "redis", "url": "redis://redis.data.svc:6379/0"}
     (deployment,) = kind(docs, "Deployment")
