@@ -210,8 +210,8 @@ def inject(headers: dict[str, str]) -> None:
     headers["traceparent"] = (
         f"00-{context.trace_id:032x}-{context.span_id:016x}-{context.trace_flags:02x}"
     )
-    if context.trace_state:
-        headers["tracestate"] = context.trace_state.to_header()
+    # No tracestate: it would be the caller's, as it came, in a header to a provider
+    # that is no party to the caller's tracing.
 
 
 def trace_id() -> str | None:

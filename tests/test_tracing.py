@@ -97,6 +97,22 @@ def test_a_request_makes_one_server_span_and_children_for_each_step(traced):
     assert echoed.split("-")[2] == f"{attempt.context.span_id:016x}"
 
 
+def test_a_caller_s_trace_is_joined_and_its_tracestate_stays_here(traced):
+    client, exporter = traced
+    caller = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"authorization": f"Bearer {KEY}", "traceparent": f"00-{caller}-00f067aa0ba902b7-01",
+               "tracestate": "vendor=secret-tenant-42,other=x"}  # fmt: skip
+    body = {"model": "m", "messages": [{"role": "user", "content": "joined"}],
+            "fake": {"echo": 1}}  # fmt: skip
+    r = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 200
+    sent = r.json()["echo"]["headers"]
+    assert sent["traceparent"].split("-")[1] == caller
+    assert "tracestate" not in sent and "secret-tenant-42" not in r.text
+    (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "chat up-m"]
+    assert attempt.context.trace_id == int(caller, 16)
+
+
 def test_a_stream_s_attempt_span_ends_with_the_stream_and_has_its_first_token_time(traced):
     client, exporter = traced
     body = {"model": "m", "messages": [{"role": "user", "content": "stream"}], "stream": True,
