@@ -111,11 +111,28 @@ def test_a_json_response_format_becomes_tgi_grammar():
     for bad, param in (({"type": "json_schema", "json_schema": {"name": "a"}},
                         "response_format.json_schema.schema"),
                        ({"type": "xml"}, "response_format"), ("json", "response_format"),
+                       ("json_schema", "response_format"), ("text", "response_format"),
                        ({"type": "json_schema", "json_schema": "s"},
                         "response_format.json_schema.schema")):  # fmt: skip
         with pytest.raises(InvalidRequest) as refused:
             grammar(bad)
         assert refused.value.param == param
+
+
+@given(st.recursive(st.none() | st.booleans() | st.integers() | st.sampled_from(
+    ["text", "json_object", "json_schema", "type", "schema"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+        st.sampled_from(["type", "json_schema", "schema", "name"]), inner, max_size=3),
+    max_leaves=8))  # fmt: skip
+def test_any_response_format_becomes_a_grammar_or_a_400(response_format):
+    upstream, _ = setup()
+    try:
+        parameters = upstream.request_body(chat_call(response_format=response_format))
+    except InvalidRequest as exc:
+        assert exc.param.startswith("response_format")
+    else:
+        grammar = parameters["parameters"].get("grammar")
+        assert grammar is None or (grammar["type"] == "json" and isinstance(grammar["value"], dict))
 
 
 @respx.mock

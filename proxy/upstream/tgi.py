@@ -255,12 +255,15 @@ class Upstream(base.Upstream):
 def _grammar(response_format: Any) -> dict | None:
     """TGI's grammar for an OpenAI `response_format`: JSON, to a schema when one is
     given; None for plain text."""
-    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-    if response_format is None or kind == "text":
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
         return None
     if kind == "json_object":
         return {"type": "json", "value": {"type": "object"}}
     if kind == "json_schema":
+        assert isinstance(response_format, dict)
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
         if isinstance(schema, dict):
