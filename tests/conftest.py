@@ -16,10 +16,38 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "hi"}]
 METRICS_KEY = "sk-metrics-scraper-0123456789"  # server.metrics_key of the configs below
+
+# Words the API gives meaning to, so that a value or a key is now and then one the
+# gateway reads, in a place or of a type it does not expect.
+KEYWORDS = ["text", "json_object", "json_schema", "schema", "type", "function", "auto", "none",
+            "required", "user", "assistant", "image_url", "include_usage", "name"]  # fmt: skip
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+    st.sampled_from(KEYWORDS),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4),
+        st.dictionaries(st.text(max_size=10) | st.sampled_from(KEYWORDS), inner, max_size=4),
+    ),
+    max_leaves=12,
+)
+# A request parameter's value: often a bare keyword, or an object keyed by them.
+PARAM_VALUES = st.one_of(
+    st.sampled_from(KEYWORDS),
+    st.dictionaries(st.sampled_from(KEYWORDS), JSON_VALUES, max_size=3),
+    JSON_VALUES,
+)
 
 
 def free_port() -> int:

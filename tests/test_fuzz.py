@@ -12,7 +12,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import Server, start_fake_upstream, start_gateway
+from tests.conftest import (
+    JSON_SCALARS,
+    PARAM_VALUES,
+    Server,
+    start_fake_upstream,
+    start_gateway,
+)
 
 KEY = "sk-fuzz-client-key-0123456789"
 
@@ -67,22 +73,6 @@ def client(gateway) -> Iterator[httpx.Client]:
         yield c
 
 
-json_scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    st.floats(allow_nan=False, allow_infinity=False),
-    st.text(max_size=40),
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
-
-
 class Raw:
     """JSON text spliced into a body as it is: nesting no serializer would write."""
 
@@ -97,7 +87,7 @@ def deep(draw):
     kinds = draw(st.lists(st.booleans(), min_size=depth, max_size=depth))
     opening = b"".join(b"[" if k else b'{"k":' for k in kinds)
     closing = b"".join(b"]" if k else b"}" for k in reversed(kinds))
-    return Raw(opening + orjson.dumps(draw(json_scalars)) + closing)
+    return Raw(opening + orjson.dumps(draw(JSON_SCALARS)) + closing)
 
 
 def encode(value) -> bytes:
@@ -113,7 +103,7 @@ def encode(value) -> bytes:
     return orjson.dumps(value)
 
 
-hostile = st.one_of(json_values, deep())
+hostile = st.one_of(PARAM_VALUES, deep())
 FIELDS = [
     "model",
     "messages",

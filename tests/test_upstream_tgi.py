@@ -14,9 +14,29 @@ from hypothesis import strategies as st
 
 from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.pipeline import Call
+from proxy.protocol import parse_request
 from proxy.sse import UpstreamMalformed
 from proxy.upstream import tgi
-from tests.conftest import start_fake_upstream
+from tests.conftest import JSON_VALUES, PARAM_VALUES, start_fake_upstream
+
+# Parameters the gateway checks itself, with values it takes: beside them, the ones the
+# adapter alone reads get any value.
+CHECKED = st.fixed_dictionaries({}, optional={
+    "max_tokens": st.integers(1, 4096), "temperature": st.floats(0, 2), "top_p": st.floats(0, 1),
+    "seed": st.integers(0, 2**31), "stop": st.text(max_size=5) | st.lists(st.text(max_size=5)),
+    "frequency_penalty": st.floats(-2, 2), "user": st.text(max_size=10),
+})  # fmt: skip
+# response_format as the adapter reads it: a type, maybe a json_schema, maybe a schema
+# in it, each of any shape
+RESPONSE_FORMATS = PARAM_VALUES | st.fixed_dictionaries(
+    {"type": PARAM_VALUES},
+    optional={"json_schema": PARAM_VALUES | st.fixed_dictionaries({}, optional={
+        "schema": PARAM_VALUES, "name": PARAM_VALUES})},
+)  # fmt: skip
+# one of them at a time mostly, as a refusal of one hides what the others would do
+UNCHECKED = st.fixed_dictionaries({"response_format": RESPONSE_FORMATS}) | st.dictionaries(
+    st.sampled_from(["response_format", *tgi.UNSUPPORTED]), PARAM_VALUES, max_size=3
+)
 
 
 def setup(prompt_format="chatml"):
@@ -133,6 +153,28 @@ def test_any_response_format_becomes_a_grammar_or_a_400(response_format):
     else:
         grammar = parameters["parameters"].get("grammar")
         assert grammar is None or (grammar["type"] == "json" and isinstance(grammar["value"], dict))
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from(["chat", "completions"]), st.booleans(), CHECKED, UNCHECKED)
+def test_any_request_the_gateway_accepts_is_translated_or_refused(endpoint, stream, checked, extra):
+    """What passes the gateway's own checks (proxy/protocol.py) becomes a TGI request,
+    or a 400 naming a parameter: never another exception (a 500)."""
+    first = {"messages": [{"role": "user", "content": "Hi"}]} if endpoint == "chat" else {
+        "prompt": "Hi"}  # fmt: skip
+    raw = orjson.dumps({"model": "llama", **first, **checked, **extra, "stream": stream})
+    try:
+        body = parse_request(endpoint, raw)
+    except InvalidRequest:
+        return  # refused before any adapter sees it
+    upstream, _ = setup()
+    try:
+        request = upstream.request_body(Call(endpoint, body, {}, "rid"))
+    except InvalidRequest as exc:
+        assert exc.status == 400 and exc.param
+    else:
+        orjson.dumps(request)  # what is sent is JSON
+        assert isinstance(request["inputs"], str)
 
 
 @respx.mock
@@ -255,34 +297,23 @@ def test_the_fake_upstream_speaks_tgi_over_a_socket(tmp_path, stream):
         fake.stop()
 
 
-json_values = st.recursive(
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False)
-    | st.text(max_size=5),
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
 # Answers shaped like TGI's, with any value in any place, and anything else.
 tgi_like = st.fixed_dictionaries(
     {},
     optional={
-        "generated_text": json_values,
-        "details": json_values | st.fixed_dictionaries({}, optional={
-            "finish_reason": json_values, "generated_tokens": json_values, "prefill": json_values,
+        "generated_text": JSON_VALUES,
+        "details": JSON_VALUES | st.fixed_dictionaries({}, optional={
+            "finish_reason": JSON_VALUES, "generated_tokens": JSON_VALUES, "prefill": JSON_VALUES,
         }),
-        "token": json_values | st.fixed_dictionaries({}, optional={
-            "text": json_values, "special": json_values,
+        "token": JSON_VALUES | st.fixed_dictionaries({}, optional={
+            "text": JSON_VALUES, "special": JSON_VALUES,
         }),
     },
 )  # fmt: skip
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.one_of(tgi_like, st.lists(tgi_like, max_size=2), json_values))
+@given(st.one_of(tgi_like, st.lists(tgi_like, max_size=2), JSON_VALUES))
 def test_any_answer_translates_or_is_refused(answer):
     """A /generate answer becomes an OpenAI answer with sane usage, or ValueError
     (the adapter's 502 upstream_malformed_response): never another exception."""
