@@ -1,11 +1,15 @@
-"""OpenAI's request bodies: parse and check just what the gateway relies on.
+"""OpenAI's request bodies: parse and check what the gateway and its adapters rely on.
 
-Everything else in a body passes through unread, so fields the gateway does
-not know (new OpenAI parameters, vendor extensions) reach the upstream as sent.
 What the gateway itself reads (the model, the input's shape, `stream`,
 `stream_options`, `max_tokens`, `max_completion_tokens`, `n`, `temperature`,
 `stop`) is type- and range-checked here, so no later step meets a value it
-cannot use. Messages follow api.openai.com's wording where it has one.
+cannot use. OpenAI's other established parameters (`tools`, `tool_choice`,
+`response_format`, `logit_bias`, `seed`, ...) are checked for their JSON type
+and range, as api.openai.com checks them, since the TGI and litellm adapters
+translate them: a malformed one is the client's 400 whichever provider serves
+the model, never a failure of the provider's. Fields the gateway does not know
+(new parameters, vendor extensions) pass through unread and reach the upstream
+as sent. Messages follow api.openai.com's wording where it has one.
 
 `prompt_text` and `estimate_tokens` are the one reading of a request's text and
 size that every plugin shares.
@@ -27,6 +31,24 @@ MAX_MODEL_CHARS = 256
 MAX_OUTPUT_TOKENS = 1 << 24  # far above any model's; what matters is that it is bounded
 MAX_CHOICES = 128  # OpenAI's own limit for `n`
 DEFAULT_COMPLETION_TOKENS = 1024  # what an answer is assumed to cost when no max_tokens is set
+
+# OpenAI's established parameters, by JSON type and range, checked when present
+# (low and high bound numbers; for arrays, the type of their items).
+PARAMETERS: dict[str, tuple[Any, ...]] = {
+    "tools": (list, dict), "functions": (list, dict), "modalities": (list, str),
+    "tool_choice": ((str, dict),), "function_call": ((str, dict),),
+    "response_format": (dict,), "logit_bias": (dict,), "audio": (dict,),
+    "prediction": (dict,), "web_search_options": (dict,), "metadata": (dict,),
+    "logprobs": (bool,), "parallel_tool_calls": (bool,), "store": (bool,), "echo": (bool,),
+    "user": (str,), "reasoning_effort": (str,), "service_tier": (str,), "suffix": (str,),
+    "encoding_format": (str,),
+    "seed": (int, -(2**63), 2**64 - 1), "top_logprobs": (int, 0, 20),
+    "best_of": (int, 1, MAX_CHOICES), "dimensions": (int, 1, 1 << 16),
+    "top_p": ((int, float), 0, 1), "presence_penalty": ((int, float), -2, 2),
+    "frequency_penalty": ((int, float), -2, 2),
+}  # fmt: skip
+# legacy completions count their logprobs: how many alternatives to list per token
+COMPLETION_PARAMETERS = {**PARAMETERS, "logprobs": (int, 0, 5)}
 
 _JSON_TYPES = {
     dict: "an object",
@@ -93,7 +115,40 @@ def parse_request(endpoint: str, raw: bytes) -> dict[str, Any]:
             raise InvalidRequest(
                 "Invalid 'stop': expected a string or an array of strings.", param="stop"
             )
+    checked = COMPLETION_PARAMETERS if endpoint == "completions" else PARAMETERS
+    for name in body:
+        if name in checked and body[name] is not None:
+            _check_parameter(body, name, checked[name])
     return body
+
+
+def _check_parameter(body: dict, name: str, spec: tuple[Any, ...]) -> None:
+    """One of PARAMETERS: its type, then its items' type or its range."""
+    types = spec[0]
+    if len(spec) == 3:
+        _bounded(body, name, types, spec[1], spec[2])
+        return
+    value = _require(body, name, types)
+    if name == "response_format" and not isinstance(value.get("type"), str):
+        raise InvalidRequest(
+            "Invalid 'response_format': expected an object with a string 'type'.",
+            param="response_format",
+        )
+    if name == "logit_bias" and not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and -100 <= v <= 100
+        for v in value.values()
+    ):
+        raise InvalidRequest(
+            "Invalid 'logit_bias': expected an object of numbers from -100 to 100.",
+            param="logit_bias",
+        )
+    if len(spec) == 2 and not all(
+        isinstance(item, spec[1]) and not isinstance(item, bool) for item in value
+    ):
+        raise InvalidRequest(
+            f"Invalid '{name}': expected an array of {_JSON_TYPES[spec[1]].split(' ', 1)[1]}s.",
+            param=name,
+        )
 
 
 def _check_messages(messages: list) -> None:

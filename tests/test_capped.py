@@ -70,3 +70,20 @@ def test_an_uncompressed_answer_passes(encoding):
 def test_outside_a_capped_call_nothing_changes():
     body, asked = fetch(10_000, None)
     assert body == b"x" * 10_000 and asked != "identity"
+
+
+@pytest.mark.parametrize("requests", [0, 1, 2])
+def test_a_call_knows_whether_anything_went_out(requests):
+    """What tells litellm's own refusal of a request (nothing sent) from the
+    provider's failure (proxy/upstream/litellm.py)."""
+
+    async def main():
+        transport = CappedTransport(httpx.MockTransport(lambda request: httpx.Response(200)))
+        async with httpx.AsyncClient(transport=transport) as c:
+            with answers_capped(1000) as outgoing:
+                assert not outgoing.sent
+                for _ in range(requests):
+                    await c.get("http://up/")
+            return outgoing.sent
+
+    assert asyncio.run(main()) == (requests > 0)

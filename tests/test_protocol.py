@@ -1,13 +1,25 @@
-"""proxy/protocol.py's one token estimate: about four characters a token, counting
-every string of the input (roles, names, tool calls and their arguments) and one
-per token id, whatever shape the input takes."""
+"""proxy/protocol.py: the one token estimate (about four characters a token, counting
+every string of the input, roles, names, tool calls and their arguments, and one
+per token id, whatever shape the input takes), and the checks of OpenAI's
+established parameters."""
 
 from __future__ import annotations
 
+import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_prompt_tokens, estimate_tokens
+from proxy.errors import InvalidRequest
+from proxy.protocol import (
+    COMPLETION_PARAMETERS,
+    DEFAULT_COMPLETION_TOKENS,
+    PARAMETERS,
+    estimate_prompt_tokens,
+    estimate_tokens,
+    parse_request,
+)
+from tests.conftest import PARAM_VALUES
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False) | st.text(),
@@ -63,3 +75,59 @@ def test_a_call_reserves_its_prompt_and_its_answers_limit_times_n(messages, limi
     expected = characters(messages) // 4 + 1 + answer * times
     assert estimate_tokens("chat", body, default) == expected
     assert estimate_tokens("embeddings", {"input": messages}) == characters(messages) // 4 + 1
+
+
+def fits(spec: tuple, value) -> bool:
+    """Whether `value` is of a parameter's JSON type, and within its range or of its
+    items' type, as PARAMETERS says; written out apart from the code under test."""
+    types = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    if isinstance(value, bool) and bool not in types:
+        return False
+    if not isinstance(value, types):
+        return False
+    if len(spec) == 3:
+        return spec[1] <= value <= spec[2]
+    if len(spec) == 2:
+        return all(isinstance(v, spec[1]) and not isinstance(v, bool) for v in value)
+    return True
+
+
+SAMPLES = PARAM_VALUES | st.integers(-30, 30) | st.floats(-3, 3) | st.lists(
+    st.dictionaries(st.sampled_from(["type", "function"]), st.text(max_size=5)), max_size=2
+)  # fmt: skip
+
+
+@given(st.sampled_from(["chat", "completions", "embeddings"]),
+       st.sampled_from(sorted(PARAMETERS)), SAMPLES)  # fmt: skip
+def test_an_established_parameter_passes_only_with_its_type_and_range(endpoint, name, value):
+    spec = (COMPLETION_PARAMETERS if endpoint == "completions" else PARAMETERS)[name]
+    first = {"chat": {"messages": [{"role": "user", "content": "hi"}]},
+             "completions": {"prompt": "hi"}, "embeddings": {"input": "hi"}}[endpoint]  # fmt: skip
+    raw = orjson.dumps({"model": "m", **first, name: value})
+    allowed = value is None or fits(spec, value)
+    if name == "response_format" and allowed and value is not None:
+        allowed = isinstance(value.get("type"), str)
+    if name == "logit_bias" and allowed and value is not None:
+        allowed = all(type(v) in (int, float) and -100 <= v <= 100 for v in value.values())
+    if allowed:
+        assert parse_request(endpoint, raw)[name] == value
+    else:
+        with pytest.raises(InvalidRequest) as refused:
+            parse_request(endpoint, raw)
+        assert refused.value.param == name and refused.value.status == 400
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "logprobs", "ok"),
+    [("chat", True, True), ("chat", 3, False), ("completions", 3, True),
+     ("completions", True, False), ("completions", 6, False)],
+)  # fmt: skip
+def test_logprobs_is_a_flag_in_chat_and_a_count_in_completions(endpoint, logprobs, ok):
+    first = {"messages": [{"role": "user", "content": "hi"}]} if endpoint == "chat" else {
+        "prompt": "hi"}  # fmt: skip
+    raw = orjson.dumps({"model": "m", **first, "logprobs": logprobs})
+    if ok:
+        assert parse_request(endpoint, raw)["logprobs"] == logprobs
+    else:
+        with pytest.raises(InvalidRequest):
+            parse_request(endpoint, raw)

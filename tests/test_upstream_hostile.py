@@ -11,6 +11,7 @@ import httpx
 import orjson
 import pytest
 
+from proxy.protocol import PARAMETERS
 from tests.conftest import Server, free_port, start_fake_upstream, start_gateway
 
 pytestmark = pytest.mark.litellm
@@ -105,7 +106,8 @@ def test_a_client_cannot_send_the_gateway_to_a_host_or_credential_of_its_choice(
     fields = steering_fields()
     assert {"api_base", "base_url", "api_key", "extra_headers"} <= set(fields)
     answers = [chat(gateway, model, **{f: hostile_value(f, trap.url)}) for f in fields]
-    checked = {"stream_options"}  # the gateway reads it, so it is type-checked at the door
+    # type-checked at the door (proxy/protocol.py): a URL there is a 400 naming the field
+    checked = {"stream_options", *PARAMETERS}
     everything = {f: hostile_value(f, trap.url) for f in fields if f not in checked}
     answers.append(chat(gateway, model, **everything))
     assert trap.received == []
@@ -246,6 +248,40 @@ models: [{{name: m, deployments: [{{provider: dead, model: m}}]}}]
     assert response.status_code == 502
     assert f"cannot connect to 127.0.0.1:{dead}" in message
     assert "ssl" not in message.lower()
+
+
+def test_what_litellm_cannot_translate_is_the_client_s_400_not_the_provider_s_failure(
+    tmp_path, servers
+):
+    """A parameter of the right JSON type that litellm still refuses (a tool_choice
+    naming no tool type) fails before anything is sent: each such request is a 400,
+    and however many come, the deployment's breaker stays closed for everyone else.
+    A provider that cannot be reached still counts, and opens it."""
+    upstream, _, _ = servers
+    base = f"http://127.0.0.1:{upstream.port}/v1"
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  lite: {{type: litellm, api_base: "{base}", api_key: sk-lite-0123456789}}
+  dead: {{type: litellm, api_base: "http://127.0.0.1:{free_port()}/v1", api_key: sk-dead-0123456}}
+models:
+  - {{name: lite-model, deployments: [{{provider: lite, model: openai/upstream-model}}]}}
+  - {{name: dead-model, deployments: [{{provider: dead, model: openai/upstream-model}}]}}
+health: {{breaker: {{failures: 2, window_s: 60, cooldown_s: 60}}}}
+""")  # fmt: skip
+    try:
+        for untranslatable in ({"tool_choice": {"type": 5}}, {"tool_choice": {"type": "x"}},
+                               {"tool_choice": {"type": 5}}):  # fmt: skip
+            refused = chat(gateway, "lite-model", **untranslatable)
+            assert refused.status_code == 400, refused.text
+            error = refused.json()["error"]
+            assert error["type"] == "invalid_request_error" and "lite" in error["message"]
+            assert "sk-lite" not in refused.text and "Traceback" not in refused.text
+        assert chat(gateway, "lite-model").status_code == 200  # the breaker stayed closed
+        outcomes = [chat(gateway, "dead-model").status_code for _ in range(3)]
+        assert outcomes[:2] == [502, 502] and outcomes[2] == 503  # the breaker opened
+    finally:
+        gateway.stop()
 
 
 @pytest.mark.parametrize("after", [1, 3, 8])

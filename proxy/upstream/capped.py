@@ -7,7 +7,8 @@ fails the read once they pass the cap of the provider being called. The clients
 are litellm's, shared by every litellm provider, so the cap is set per call
 (`answers_capped`, in the call's task) rather than per client. An answer compressed
 though none was asked for is refused: its size could not be bounded as it
-inflates.
+inflates. It also notes whether the call sent anything: a failure before any
+request went out is litellm's translation of the request, not the provider's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,19 @@ from contextvars import ContextVar
 
 import httpx
 
-_CAP: ContextVar[int | None] = ContextVar("meshgate_answer_cap", default=None)
+
+class Outgoing:
+    """A provider call under way in a task: the cap on its answers, and whether any
+    request of it has gone out."""
+
+    __slots__ = ("most", "sent")
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self.sent = False
+
+
+_CALL: ContextVar[Outgoing | None] = ContextVar("meshgate_outgoing", default=None)
 
 
 class AnswerTooLarge(httpx.ReadError):
@@ -30,13 +43,14 @@ class UncappableAnswer(httpx.ReadError):
 
 
 @contextmanager
-def answers_capped(most: int) -> Iterator[None]:
+def answers_capped(most: int) -> Iterator[Outgoing]:
     """Cap the answers of the HTTP calls this task makes inside at `most` bytes."""
-    token = _CAP.set(most)
+    outgoing = Outgoing(most)
+    token = _CALL.set(outgoing)
     try:
-        yield
+        yield outgoing
     finally:
-        _CAP.reset(token)
+        _CALL.reset(token)
 
 
 class CappedTransport(httpx.AsyncBaseTransport):
@@ -46,9 +60,11 @@ class CappedTransport(httpx.AsyncBaseTransport):
         self.inner = inner
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        most = _CAP.get()
-        if most is None:  # not a provider's call (litellm fetching something of its own)
+        outgoing = _CALL.get()
+        if outgoing is None:  # not a provider's call (litellm fetching something of its own)
             return await self.inner.handle_async_request(request)
+        outgoing.sent = True
+        most = outgoing.most
         request.headers["accept-encoding"] = "identity"
         response = await self.inner.handle_async_request(request)
         encoding = response.headers.get("content-encoding", "").strip().lower()

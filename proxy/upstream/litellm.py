@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import httpx
 import orjson
 
 from proxy import tracing
@@ -116,8 +117,6 @@ class Upstream(base.Upstream):
     async def start(self) -> None:
         self.litellm = import_litellm()
         if self.litellm.aclient_session is None:
-            import httpx
-
             # Used by litellm for OpenAI-compatible providers in place of the SDK's
             # own client, which follows redirects.
             self.litellm.aclient_session = httpx.AsyncClient(
@@ -160,11 +159,12 @@ class Upstream(base.Upstream):
             "completions": self.litellm.atext_completion,
             "embeddings": self.litellm.aembedding,
         }[call.endpoint]
+        outgoing = None
         try:
-            with answers_capped(self.config.max_response_bytes):  # read as the request goes out
+            with answers_capped(self.config.max_response_bytes) as outgoing:  # read as it goes
                 result = await function(**kwargs)
         except Exception as exc:
-            raise self.translate(exc) from exc
+            raise self.translate(exc, sent=outgoing is None or outgoing.sent) from exc
         if call.stream:
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
@@ -188,8 +188,11 @@ class Upstream(base.Upstream):
             if close is not None:
                 await close()
 
-    def translate(self, exc: Exception) -> GatewayError:
-        """One of litellm's exceptions as the gateway's error, by its status."""
+    def translate(self, exc: Exception, sent: bool = True) -> GatewayError:
+        """One of litellm's exceptions as the gateway's error, by its status. A failure
+        with nothing `sent` that is not about credentials is litellm unable to
+        translate the request (a client's malformed parameter; litellm calls it a
+        connection error, status 500): a 400, and nothing against the deployment."""
         if isinstance(exc, GatewayError):
             return exc
         capped = cause(exc)
@@ -200,8 +203,20 @@ class Upstream(base.Upstream):
         status = getattr(exc, "status_code", None)
         message = self.redact.text(scrub(str(getattr(exc, "message", None) or exc)))
         name = type(exc).__name__
-        if name == "Timeout" or isinstance(exc, TimeoutError):
+        if not sent and status not in (401, 403):
+            return InvalidRequest(
+                f"The request cannot be made to provider '{self.name}' as sent: {message}"
+            )
+        transport = _transport_failure(exc)  # litellm calls a refused connection a 500
+        if (
+            name == "Timeout"
+            or isinstance(exc, TimeoutError)
+            or isinstance(transport, httpx.TimeoutException)
+        ):
             return UpstreamTimeout(f"provider '{self.name}' did not answer in time")
+        if transport is not None:
+            reason = self.redact.text(scrub(str(transport))) or type(transport).__name__
+            return UpstreamUnavailable(f"provider '{self.name}' is unreachable: {reason}")
         if name == "APIConnectionError" or not isinstance(status, int):
             return UpstreamUnavailable(f"provider '{self.name}' is unreachable: {message}")
         if status in (401, 403) or 300 <= status < 400:
@@ -216,3 +231,16 @@ class Upstream(base.Upstream):
         if retry_after:
             headers["retry-after"] = retry_after
         return UpstreamStatus(status, message, code=None, headers=headers)
+
+
+def _transport_failure(exc: BaseException) -> httpx.TransportError | None:
+    """The HTTP client's own failure (a refused connection, a timeout, a broken
+    answer) behind `exc`, however litellm and the SDK wrapped it."""
+    seen = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, httpx.TransportError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
