@@ -216,3 +216,27 @@ def test_a_judge_answer_that_is_not_a_chat_completion_says_no(body):
     from plugins.cache.judge import _verdict
 
     assert _verdict(body) is False
+
+
+def test_a_replica_finds_the_index_another_made_at_its_next_lookup(redis_search):
+    """Replica B looks (no index yet), replica A stores the first answer (making the
+    index), and B's very next lookup finds it: no window in which B goes on missing."""
+    from plugins.cache.redis_index import RedisIndex
+
+    prefix = f"t{np.random.randint(1 << 30)}:"
+    vector = np.ones(8, dtype=np.float32) / np.sqrt(8)
+
+    async def main():
+        a, b = RedisIndex(redis_search, prefix, 1.0), RedisIndex(redis_search, prefix, 1.0)
+        await a.start()
+        await b.start()
+        try:
+            assert await b.search("scope", vector, 3, 0.9) == []  # nothing made yet
+            await a.add(Probe("scope", "team:x", "m", "hi", vector), "answer-key", 60)
+            (found,) = await b.search("scope", vector, 3, 0.9)
+            assert found.key == "answer-key" and found.similarity > 0.99
+        finally:
+            await a.close()
+            await b.close()
+
+    asyncio.run(main())

@@ -10,7 +10,6 @@ when the first vector shows its size.
 from __future__ import annotations
 
 import hashlib
-import time
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ class RedisIndex:
             url, socket_timeout=max(timeout_s, 1.0), socket_connect_timeout=max(timeout_s, 1.0)
         )
         self.index: Any = None  # redisvl's AsyncSearchIndex, once the vector size is known
-        self._looked_at = 0.0  # when this replica last looked for an index another made
 
     async def start(self) -> None:
         try:
@@ -56,14 +54,13 @@ class RedisIndex:
         self.index = await AsyncSearchIndex.from_existing(self.name, redis_client=self.redis)
 
     async def _found(self) -> bool:
-        """Whether the index exists: made here, or since made by another replica (looked
-        for at most once a second until it is found)."""
+        """Whether the index exists: made here, or since made by another replica. Until
+        it is found, every lookup asks (a round trip beside the lookup's embedding,
+        and only before the first answer is stored anywhere): looking less often
+        left a replica missing every paraphrase for as long as it did not look,
+        though another had made the index and stored the answer."""
         if self.index is not None:
             return True
-        now = time.monotonic()
-        if now - self._looked_at < 1.0:
-            return False
-        self._looked_at = now
         try:
             if self.name.encode() in await self.redis.execute_command("FT._LIST"):
                 await self._adopt()
