@@ -87,3 +87,16 @@ def test_a_call_knows_whether_anything_went_out(requests):
             return outgoing.sent
 
     assert asyncio.run(main()) == (requests > 0)
+
+
+def test_cause_finds_an_error_of_the_kinds_asked_through_any_wrapping():
+    refused = httpx.ConnectError("refused")
+    try:
+        try:
+            raise refused
+        except httpx.ConnectError as exc:
+            raise RuntimeError("litellm's InternalServerError, status 500") from exc
+    except RuntimeError as wrapper:
+        assert cause(wrapper, (httpx.TransportError,)) is refused
+        assert cause(wrapper) is None  # not the cap's own
+        assert cause(wrapper, (httpx.TimeoutException,)) is None

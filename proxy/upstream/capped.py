@@ -98,12 +98,15 @@ class _Capped(httpx.AsyncByteStream):
         await self.inner.aclose()
 
 
-def cause(exc: BaseException) -> httpx.ReadError | None:
-    """The cap's own error behind `exc`, however litellm or the SDK wrapped it."""
+def cause(exc: BaseException, kinds: tuple[type[BaseException], ...] = (AnswerTooLarge,
+          UncappableAnswer)) -> BaseException | None:  # fmt: skip
+    """The first error of `kinds` behind `exc` (by default the cap's own), however
+    litellm or the SDK wrapped it."""
     seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (AnswerTooLarge, UncappableAnswer)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kinds):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
     return None

@@ -207,7 +207,7 @@ class Upstream(base.Upstream):
             return InvalidRequest(
                 f"The request cannot be made to provider '{self.name}' as sent: {message}"
             )
-        transport = _transport_failure(exc)  # litellm calls a refused connection a 500
+        transport = cause(exc, (httpx.TransportError,))  # litellm: a refused connection is a 500
         if (
             name == "Timeout"
             or isinstance(exc, TimeoutError)
@@ -231,16 +231,3 @@ class Upstream(base.Upstream):
         if retry_after:
             headers["retry-after"] = retry_after
         return UpstreamStatus(status, message, code=None, headers=headers)
-
-
-def _transport_failure(exc: BaseException) -> httpx.TransportError | None:
-    """The HTTP client's own failure (a refused connection, a timeout, a broken
-    answer) behind `exc`, however litellm and the SDK wrapped it."""
-    seen = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        if isinstance(current, httpx.TransportError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
