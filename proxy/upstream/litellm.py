@@ -159,12 +159,11 @@ class Upstream(base.Upstream):
             "completions": self.litellm.atext_completion,
             "embeddings": self.litellm.aembedding,
         }[call.endpoint]
-        outgoing = None
-        try:
-            with answers_capped(self.config.max_response_bytes) as outgoing:  # read as it goes
+        with answers_capped(self.config.max_response_bytes) as outgoing:  # read as it goes
+            try:
                 result = await function(**kwargs)
-        except Exception as exc:
-            raise self.translate(exc, sent=outgoing is None or outgoing.sent) from exc
+            except Exception as exc:
+                raise self.translate(exc, sent=outgoing.sent) from exc
         if call.stream:
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
