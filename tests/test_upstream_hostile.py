@@ -206,6 +206,44 @@ def test_stream_error_events_never_carry_the_providers_key(servers, leak, where)
             assert 'data: {"error"' in response.text
 
 
+LITELLM_CALLS = {
+    "chat": ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+    "stream": ("/v1/chat/completions",
+               {"messages": [{"role": "user", "content": "hi"}], "stream": True}),
+    "completions": ("/v1/completions", {"prompt": "hi"}),
+    "embeddings": ("/v1/embeddings", {"input": ["hi"]}),
+}  # fmt: skip
+
+
+FAILURES = {
+    "429": ("--error-status", "429"),
+    "500": ("--error-status", "500"),
+    "503": ("--error-status", "503"),
+    "reset": ("--fail-mode", "abort"),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES.values(), ids=FAILURES.keys())
+def test_litellm_never_retries_on_its_own(tmp_path, failure):
+    """One attempt of the gateway's is one request to the provider: the OpenAI SDK
+    beneath litellm would retry a 429, a 5xx or a lost connection twice, out of
+    sight of fallback, the deadline and the breaker."""
+    upstream = start_fake_upstream(tmp_path, "--error-rate", "1", *failure)
+    gateway = start_gateway(tmp_path, config(upstream.port))
+    try:
+        for name, (path, body) in LITELLM_CALLS.items():
+            before = httpx.get(upstream.url + "/_stats").json()["requests"]
+            response = httpx.post(
+                gateway.url + path, json={"model": "lite-model", **body}, timeout=30
+            )
+            after = httpx.get(upstream.url + "/_stats").json()["requests"]
+            assert response.status_code >= 400, (name, response.text)
+            assert after - before == 1, f"{name}: {after - before} requests for one attempt"
+    finally:
+        gateway.stop()
+        upstream.stop()
+
+
 @pytest.mark.parametrize("leak", LEAKS)
 @pytest.mark.parametrize("status", [400, 500])
 def test_litellm_errors_never_carry_the_key_or_a_traceback(scripted, leak, status):

@@ -148,7 +148,7 @@ def test_only_openai_parameters_pass_from_a_client_to_litellm():
     upstream = adapter.Upstream("claude", config)
     _, model = setup()
     controlled = {"model", "timeout", "drop_params", "extra_headers", "api_key", "api_base",
-                  "api_version", "stream_options", "vertex_project"}  # fmt: skip
+                  "api_version", "stream_options", "vertex_project", "max_retries"}  # fmt: skip
     names = st.sampled_from(
         sorted(
             adapter.OPENAI_PARAMS["chat"]
@@ -179,6 +179,13 @@ def test_only_openai_parameters_pass_from_a_client_to_litellm():
         assert kwargs["api_version"] == "2024-01-01"
         assert kwargs["vertex_project"] == "p"
         assert kwargs["model"] == MODEL
+        assert kwargs["max_retries"] == 0
         assert kwargs["extra_headers"] == {"x-team": "a", "x-request-id": "rid"}
 
     check()
+
+
+@pytest.mark.parametrize("name", sorted(adapter.RETRIES))
+def test_retries_are_not_litellm_s_to_configure(name):
+    with pytest.raises(ValueError, match="fallback"):
+        adapter.Config(type="litellm", extra={name: 3})

@@ -54,6 +54,12 @@ OPENAI_PARAMS = {
     "embeddings": frozenset({"input", "dimensions", "encoding_format", "user"}),
 }  # fmt: skip
 
+# litellm's keywords for retrying a call itself. The OpenAI SDK it uses for
+# `openai/` and `azure/` models retries a 429, a 5xx or a lost connection twice by
+# default, with backoff: one attempt of the gateway's would reach the provider
+# three times, out of sight of fallback's attempts, its deadline and the breaker.
+RETRIES = frozenset({"max_retries", "num_retries"})
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Config(base.ProviderConfig):
@@ -66,6 +72,12 @@ class Config(base.ProviderConfig):
 
     def __post_init__(self) -> None:
         base.ProviderConfig.__post_init__(self)
+        retries = sorted(RETRIES & set(self.extra))
+        if retries:
+            raise ValueError(
+                f"extra: {', '.join(retries)}: retries are the fallback plugin's "
+                "(pipeline: fallback: attempts), not litellm's"
+            )
         if importlib.util.find_spec("litellm") is None:
             raise ValueError(
                 "type litellm needs the litellm extra: pip install 'meshgate[litellm]'"
@@ -80,6 +92,8 @@ def import_litellm():
 
     litellm.telemetry = False
     litellm.suppress_debug_info = True
+    # its embeddings read `max_retries or DEFAULT_MAX_RETRIES`, turning a 0 back into 2
+    litellm.DEFAULT_MAX_RETRIES = 0  # type: ignore[misc]  # declared Final
     _no_redirects(litellm)
     return litellm
 
@@ -141,6 +155,7 @@ class Upstream(base.Upstream):
         kwargs["model"] = model
         kwargs["timeout"] = self.config.timeouts.total_s
         kwargs["drop_params"] = self.config.drop_params
+        kwargs["max_retries"] = 0  # one call, one request to the provider: see RETRIES
         headers = dict(self.config.headers)
         headers["x-request-id"] = call.request_id
         tracing.inject(headers)  # traceparent, when tracing is on
