@@ -39,7 +39,8 @@ _NOOP = contextlib.nullcontext()
 _tracer: Any = None  # an opentelemetry Tracer once configured
 _api: Any = None  # the opentelemetry.trace module
 _context: Any = None  # the opentelemetry.context module
-_bound = 0  # a root trace is sampled when the low 64 bits of its id are below this
+_bound = 0  # a trace is sampled here when the low 64 bits of its id are below this
+_follow = True  # a caller's traceparent decides its sampling (tracing.follow_caller)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,9 +50,11 @@ class TracingConfig:
     # OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces, then http://localhost:4318/v1/traces
     endpoint: str | None = None
     headers: dict[str, str] = field(default_factory=dict, repr=False)  # to the collector
-    # share of traces kept (parent-based: an upstream caller's decision is followed);
-    # default: OTEL_TRACES_SAMPLER_ARG, else 1
+    # share of traces kept; default: OTEL_TRACES_SAMPLER_ARG, else 1
     sample_ratio: float | None = None
+    # a caller's traceparent decides whether its request is sampled (its flag);
+    # false: sample_ratio decides for every request, the caller's trace still joined
+    follow_caller: bool = True
     service_name: str | None = None  # default: OTEL_SERVICE_NAME, else meshgate
     encoding: Literal["json", "protobuf"] = "json"  # of OTLP/HTTP bodies (trace_export.py)
 
@@ -67,7 +70,7 @@ def enabled() -> bool:
 def setup(config: TracingConfig, exporter: Any = None) -> Any:
     """Configure this process's tracer; the provider (for tests and shutdown), or None
     when tracing is off. `exporter` replaces OTLP (tests: an in-memory one)."""
-    global _tracer, _api, _context, _bound
+    global _tracer, _api, _context, _bound, _follow
     if not config.enabled:
         _tracer = None
         return None
@@ -87,6 +90,7 @@ def setup(config: TracingConfig, exporter: Any = None) -> Any:
         resource=Resource.create({"service.name": name}), sampler=ParentBased(ALWAYS_ON)
     )
     _bound = round(ratio * (1 << 64))
+    _follow = config.follow_caller
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif config.encoding == "protobuf":
@@ -116,22 +120,22 @@ _active: ContextVar[tuple[int, int, int, bool] | None] = ContextVar("meshgate_tr
 async def serve_traced(scope, send, serve) -> None:
     """Run `serve(send)` as one request's server span (the caller's trace joined when
     a `traceparent` came with it); the response status recorded when sampled."""
-    parent = None
+    parent = caller = None
     for name, _ in scope["headers"]:
-        if name == b"traceparent":  # a caller's trace: join it, and follow its sampling
-            carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
-                       if k in (b"traceparent", b"tracestate")}  # fmt: skip
-            from opentelemetry import propagate
-
-            parent = propagate.extract(carrier)
+        if name == b"traceparent":  # a caller's trace: join it
+            parent, caller = _caller(scope["headers"])
             break
-    if parent is None and (trace_id := random.getrandbits(128)) & _LOW64 >= _bound:
-        # not sampled: the ids travel on (traceparent, the access log), nothing records
-        token = _active.set((trace_id, random.getrandbits(64), 0, False))
-        try:
-            return await serve(send)
-        finally:
-            _active.reset(token)
+    if caller is None or not _follow:  # the ratio decides, whatever the caller's flag
+        trace_id = caller.trace_id if caller is not None else random.getrandbits(128)
+        if trace_id & _LOW64 >= _bound:
+            # not sampled: the ids travel on (traceparent, the access log), nothing records
+            token = _active.set((trace_id, random.getrandbits(64), 0, False))
+            try:
+                return await serve(send)
+            finally:
+                _active.reset(token)
+        if caller is not None:
+            parent = _sampled(caller)  # the SDK follows the parent's flag: set it
     route = scope["path"]
     attributes = {"http.request.method": scope["method"], "url.path": route, "http.route": route,
                   "network.protocol.version": scope.get("http_version", "1.1")}  # fmt: skip
@@ -149,6 +153,26 @@ async def serve_traced(scope, send, serve) -> None:
         _context.detach(attached)
         _active.reset(token)
         span.end()
+
+
+def _caller(headers) -> tuple[Any, Any]:
+    """The context of a caller's `traceparent` and its span context; (None, None)
+    when it is not a valid one (then the request is a root, sampled by the ratio)."""
+    from opentelemetry import propagate
+
+    carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers
+               if k in (b"traceparent", b"tracestate")}  # fmt: skip
+    parent = propagate.extract(carrier)
+    caller = _api.get_current_span(parent).get_span_context()
+    return (parent, caller) if caller.is_valid else (None, None)
+
+
+def _sampled(caller) -> Any:
+    """A context whose parent is the caller's span, marked sampled."""
+    sampled = _api.SpanContext(caller.trace_id, caller.span_id, is_remote=True,
+                               trace_flags=_api.TraceFlags(_api.TraceFlags.SAMPLED),
+                               trace_state=caller.trace_state)  # fmt: skip
+    return _api.set_span_in_context(_api.NonRecordingSpan(sampled))
 
 
 def _endpoint(config: TracingConfig) -> str:

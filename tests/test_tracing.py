@@ -6,6 +6,7 @@ in-memory exporter, and once from a real OTLP/HTTP receiver over a socket."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from starlette.testclient import TestClient
@@ -52,19 +53,28 @@ def test_off_installs_nothing(upstream):
     assert tracing.span("x") is tracing.span("y")  # one shared do-nothing context
 
 
-@pytest.fixture
-def traced(upstream) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+@contextlib.contextmanager
+def tracing_app(upstream: Server, how: str) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+    """The app of `config` with tracing `how`, its spans in an in-memory exporter."""
     exporter = InMemorySpanExporter()
-    cfg = parse_config(config(upstream.port, "{enabled: true}"), "t.yaml", env={})
+    cfg = parse_config(config(upstream.port, how), "t.yaml", env={})
     original = tracing.setup
     tracing.setup = lambda c: original(c, exporter=exporter)  # type: ignore[assignment]
     try:
         app = create_app(cfg)
     finally:
         tracing.setup = original  # type: ignore[assignment]
-    with TestClient(app) as client:
-        yield client, exporter
-    tracing.setup(tracing.TracingConfig())  # off again for the other tests
+    try:
+        with TestClient(app) as client:
+            yield client, exporter
+    finally:
+        tracing.setup(tracing.TracingConfig())  # off again for the other tests
+
+
+@pytest.fixture
+def traced(upstream) -> Iterator[tuple[TestClient, InMemorySpanExporter]]:
+    with tracing_app(upstream, "{enabled: true}") as traced:
+        yield traced
 
 
 def test_a_request_makes_one_server_span_and_children_for_each_step(traced):
@@ -111,6 +121,68 @@ def test_a_caller_s_trace_is_joined_and_its_tracestate_stays_here(traced):
     assert "tracestate" not in sent and "secret-tenant-42" not in r.text
     (attempt,) = [s for s in exporter.get_finished_spans() if s.name == "chat up-m"]
     assert attempt.context.trace_id == int(caller, 16)
+
+
+def traced_call(client: TestClient, traceparent: str | None) -> dict:
+    """One chat request with `traceparent` (if any); the traceparent the upstream got."""
+    headers = {"authorization": f"Bearer {KEY}"}
+    if traceparent is not None:
+        headers["traceparent"] = traceparent
+    body = {"model": "m", "messages": [{"role": "user", "content": f"sampled? {traceparent!r}"}],
+            "fake": {"echo": 1}}  # fmt: skip
+    headers["cache-control"] = "no-cache"
+    r = client.post("/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()["echo"]["headers"]["traceparent"]
+
+
+TRACE_ID = st.integers(1, 2**128 - 1).map(lambda n: f"{n:032x}")
+SPAN_ID = st.integers(1, 2**64 - 1).map(lambda n: f"{n:016x}")
+TRACEPARENTS = st.builds(lambda t, s, f: f"00-{t}-{s}-{f}", TRACE_ID, SPAN_ID,
+                         st.sampled_from(["00", "01"]))  # fmt: skip
+HEADER_TEXT = st.text(st.characters(min_codepoint=32, max_codepoint=126), max_size=80)
+
+
+def test_a_malformed_traceparent_is_sampled_by_the_ratio_not_always(upstream):
+    """With a ratio of 0 nothing is recorded, whatever a client puts in traceparent
+    that is not a valid one (it would otherwise make a root the SDK always samples)."""
+    with tracing_app(upstream, "{enabled: true, sample_ratio: 0}") as (client, exporter):
+
+        @settings(max_examples=60, deadline=None)
+        @given(st.one_of(HEADER_TEXT, TRACEPARENTS.map(lambda t: t.replace("-", "_", 1)),
+                         TRACEPARENTS.map(lambda t: "00-" + "0" * 32 + t[35:])))  # fmt: skip
+        def check(garbage):
+            sent = traced_call(client, garbage)
+            assert sent.endswith("-00")  # the ids travel on, unsampled
+            assert exporter.get_finished_spans() == ()
+
+        check()
+
+
+@pytest.mark.parametrize("ratio", [0, 1])
+@pytest.mark.parametrize("follow", [True, False])
+def test_a_caller_s_flag_decides_unless_the_gateway_does_not_follow_callers(
+    upstream, ratio, follow
+):
+    """follow_caller (the default): a caller's sampled flag is followed. false: the
+    ratio decides for every request, the caller's trace still joined."""
+    how = f"{{enabled: true, sample_ratio: {ratio}, follow_caller: {str(follow).lower()}}}"
+    with tracing_app(upstream, how) as (client, exporter):
+
+        @settings(max_examples=15, deadline=None)
+        @given(TRACEPARENTS)
+        def check(traceparent):
+            exporter.clear()
+            _, trace_id, span_id, flag = traceparent.split("-")
+            sent = traced_call(client, traceparent)
+            assert sent.split("-")[1] == trace_id  # joined, sampled or not
+            sampled = flag == "01" if follow else ratio == 1
+            spans = exporter.get_finished_spans()
+            assert bool(spans) == sampled and sent.endswith("-01" if sampled else "-00")
+            for server in [s for s in spans if s.kind.name == "SERVER"]:
+                assert server.parent is not None and f"{server.parent.span_id:016x}" == span_id
+
+        check()
 
 
 def test_a_stream_s_attempt_span_ends_with_the_stream_and_has_its_first_token_time(traced):
