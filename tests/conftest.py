@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -380,3 +381,46 @@ def trap() -> Iterator[Trap]:
     t = Trap()
     yield t
     t.close()
+
+
+class Clock:
+    """Stands in for `time` in proxy/state/outage.py: holds end when a test says."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch) -> Clock:
+    """Redis outages' clock (proxy/state/outage.py), moved on by the test."""
+    from proxy.state import outage
+
+    clock = Clock()
+    monkeypatch.setattr(outage, "time", clock)
+    return clock
+
+
+@pytest.fixture
+def hung_url() -> Iterator[tuple[str, list]]:
+    """A server that accepts connections and never answers; the connections made."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    accepted: list = []
+
+    def hold() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(conn)  # held open, never answered
+
+    threading.Thread(target=hold, daemon=True).start()
+    yield f"redis://127.0.0.1:{server.getsockname()[1]}/0", accepted
+    server.close()
+    for conn in accepted:
+        conn.close()

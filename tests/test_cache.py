@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -200,6 +201,33 @@ def test_redis_backend(tmp_path, upstream):
     finally:
         gateway.stop()
         redis.stop()
+
+
+def test_a_hung_cache_redis_costs_one_timeout_then_lookups_miss_at_once(clock, hung_url):
+    """The store's first call waits out its timeout; reads and writes after it fail
+    at once, with no connection, until the hold is over (the plugin serves a miss
+    for each and stores nothing)."""
+    from plugins.cache.store import RedisStore
+    from proxy.state import StateUnavailable, outage
+
+    url, accepted = hung_url
+
+    async def main():
+        store = RedisStore(url, "t:", 0.3)
+        try:
+            with pytest.raises(StateUnavailable, match="Timeout"):
+                await store.get("k")
+            for call in (store.get("k"), store.set("k", b"v", 60), store.get("other")):
+                with pytest.raises(StateUnavailable, match="not answering"):
+                    await call
+            clock.now += outage.FIRST_HOLD_S
+            with pytest.raises(StateUnavailable, match="Timeout"):
+                await store.get("k")
+        finally:
+            await store.close()
+        return len(accepted)
+
+    assert asyncio.run(main()) == 2
 
 
 def test_exact_cache_needs_none_of_the_semantic_extra(tmp_path):

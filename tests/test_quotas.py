@@ -351,7 +351,18 @@ def test_slow_redis_counts_as_unavailable(tmp_path, upstream):
         assert info.value.code == "quota_state_unavailable"
         assert stall.poll() is None  # refused while Redis was still asleep, not after
         stall.wait(5)
-        assert c.chat.completions.create(model="m", messages=MESSAGES)  # back to normal
+        assert "redis is not answering" in gateway.output()  # calls failed at once meanwhile
+        # back to normal once the hold is over (proxy/state/outage.py: 5 s at most)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert c.chat.completions.create(model="m", messages=MESSAGES)
+                break
+            except openai.InternalServerError as exc:
+                assert exc.code == "quota_state_unavailable"
+                assert time.monotonic() < deadline, "Redis answers, the gateway never asks"
+                time.sleep(0.2)
+        assert "redis is answering again" in gateway.output()
     finally:
         c.close()
         gateway.stop()

@@ -14,10 +14,11 @@ from proxy.state import (
     StateConfig,
     StateUnavailable,
     create_state,
+    outage,
     valid_amount,
     valid_limit,
 )
-from tests.conftest import RedisServer
+from tests.conftest import Clock, RedisServer
 
 
 @pytest.fixture(scope="module")
@@ -215,12 +216,12 @@ def test_after_call_work_survives_a_redis_outage(tmp_path):
         server = RedisServer(tmp_path).start()
         state = create_state(StateConfig(backend="redis", url=server.url, timeout_s=0.2))
         await state.start()
-        await state.acquire([Limit("rate", "r", 100, 60)], "a")
+        await state.acquire([Limit("rate", "r", 100, 3600)], "a")
         server.stop()
         state.add_spend([("spend:d", "key:k", 1.5)], 86400)
         state.add_spend_to((("spend:d", "key:k"),), 0.5, 86400)
         with pytest.raises(StateUnavailable):
-            await state.acquire([Limit("rate", "r", 100, 60)], "b")
+            await state.acquire([Limit("rate", "r", 100, 3600)], "b")
         server.start()  # same port, empty
         state.add_spend([("spend:d", "key:k", 1.0)], 86400)
         spent = await state.read_spend("spend:d")
@@ -242,45 +243,104 @@ def test_remaining_after_the_first_call_is_the_limit_less_one(make_state, rpm):
     assert run(main()).remaining == (rpm - 1,)
 
 
-def test_a_hung_redis_costs_one_timeout_not_a_retry_and_a_reconnect():
+def test_a_hung_redis_costs_one_timeout_then_calls_fail_at_once(clock, hung_url):
     """A server that accepts and never answers: the call gives up after its one
-    timeout_s, so the server never sees the retry's second connection."""
-    import socket
-    import threading
-
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    accepted = []
-
-    def hold() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(conn)  # held open, never answered
-
-    threading.Thread(target=hold, daemon=True).start()
-    url = f"redis://127.0.0.1:{server.getsockname()[1]}/0"
+    timeout_s (no retry, no reconnect), and every state call after it fails at once,
+    without a connection, until the hold is over; then one call tries again, and
+    the next hold is longer."""
+    url, accepted = hung_url
+    calls = {
+        "acquire": lambda state: state.acquire([Limit("concurrency", "c", 1)], "a"),
+        "read_spend": lambda state: state.read_spend("spend:d"),
+        "breaker_failure": lambda state: state.breaker_failure("d", 3, 60, 30),
+        "breakers_open": lambda state: state.breakers_open(["d"]),
+        "breaker_close": lambda state: state.breaker_close("d"),
+    }
 
     async def main():
         state = create_state(StateConfig(backend="redis", url=url, timeout_s=0.3))
-        with pytest.raises(StateUnavailable):
-            await state.acquire([Limit("concurrency", "c", 1)], "a")
-        with pytest.raises(StateUnavailable):
-            await state.read_spend("spend:d")
+        with pytest.raises(StateUnavailable, match="no answer in time"):
+            await calls["acquire"](state)
+        for call in calls.values():
+            with pytest.raises(StateUnavailable, match="not answering"):
+                await call(state)
+        clock.now += outage.FIRST_HOLD_S  # over: one call tries Redis again
+        with pytest.raises(StateUnavailable, match="no answer in time"):
+            await calls["read_spend"](state)
+        clock.now += outage.FIRST_HOLD_S  # not over: the hold doubled
+        with pytest.raises(StateUnavailable, match="not answering"):
+            await calls["acquire"](state)
         await asyncio.sleep(0.5)  # room for a retry to connect, were there one
         state.redis.connection_pool.reset()
         return len(accepted)
 
+    assert run(main()) == 2  # one per call that tried, no reconnects
+
+
+def test_a_redis_that_answers_again_ends_the_hold_and_keeps_the_work_it_missed(clock, tmp_path):
+    """Redis paused past timeout_s: a hold starts; Redis answering again is not
+    asked during it (calls still fail at once), and is once it is over: the
+    outage ends, and the spend added meanwhile reaches Redis."""
+    import redis as sync_redis
+
+    server = RedisServer(tmp_path).start()
+    admin = sync_redis.Redis.from_url(server.url)
+
+    async def main():
+        state = create_state(StateConfig(backend="redis", url=server.url, timeout_s=0.2))
+        await state.acquire([Limit("rate", "r", 100, 3600)], "a")
+        admin.execute_command("CLIENT", "PAUSE", "700", "ALL")
+        with pytest.raises(StateUnavailable, match="no answer in time"):
+            await state.acquire([Limit("rate", "r", 100, 3600)], "b")
+        assert sync_redis.Redis.from_url(server.url, socket_timeout=5).ping()  # the pause ended
+        state.add_spend([("spend:d", "key:k", 1.5)], 86400)
+        with pytest.raises(StateUnavailable, match="not answering"):
+            await state.acquire([Limit("rate", "r", 100, 3600)], "c")
+        clock.now += outage.FIRST_HOLD_S
+        verdict = await state.acquire([Limit("rate", "r", 100, 3600)], "d")
+        spent = await state.read_spend("spend:d")
+        await state.close()
+        return verdict, spent
+
     try:
-        connections = run(main())
+        verdict, spent = run(main())
     finally:
-        server.close()
-        for conn in accepted:
-            conn.close()
-    assert connections == 2  # one per call, no reconnects
+        admin.close()
+        server.stop()
+    assert verdict.allowed and verdict.remaining == (98,)  # a and d: b and c never counted
+    assert spent == {"key:k": 1.5}
+
+
+@given(st.lists(st.tuples(st.sampled_from(["hang", "refused", "answered", "check"]),
+                          st.floats(0, 12))))  # fmt: skip
+def test_an_outage_holds_only_after_a_hang_and_never_longer_than_the_most(events):
+    """Against a model: calls fail at once only during a hold; a hold starts or
+    doubles on a hang (up to MOST_HOLD_S), never on a refusal; an answer ends it;
+    past a hold one call goes through and the others are held behind it."""
+    clock = Clock()
+    held = outage.Outage("redis")
+    hold = until = 0.0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(outage, "time", clock)
+        for event, later in events:
+            clock.now += later
+            if event == "hang":
+                held.failed(TimeoutError(), "no answer in time")
+                hold = min(outage.MOST_HOLD_S, max(outage.FIRST_HOLD_S, 2 * hold))
+                until = clock.now + hold
+            elif event == "refused":
+                held.failed(ConnectionRefusedError(), "refused")
+            elif event == "answered":
+                held.answered()
+                hold = until = 0.0
+            elif hold and clock.now < until:
+                with pytest.raises(StateUnavailable, match="not answering"):
+                    held.check()
+            else:
+                held.check()  # goes through: Redis answers, or this call tries it
+                if hold:
+                    until = clock.now + hold
+            assert held.hold_s == hold <= outage.MOST_HOLD_S
 
 
 @given(st.one_of(st.floats(), st.integers(), st.text(), st.none(), st.booleans()))

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from proxy.state import StateUnavailable
+from proxy.state.outage import Outage
 
 RAW, ZLIB, LZ4 = b"r", b"z", b"l"
 MAX_UNPACKED_BYTES = 256 * 1024 * 1024  # an LZ4 entry saying it is larger is refused
@@ -109,6 +110,7 @@ class RedisStore:
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s
         )
+        self.outage = Outage("the cache's redis")
 
     async def get(self, key: str) -> bytes | None:
         return await self._run(self.redis.get(self.prefix + key))
@@ -140,10 +142,19 @@ class RedisStore:
         return entries, size
 
     async def _run(self, awaitable):
+        """An entry's read or write; none while Redis is known to hang."""
         try:
-            return await awaitable
+            self.outage.check()
+        except StateUnavailable:
+            awaitable.close()  # never sent
+            raise
+        try:
+            result = await awaitable
         except (RedisError, OSError) as exc:
+            self.outage.failed(exc, str(exc) or type(exc).__name__)
             raise StateUnavailable(f"redis: {exc}") from exc
+        self.outage.answered()
+        return result
 
     async def close(self) -> None:
         await self.redis.aclose()

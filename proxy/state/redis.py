@@ -40,6 +40,7 @@ from proxy.state.base import (
     Verdict,
     valid_amount,
 )
+from proxy.state.outage import Outage
 
 log = logging.getLogger("meshgate.state")
 
@@ -211,6 +212,7 @@ class RedisState(State):
         self._pending = _Pending()
         self._spend_ttl = SPEND_TTL_S
         self._flusher: asyncio.Task | None = None
+        self.outage = Outage("redis")
 
     async def start(self) -> None:
         self._flusher = asyncio.create_task(self._flush_forever())
@@ -267,6 +269,7 @@ class RedisState(State):
                 self._send_queued()
 
     async def _call(self, batch) -> list[Verdict | None]:
+        self.outage.check()
         pending, self._pending = self._pending, _Pending()
         p = self.prefix
         payload: dict[str, Any] = {
@@ -292,12 +295,15 @@ class RedisState(State):
         except ResponseError as exc:
             # Redis ran the script and refused it: sending the same work again would
             # fail again, and with it every later batch. Drop it, and say so.
+            self.outage.answered()
             self.dropped(len(payload["adj"]) + len(payload["rel"]) + len(payload["spend"]))
             raise StateUnavailable(f"redis refused the batch: {exc}") from exc
         except (RedisError, OSError, TimeoutError) as exc:
             pending.merge(self._pending)  # unsent, not refused: keep it for the next batch
             self._pending = pending
+            self.outage.failed(exc, _describe(exc))
             raise StateUnavailable(f"redis: {_describe(exc)}") from exc
+        self.outage.answered()
         answer = orjson.loads(raw)
         if answer["failed"]:
             self.dropped(answer["failed"])
@@ -366,12 +372,24 @@ class RedisState(State):
         return {k: float(v) for k, v in raw.items()}
 
     async def _bounded(self, operation):
-        """One state call, with its retry and reconnect, in `timeout_s` at most."""
+        """One state call, with its retry and reconnect, in `timeout_s` at most; none
+        while Redis is known to hang (proxy/state/outage.py)."""
+        try:
+            self.outage.check()
+        except StateUnavailable:
+            operation.close()  # never sent
+            raise
         try:
             async with asyncio.timeout(self.config.timeout_s):
-                return await operation
-        except (RedisError, OSError, TimeoutError) as exc:
+                result = await operation
+        except ResponseError as exc:
+            self.outage.answered()
             raise StateUnavailable(f"redis: {_describe(exc)}") from exc
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.outage.failed(exc, _describe(exc))
+            raise StateUnavailable(f"redis: {_describe(exc)}") from exc
+        self.outage.answered()
+        return result
 
 
 def _breaker_keys(prefix: str, name: str) -> list[str]:
