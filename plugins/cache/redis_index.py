@@ -9,7 +9,9 @@ when the first vector shows its size.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from plugins.cache.parts import Candidate, Probe, QueryEngineMissing
 from proxy.state import StateUnavailable
+from proxy.state.outage import Outage
 
 
 class RedisIndex:
@@ -30,6 +33,7 @@ class RedisIndex:
             url, socket_timeout=max(timeout_s, 1.0), socket_connect_timeout=max(timeout_s, 1.0)
         )
         self.index: Any = None  # redisvl's AsyncSearchIndex, once the vector size is known
+        self.outage = Outage("the semantic index's redis")
 
     async def start(self) -> None:
         try:
@@ -61,12 +65,21 @@ class RedisIndex:
         though another had made the index and stored the answer."""
         if self.index is not None:
             return True
-        try:
-            if self.name.encode() in await self.redis.execute_command("FT._LIST"):
-                await self._adopt()
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
+        if self.name.encode() in await self.redis.execute_command("FT._LIST"):
+            await self._adopt()
         return self.index is not None
+
+    @contextlib.contextmanager
+    def _guarded(self) -> Iterator[None]:
+        """Redis's failures as StateUnavailable; none tried while Redis is known to
+        hang (proxy/state/outage.py)."""
+        self.outage.check()
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            self.outage.failed(exc, str(exc) or type(exc).__name__)
+            raise StateUnavailable(f"redis: {exc}") from exc
+        self.outage.answered()
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -100,8 +113,6 @@ class RedisIndex:
         from redisvl.query import VectorQuery
         from redisvl.query.filter import Tag
 
-        if not await self._found():
-            return []
         query = VectorQuery(
             vector.astype(np.float32).tobytes(),
             "vector",
@@ -109,10 +120,10 @@ class RedisIndex:
             filter_expression=Tag("scope") == scope,
             num_results=k,
         )
-        try:
+        with self._guarded():
+            if not await self._found():
+                return []
             rows = await self.index.query(query)
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
         found = []
         for row in rows:
             similarity = 1.0 - float(row["vector_distance"])  # cosine distance
@@ -123,7 +134,7 @@ class RedisIndex:
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
         vector = probe.vector
         assert vector is not None, "the lookup embeds the probe before it is added"
-        try:
+        with self._guarded():
             if not await self._found():
                 self.index = await self._create(int(vector.shape[0]))
             doc = {
@@ -135,38 +146,33 @@ class RedisIndex:
                 "vector": vector.astype(np.float32).tobytes(),
             }
             await self.index.load([doc], keys=[self._id(key)], ttl=max(1, int(ttl_s)))
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
 
     async def forget(self, key: str) -> None:
-        try:
+        with self._guarded():
             await self.redis.delete(self._id(key))
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
 
     async def delete(self, namespace: str, model: str) -> int:
         from redisvl.query.filter import Tag
 
-        if not await self._found():
-            return 0
         condition = None
         if namespace != "*":
             condition = Tag("namespace") == namespace
         if model != "*":
             by_model = Tag("model") == model
             condition = by_model if condition is None else condition & by_model
-        try:
+        with self._guarded():
+            if not await self._found():
+                return 0
             if condition is None:
                 return await self.index.clear()
             result = await self.index.drop_by_filter(condition)
-        except (RedisError, OSError) as exc:
-            raise StateUnavailable(f"redis: {exc}") from exc
         return result.processed
 
     async def size(self) -> int:
-        if not await self._found():
-            return 0
-        info = await self.index.info()
+        with self._guarded():
+            if not await self._found():
+                return 0
+            info = await self.index.info()
         return int(info.get("num_docs", 0))
 
     def _id(self, key: str) -> str:
