@@ -28,6 +28,7 @@ worker reserved at once (`lease`, plugins/quota_leases.py), not one check per ca
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hashlib
 import itertools
 import logging
@@ -43,7 +44,7 @@ from prometheus_client import Counter, Gauge
 from plugins.quota_leases import Block, Held, LeaseConfig, Leases
 from proxy.catalog import Model
 from proxy.context import PluginContext
-from proxy.errors import GatewayError, QuotaExceeded, RateLimited
+from proxy.errors import GatewayError, InvalidRequest, QuotaExceeded, RateLimited
 from proxy.metrics import Labelled
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply
 from proxy.protocol import DEFAULT_COMPLETION_TOKENS, estimate_tokens
@@ -464,7 +465,10 @@ class Quotas:
             )
 
     async def spend_report(self, request) -> dict:
-        day, month = _periods(request.query_params.get("date"))
+        date = request.query_params.get("date")
+        if date is not None and not _is_day(date):
+            raise InvalidRequest("date must be a UTC day, as YYYY-MM-DD.", param="date")
+        day, month = _periods(date)
         try:
             report = {}
             for name, key in (("day", day), ("month", month)):
@@ -497,6 +501,16 @@ def _periods(date: str | None = None) -> tuple[str, str]:
             _today = (day_number, (f"spend:d:{date}", f"spend:m:{date[:7]}"))
         return _today[1]
     return f"spend:d:{date}", f"spend:m:{date[:7]}"
+
+
+def _is_day(date: str) -> bool:
+    """Whether `date` names a real day as YYYY-MM-DD (a spend hash's name)."""
+    if len(date) != 10 or not date.isascii():
+        return False
+    try:
+        return datetime.date.fromisoformat(date).isoformat() == date
+    except ValueError:
+        return False
 
 
 def _counted_as(identity) -> str:

@@ -12,6 +12,8 @@ import time
 import httpx
 import openai
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import MESSAGES, ROOT, RedisServer, scrape, start_gateway
 
@@ -187,6 +189,31 @@ def test_budget_fed_by_cost_then_insufficient_quota(sdk, gateway):
         'meshgate_cost_usd_total{deployment="up/pricey",key="budget",model="pricey",team="money"}'
         in metrics
     )
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.one_of(st.text(max_size=14), st.dates().map(str),
+                 st.dates().map(lambda d: f"{d.year:04}-{d.month}-{d.day}")))  # fmt: skip
+def test_a_spend_report_s_date_is_a_real_day_or_a_400(gateway, date):
+    """Any `date` the admin sends is read as a UTC day (its spend) or refused."""
+    r = httpx.get(gateway.url + "/admin/spend", params={"date": date},
+                  headers={"authorization": f"Bearer {ADMIN}"})  # fmt: skip
+    real = len(date) == 10 and date == _iso(date)
+    if real:
+        assert r.status_code == 200, r.text
+        assert r.json()["day"]["period"] == date and r.json()["month"]["period"] == date[:7]
+    else:
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "date"
+
+
+def _iso(date: str) -> str | None:
+    import datetime
+
+    try:
+        return datetime.date.fromisoformat(date).isoformat()
+    except ValueError:
+        return None
 
 
 def test_stream_usage_feeds_spend_and_tokens(sdk, gateway):
