@@ -90,6 +90,7 @@ def create_app(config: Config | None = None) -> Starlette:
         config.server.max_connections,
         {"accepted": m.connections_accepted.inc, "refused": m.connections_refused.inc,
          "reset": m.connections_reset.inc},
+        config.server.header_timeout_s,
     )  # fmt: skip
 
     @contextlib.asynccontextmanager

@@ -36,6 +36,7 @@ class ServerConfig:
     keep_alive_max_requests: int = 100_000
     backlog: int = 4096  # pending connections the kernel queues (capped by somaxconn)
     body_timeout_s: float = 30.0  # the whole request body must arrive within this
+    header_timeout_s: float = 20.0  # a request's head, from its first byte
     max_connections: int | None = None  # per worker; default from the open-file limit
     admin_key: str | None = field(default=None, repr=False)  # guards /admin/*; none: off
     # /metrics shows every tenant's usage and spend: it needs this key (or the admin
@@ -59,8 +60,8 @@ class ServerConfig:
             raise ValueError(f"port must be from 1 to 65535, not {self.port}")
         if self.backlog < 1:
             raise ValueError("backlog must be at least 1")
-        if self.body_timeout_s <= 0:
-            raise ValueError("body_timeout_s must be positive")
+        if self.body_timeout_s <= 0 or self.header_timeout_s <= 0:
+            raise ValueError("body_timeout_s and header_timeout_s must be positive")
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if self.reload_check_s < 0:

@@ -1,4 +1,4 @@
-"""hypercorn, mended where three of its faults live; `install()` applies it in each
+"""hypercorn, mended where its faults live; `install()` applies it in each
 worker before serving.
 
 - A client that closes an idle keep-alive connection left it in CLOSE-WAIT until
@@ -12,6 +12,10 @@ worker before serving.
 - A request with both Content-Length and Transfer-Encoding was served on a
   connection kept open; RFC 9112 section 6.3 calls it a smuggling attempt: it is
   refused with 400 and the connection closed.
+- A request's head could arrive a byte at a time for as long as keep-alive
+  allowed (75 s by default), holding a connection: it must arrive within
+  `header_timeout_s` of its first byte, else a 408 and the connection closed.
+  An idle keep-alive connection, no byte sent, still waits `keep_alive_timeout`.
 - Past the open-file limit, accepting fails: uvloop (libuv) then accepts and
   closes pending connections with no response and nothing logged, asyncio logs
   in plain text and leaves them waiting. Here a worker holds at most
@@ -88,6 +92,12 @@ BUSY = (
     "The gateway is at its connection limit; retry shortly.",
     "server_error",
     "too_many_connections",
+)
+
+SLOW_HEAD = (
+    "The request's line and header fields did not arrive in time.",
+    "invalid_request_error",
+    "request_timeout",
 )
 
 
@@ -167,7 +177,11 @@ class MeshgateTCPServer(TCPServer):
     refuses connections past the worker's cap with a 503."""
 
     _client_gone = False
+    _awaiting = True  # no request under way: the next byte starts one's head
+    _head_timer: asyncio.TimerHandle | None = None  # a head has begun and not ended
+    _head_timed_out: asyncio.Future | None = None
     connections = Connections(default_max_connections())
+    header_timeout_s = 20.0
 
     async def run(self) -> None:
         connections = MeshgateTCPServer.connections
@@ -190,16 +204,21 @@ class MeshgateTCPServer(TCPServer):
             connections.open -= 1
 
     async def _refuse(self) -> None:
-        body = error_body(503, BUSY)
+        await self._answer_and_close("503 Service Unavailable", BUSY, "retry-after: 1\r\n")
+
+    async def _answer_and_close(self, status: str, reason, extra: str = "") -> None:
+        """An error written straight to the socket (h11 is not asked: no request was
+        read), and the connection closed."""
+        body = error_body(int(status[:3]), reason)
         head = (
-            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-            f"content-length: {len(body)}\r\nretry-after: 1\r\nconnection: close\r\n\r\n"
+            f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n{extra}connection: close\r\n\r\n"
         )
         try:
             self.writer.write(head.encode() + body)
             async with asyncio.timeout(1.0):
                 await self.writer.drain()
-        except (OSError, TimeoutError):
+        except (OSError, RuntimeError, TimeoutError):
             pass
         finally:
             self.writer.close()
@@ -215,14 +234,33 @@ class MeshgateTCPServer(TCPServer):
             except TimeoutError:
                 break
             await self.protocol.handle(RawData(data))
+            if self._awaiting and self._head_timer is None and data:
+                # a head begun and not ended by these bytes (nearly always, a whole
+                # request comes at once, and no timer is made)
+                loop = asyncio.get_running_loop()
+                self._head_timer = loop.call_later(self.header_timeout_s, self._head_too_slow)
+        if self._head_timer is not None:  # the client left mid-head: nothing to answer
+            self._head_timer.cancel()
         await self.protocol.handle(Closed())
         self._client_gone = True
         await self.idle_task.stop()  # nothing more can arrive: no keep-alive wait
 
     async def protocol_send(self, event) -> None:
-        if isinstance(event, Updated) and event.idle and self._client_gone:
-            return  # a request that finished after its client left: close, do not idle
+        if isinstance(event, Updated):
+            self._awaiting = event.idle
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            if event.idle and self._client_gone:
+                return  # a request that finished after its client left: close, do not idle
         await super().protocol_send(event)
+
+    def _head_too_slow(self) -> None:
+        """header_timeout_s after a head began, it has not ended: a 408, and close."""
+        self._head_timer = None
+        self._head_timed_out = asyncio.ensure_future(
+            self._answer_and_close("408 Request Timeout", SLOW_HEAD)
+        )
 
 
 # What a field may be: a name is one or more token characters (RFC 9110); a
@@ -444,9 +482,12 @@ def tune_gc() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-def install(max_connections: int | None = None, counters=None) -> None:
+def install(
+    max_connections: int | None = None, counters=None, header_timeout_s: float = 20.0
+) -> None:
     """Make hypercorn use the classes above (idempotent; per process), capping the
     worker's client connections at `max_connections` (default: from the fd limit)."""
+    MeshgateTCPServer.header_timeout_s = header_timeout_s
     hypercorn_run.TCPServer = MeshgateTCPServer  # type: ignore[misc]
     hypercorn_protocol.H11Protocol = MeshgateH11Protocol  # type: ignore[misc]
     hypercorn_h11.HTTPStream = MeshgateHTTPStream  # type: ignore[misc]

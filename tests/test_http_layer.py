@@ -140,6 +140,65 @@ def test_a_trickled_body_times_out_with_408(gateway):
     assert orjson.loads(body)["error"]["code"] == "request_timeout"
 
 
+@pytest.fixture(scope="module")
+def quick_heads(tmp_path_factory, upstream) -> Iterator[Server]:
+    """A gateway allowing a request's head 1 s from its first byte, and keep-alive 60 s."""
+    server = start_gateway(
+        tmp_path_factory.mktemp("heads"),
+        f"""
+server: {{host: 127.0.0.1, keep_alive_timeout_s: 60, header_timeout_s: 1}}
+providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
+models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
+""",
+    )
+    yield server
+    server.stop()
+
+
+_BODY = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+CHAT = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n%s" % (len(_BODY), _BODY))  # fmt: skip
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3])
+def test_a_trickled_head_times_out_with_408_however_it_trickles(quick_heads, pause):
+    """A head still incomplete 1 s after its first byte gets a 408 and is closed,
+    whether it stalls (pause 0) or goes on trickling a byte every `pause` seconds:
+    keep-alive (60 s) would have held it far longer."""
+    with socket.create_connection(("127.0.0.1", quick_heads.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        for _ in range(200 if pause else 0):
+            time.sleep(pause)
+            try:
+                s.sendall(b"x")
+            except OSError:
+                break
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status, headers, body = split(data)
+    assert status == 408 and headers["connection"] == "close"
+    assert orjson.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_an_idle_connection_waits_for_keep_alive_not_for_a_head(quick_heads):
+    """No byte sent for longer than header_timeout_s: the connection is still open,
+    and a request on it, its head in two pieces, is served; so is the next one."""
+    with socket.create_connection(("127.0.0.1", quick_heads.port), timeout=30) as s:
+        time.sleep(1.5)
+        for _ in range(2):
+            s.sendall(CHAT[:20])
+            time.sleep(0.1)
+            s.sendall(CHAT[20:])
+            data = b""
+            while b"\r\n\r\n" not in data or len(split(data)[2]) < int(
+                split(data)[1]["content-length"]
+            ):
+                data += s.recv(65536)
+            assert split(data)[0] == 200
+            time.sleep(1.5)  # idle again, past the head's allowance
+
+
 def test_no_redirect_is_built_from_the_clients_host(gateway):
     raw = b"GET /health/ HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n"
     status, headers, body = split(exchange(gateway.port, raw))
