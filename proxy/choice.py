@@ -3,8 +3,11 @@
 The gateway asks `Chooser.choose` for every attempt, the first and each retry,
 whatever model the attempt is for (the one asked for, or a fallback):
 
-1. the model's deployments that health allows now (closed breaker, passing
-   health check; a half-open breaker lets one probe through);
+1. the model's deployments whose provider can take the call at all (serves its
+   endpoint, has its credentials; TGI's native API has no tools or n > 1): when
+   none can, the first one's refusal is the answer (a 400 naming the parameter);
+   of those, the ones health allows now (closed breaker, passing health check; a
+   half-open breaker lets one probe through);
 2. of those, the ones this call has not failed on yet; when it has failed on
    all, every allowed one again, the longest-ago failure first;
 3. in the order the call's `rank` gives (a routing plugin sets it, per model;
@@ -16,9 +19,10 @@ whatever model the attempt is for (the one asked for, or a fallback):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from proxy.errors import RateLimited, UpstreamUnavailable
+from proxy.errors import GatewayError, RateLimited, UpstreamUnavailable
 from proxy.protocol import estimate_tokens
 from proxy.state import Limit, StateUnavailable
 
@@ -51,16 +55,30 @@ def untried(call: Call, health: Health) -> list[Deployment]:
 
 
 class Chooser:
-    def __init__(self, health: Health, state: State) -> None:
+    def __init__(
+        self,
+        health: Health,
+        state: State,
+        refusal: Callable[[Deployment, Call], GatewayError | None] = lambda d, call: None,
+    ) -> None:
         self.health = health
         self.state = state
+        self.refusal = refusal  # why a deployment's provider cannot take a call, if it cannot
 
     async def choose(self, call: Call) -> Deployment:
         """The deployment for this attempt at `call.model`, admitted under its caps;
         sets `call.deployment`."""
         model = call.model
         assert model is not None
-        allowed = [d for d in model.deployments if not self.health.is_open(d.name)]
+        able = model.deployments
+        refused = {d.name: r for d in able if (r := self.refusal(d, call)) is not None}
+        if refused:
+            able = [d for d in able if d.name not in refused]
+            if not able:
+                raise next(iter(refused.values()))
+            for name in refused:  # as if failed on from the start: never waited for
+                call.failed.setdefault(name, 0.0)
+        allowed = [d for d in able if not self.health.is_open(d.name)]
         if not allowed:
             raise NoDeployment(
                 f"Every deployment of '{model.name}' is failing (circuit breaker open or "

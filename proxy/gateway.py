@@ -111,7 +111,9 @@ class Gateway:
             self.health = Health(config.health, state=self.state, probes=_probes(config),
                                  names=names)  # fmt: skip
             self.health.on_breaker = self._breaker_changed
-        self.chooser = Chooser(self.health, self.state)
+        self.chooser = Chooser(
+            self.health, self.state, lambda d, call: self.upstreams[d.provider].refusal(call)
+        )
         self.admin_key = config.server.admin_key
         self.admin_routes: list[AdminRoute] = []  # plugins add theirs through the context
         self.registry = PluginRegistry(self.metrics.registry)

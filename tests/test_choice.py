@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 from starlette.datastructures import Headers
 
 from proxy.catalog import Catalog
-from proxy.choice import CapsReached, Chooser, NoDeployment
+from proxy.choice import CapsReached, Chooser, NoDeployment, untried
 from proxy.config import parse_config
-from proxy.errors import UpstreamUnavailable
+from proxy.errors import InvalidRequest, UpstreamUnavailable
 from proxy.health import BreakerConfig, Health, HealthConfig
 from proxy.pipeline import Call, Reply
 from proxy.state import StateConfig, create_state
@@ -160,5 +160,40 @@ def test_the_choice_is_never_unhealthy_and_never_a_repeat_while_others_are_left(
             assert chosen == (fresh[-1] if reverse else fresh[0])
         else:
             assert failed[chosen] == min(failed[n] for n in healthy)
+
+    asyncio.run(main())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    refused=st.sets(st.sampled_from(NAMES)),
+    down=st.sets(st.sampled_from(NAMES)),
+    failed=st.dictionaries(st.sampled_from(NAMES), st.floats(1, 100)),
+)
+def test_a_deployment_whose_provider_cannot_take_the_call_is_never_chosen(refused, down, failed):
+    """Refused deployments are passed over before health is asked (a 400 of the
+    first one's when all are refused), and count as failed on from the start, so
+    fallback never waits for one of them to be untried."""
+
+    async def main():
+        catalog, health, _ = setup()
+        refusals = {n: InvalidRequest(f"{n} cannot", param=f"p{n}") for n in refused}
+        chooser = Chooser(health, create_state(StateConfig()), lambda d, c: refusals.get(d.name))
+        health.down.update(down)
+        call = call_for(catalog)
+        call.failed.update(failed)
+        able = [n for n in NAMES if n not in refused]
+        if not able:
+            with pytest.raises(InvalidRequest) as info:
+                await chooser.choose(call)
+            assert info.value is refusals[min(refused)]  # the config's first
+            return
+        if not [n for n in able if n not in down]:
+            with pytest.raises(NoDeployment):
+                await chooser.choose(call)
+            return
+        chosen = (await chooser.choose(call)).name
+        assert chosen in able and chosen not in down
+        assert {d.name for d in untried(call, health)} <= set(able) - set(failed)
 
     asyncio.run(main())

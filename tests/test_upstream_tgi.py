@@ -17,7 +17,7 @@ from proxy.pipeline import Call
 from proxy.protocol import parse_request
 from proxy.sse import UpstreamMalformed
 from proxy.upstream import tgi
-from tests.conftest import JSON_VALUES, PARAM_VALUES, start_fake_upstream
+from tests.conftest import JSON_VALUES, PARAM_VALUES, start_fake_upstream, start_gateway
 
 # Parameters the gateway checks itself, with values it takes: beside them, the ones the
 # adapter alone reads get any value.
@@ -294,6 +294,45 @@ def test_the_fake_upstream_speaks_tgi_over_a_socket(tmp_path, stream):
     try:
         assert asyncio.run(main()) == [("tok tok tok tok tok", 5), ("Hello there, world", 5)]
     finally:
+        fake.stop()
+
+
+def test_what_a_tgi_deployment_cannot_take_goes_to_one_that_can(tmp_path):
+    """A model served by TGI's native API and an OpenAI-compatible server: a request
+    TGI cannot honour (tools, n > 1, embeddings) goes to the other deployment, not
+    to a 400; with TGI alone it is the client's 400, naming the parameter."""
+    fake = start_fake_upstream(tmp_path)
+    base = f"http://127.0.0.1:{fake.port}"
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  native: {{type: tgi, base_url: "{base}"}}
+  compatible: {{type: openai, base_url: "{base}/v1"}}
+models:
+  - {{name: mixed, deployments: [{{provider: native, model: m, name: t}},
+                                 {{provider: compatible, model: m, name: o}}]}}
+  - {{name: tgi-only, deployments: [{{provider: native, model: m, name: t2}}]}}
+pipeline: [{{fallback: {{attempts: 2, backoff_s: 0.01}}}}]
+""")  # fmt: skip
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    messages = [{"role": "user", "content": "hi"}]
+    try:
+        for path, extra in [("chat/completions", {"messages": messages, "tools": [tool]}),
+                            ("chat/completions", {"messages": messages, "n": 2}),
+                            ("completions", {"prompt": "hi", "logprobs": 2}),
+                            ("embeddings", {"input": "hi"})]:  # fmt: skip
+            for _ in range(3):  # whatever the config's order, every time
+                r = httpx.post(f"{gateway.url}/v1/{path}", json={"model": "mixed", **extra})
+                assert r.status_code == 200, (path, extra, r.text)
+                assert r.headers["x-meshgate-deployment"] == "o"
+        plain = httpx.post(f"{gateway.url}/v1/chat/completions",
+                           json={"model": "mixed", "messages": messages})  # fmt: skip
+        assert plain.headers["x-meshgate-deployment"] == "t"  # the config's first takes it
+        r = httpx.post(f"{gateway.url}/v1/chat/completions",
+                       json={"model": "tgi-only", "messages": messages, "tools": [tool]})  # fmt: skip
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tools"
+    finally:
+        gateway.stop()
         fake.stop()
 
 

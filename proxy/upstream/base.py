@@ -83,6 +83,19 @@ class Upstream:
         """Send `call` as a request for `model` (the provider's name for it)."""
         raise NotImplementedError
 
+    def refusal(self, call: Call) -> GatewayError | None:
+        """Why this provider cannot take `call` at all, known before anything is sent
+        (a credential missing, the endpoint not served; an adapter adds what its
+        protocol lacks); None when it can. The gateway asks before choosing a
+        deployment, so a model's other deployments serve what this one cannot."""
+        if not self.config.missing_env and call.endpoint in self.endpoints:
+            return None
+        try:
+            self.check_ready(call.endpoint)
+        except GatewayError as exc:
+            return exc
+        return None
+
     def check_ready(self, endpoint: str) -> None:
         if self.config.missing_env:
             names = ", ".join(self.config.missing_env)

@@ -24,6 +24,7 @@ import orjson
 
 from proxy import tracing
 from proxy.errors import (
+    GatewayError,
     InvalidRequest,
     UpstreamStatus,
     UpstreamTimeout,
@@ -90,6 +91,18 @@ class Upstream(base.Upstream):
     async def close(self) -> None:
         if self.client is not None:
             await self.client.aclose()
+
+    def refusal(self, call: Call) -> GatewayError | None:
+        """Also what /generate has no way to do (tools, n > 1, ...): `request_body`'s
+        refusal, found without sending anything."""
+        refused = super().refusal(call)
+        if refused is not None:
+            return refused
+        try:
+            self.request_body(call)
+        except InvalidRequest as exc:
+            return exc
+        return None
 
     def request_body(self, call: Call) -> dict:
         """The native TGI request for an OpenAI chat or completions body."""
