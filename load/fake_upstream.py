@@ -36,6 +36,7 @@ A hostile upstream, for the gateway's defences:
                      whose one event is that long) or error (a 500 of that size)
     flood_bytes      how large a flood is (default 4 MiB)
     raw_body         answer 200 with exactly these bytes, whatever the endpoint
+    raw_status       the status raw_body is answered with (default 200)
 
 Scripted answers, for checks of what an answer says:
 
@@ -91,6 +92,7 @@ KNOBS = {
     "flood": str,
     "flood_bytes": int,
     "raw_body": str,
+    "raw_status": int,
 }
 DEFAULTS = {
     "latency_ms": 0.0,
@@ -118,6 +120,7 @@ DEFAULTS = {
     "flood": "",
     "flood_bytes": 4 * 1024 * 1024,
     "raw_body": "",
+    "raw_status": 200,
 }
 REASONS = {
     200: b"OK",
@@ -260,7 +263,7 @@ class FakeUpstream:
         if knobs["redirect_to"]:
             return conn.respond(307, b"", {"location": knobs["redirect_to"]})
         if knobs["raw_body"]:
-            return conn.respond(200, knobs["raw_body"].encode())
+            return conn.respond(knobs["raw_status"], knobs["raw_body"].encode())
         if knobs["flood"]:
             return _flood(conn, knobs["flood"], knobs["flood_bytes"])
         knobs["leaked"] = _leaked(headers, knobs["leak"])

@@ -10,6 +10,8 @@ import math
 
 import orjson
 
+from proxy.redact import scrub
+
 
 class GatewayError(Exception):
     """Base of every error the gateway answers with."""
@@ -185,18 +187,14 @@ class UpstreamPoolExhausted(GatewayError):
 
 
 class UpstreamStatus(GatewayError):
-    """The upstream answered with an error status; its body is passed through.
-
-    `raw` is the upstream's own OpenAI-format error body when it sent one, so
-    the client sees exactly what the provider said.
-    """
+    """The upstream answered with an error status (or a success status with an
+    error in place of an answer): what it said, in OpenAI's format."""
 
     def __init__(
         self,
         status: int,
         message: str,
         *,
-        raw: bytes | None = None,
         type: str = "upstream_error",
         code: str | None = None,
         param: str | None = None,
@@ -205,31 +203,38 @@ class UpstreamStatus(GatewayError):
         super().__init__(message, param=param, code=code, headers=headers)
         self.status = status
         self.type = type
-        self.raw = raw
-
-    def body(self) -> bytes:
-        return self.raw if self.raw is not None else super().body()
 
 
 def from_upstream_body(status: int, raw: bytes, headers: dict[str, str]) -> UpstreamStatus:
-    """Build the error for an upstream's error response, keeping its body when it is
-    already in OpenAI's format."""
+    """The error for an upstream's error response: the message, type, param and code
+    of an OpenAI-format body (anything else it holds is left out, and a traceback in
+    the message cut off), else the start of its text."""
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:
         parsed = None
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if isinstance(error, dict) and isinstance(error.get("message"), str):
+        code = error.get("code")
+        if isinstance(code, int) and not isinstance(code, bool):
+            code = str(code)  # some providers send a number
         return UpstreamStatus(
             status,
-            error["message"],
-            raw=raw,
-            type=error.get("type") or "upstream_error",
-            code=error.get("code"),
-            param=error.get("param"),
+            scrub(error["message"], MAX_UPSTREAM_MESSAGE) or f"status {status}",
+            type=_word(error.get("type")) or "upstream_error",
+            code=_word(code),
+            param=_word(error.get("param")),
             headers=headers,
         )
-    text = raw[:500].decode("utf-8", "replace").strip() or f"status {status}"
+    text = scrub(raw[:500].decode("utf-8", "replace")) or f"status {status}"
     if isinstance(error, str):
-        text = error
+        text = scrub(error)
     return UpstreamStatus(status, f"upstream error: {text}", headers=headers)
+
+
+MAX_UPSTREAM_MESSAGE = 2000
+
+
+def _word(value: object) -> str | None:
+    """A short string field of an upstream's error (type, param); else None."""
+    return value[:200] if isinstance(value, str) and value else None

@@ -35,8 +35,8 @@ from proxy.errors import (
     ModelNotFound,
     ShuttingDown,
     UpstreamPoolExhausted,
-    UpstreamStatus,
     UpstreamUnavailable,
+    from_upstream_body,
 )
 from proxy.health import Health, check_url
 from proxy.metrics import Metrics, PluginRegistry
@@ -544,10 +544,9 @@ async def _opening(reply: Reply) -> Event:
         raise UpstreamUnavailable("the upstream ended the stream before any event")
     data = first.json()  # a GatewayError when it is not JSON
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        error = data["error"]
-        raise UpstreamStatus(
-            502, str(error.get("message") or "upstream stream error"), code=error.get("code")
-        )
+        error = from_upstream_body(502, first.data, {})  # its fields, in OpenAI's format
+        error.type = "upstream_error"  # a 502: the upstream failed, whatever it called it
+        raise error
     return first
 
 

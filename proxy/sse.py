@@ -125,3 +125,35 @@ class EventSplitter:
 def _has_blank_line(data: bytes) -> bool:
     """Whether `data` holds the end of an event: LF LF, or either written as CRLF."""
     return b"\n\n" in data or b"\n\r\n" in data
+
+
+def as_stream(endpoint: str, answer: dict) -> list[Event]:
+    """A whole chat or text completion as the stream that would have carried it (for
+    an upstream that ignored `stream`): one chunk with each choice whole, a usage
+    chunk when the answer has usage, then [DONE]."""
+    chat = endpoint == "chat"
+    head = {k: answer[k] for k in ("id", "created", "model", "system_fingerprint") if k in answer}
+    head["object"] = "chat.completion.chunk" if chat else "text_completion"
+    choices = []
+    for i, choice in enumerate(answer.get("choices") or ()):
+        if not isinstance(choice, dict):
+            continue
+        piece = {"index": choice.get("index", i)}
+        if chat:
+            message = choice.get("message")
+            delta = {k: v for k, v in message.items() if v is not None} if isinstance(
+                message, dict) else {}  # fmt: skip
+            calls = delta.get("tool_calls")
+            if isinstance(calls, list):  # a stream's tool calls each say their place
+                delta["tool_calls"] = [{**c, "index": j} if isinstance(c, dict) else c
+                                       for j, c in enumerate(calls)]  # fmt: skip
+            piece["delta"] = delta
+        else:
+            piece["text"] = choice.get("text") or ""
+        piece["logprobs"] = choice.get("logprobs")
+        piece["finish_reason"] = choice.get("finish_reason")
+        choices.append(piece)
+    events = [Event.of({**head, "choices": choices})]
+    if isinstance(answer.get("usage"), dict):
+        events.append(Event.of({**head, "choices": [], "usage": answer["usage"]}))
+    return [*events, Event(DONE)]

@@ -1,7 +1,8 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import Event, EventSplitter
+from proxy.sse import Event, EventSplitter, as_stream
+from tests.conftest import JSON_VALUES
 
 
 def test_splitter_handles_split_chunks_and_crlf():
@@ -50,3 +51,35 @@ def test_any_chunking_gives_the_same_events(written, torn, cuts):
         assert splitter.pending_bytes == len(splitter.pending)
     assert got == expected
     assert splitter.pending == torn.replace(b"\r\n", b"\n")
+
+
+CHOICE_LIKE = st.fixed_dictionaries(
+    {},
+    optional={"index": JSON_VALUES, "message": JSON_VALUES | st.fixed_dictionaries(
+        {}, optional={"role": JSON_VALUES, "content": JSON_VALUES,
+                      "tool_calls": JSON_VALUES | st.lists(JSON_VALUES | st.dictionaries(
+                          st.sampled_from(["id", "type", "function"]), JSON_VALUES), max_size=3)}),
+              "text": JSON_VALUES, "finish_reason": JSON_VALUES, "logprobs": JSON_VALUES},
+)  # fmt: skip
+
+
+@given(
+    endpoint=st.sampled_from(["chat", "completions"]),
+    choices=st.lists(CHOICE_LIKE | JSON_VALUES, max_size=3),
+    usage=JSON_VALUES,
+)
+def test_any_whole_answer_becomes_a_stream_of_json_chunks_ending_in_done(endpoint, choices, usage):
+    answer = {"id": "x", "model": "m", "choices": choices, "usage": usage}
+    events = as_stream(endpoint, answer)
+    assert events[-1].is_done
+    chunks = [e.json() for e in events[:-1]]
+    assert len(chunks) == (2 if isinstance(usage, dict) else 1)
+    kind = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+    assert all(c["object"] == kind and c["id"] == "x" for c in chunks)
+    assert len(chunks[0]["choices"]) == sum(isinstance(c, dict) for c in choices)
+    for piece in chunks[0]["choices"]:
+        calls = piece.get("delta", {}).get("tool_calls")
+        if isinstance(calls, list):
+            assert [c["index"] for c in calls if isinstance(c, dict)] == [
+                i for i, c in enumerate(calls) if isinstance(c, dict)
+            ]

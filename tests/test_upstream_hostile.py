@@ -10,9 +10,11 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.protocol import PARAMETERS
-from tests.conftest import Server, free_port, start_fake_upstream, start_gateway
+from tests.conftest import JSON_VALUES, Server, free_port, start_fake_upstream, start_gateway
 
 pytestmark = pytest.mark.litellm
 
@@ -452,3 +454,85 @@ def test_an_answer_that_is_not_a_json_object_is_an_upstream_error(bounded, raw):
     assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "upstream_malformed_response"
     assert_still_serves(bounded, "openai")
+
+
+def completion(**message) -> dict:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "upstream-model",
+            "choices": [{"index": 0, "message": {"role": "assistant", **message},
+                         "finish_reason": "tool_calls" if "tool_calls" in message else "stop"}],
+            "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}  # fmt: skip
+
+
+def test_a_stream_request_answered_whole_is_streamed_to_the_client(servers):
+    """An upstream that ignores `stream` (a whole answer, JSON), or sends its events
+    under another content type: the client that asked for a stream gets one, with
+    the answer in it, never a JSON body its SDK reads as an empty stream."""
+    import openai
+
+    call = {"type": "function", "id": "call_1", "function": {"name": "f", "arguments": "{}"}}
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "hello"}, "finish_reason": "stop"}]}  # fmt: skip
+    bodies = {
+        "whole": orjson.dumps(completion(content="hello")).decode(),
+        "tools": orjson.dumps(completion(content=None, tool_calls=[call])).decode(),
+        "events": f"data: {orjson.dumps(chunk).decode()}\n\ndata: [DONE]\n\n",
+    }
+    for server in servers[1:]:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        for name, raw in bodies.items():
+            chunks = list(client.chat.completions.create(
+                model="plain", messages=[{"role": "user", "content": name}], stream=True,
+                extra_body={"fake": {"raw_body": raw}}))  # fmt: skip
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            if name == "tools":
+                (tool,) = deltas[0].tool_calls
+                assert (tool.index, tool.id, tool.function.name) == (0, "call_1", "f")
+            else:
+                assert "".join(d.content or "" for d in deltas) == "hello"
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in (
+                "stop",
+                "tool_calls",
+            )
+        text = orjson.dumps({"id": "c", "object": "text_completion", "created": 1, "model": "m",
+                             "choices": [{"index": 0, "text": "hi there", "finish_reason": "stop"}]})  # fmt: skip
+        streamed = list(client.completions.create(
+            model="plain", prompt="p", stream=True, extra_body={"fake": {"raw_body": text.decode()}}))  # fmt: skip
+        assert "".join(c.choices[0].text for c in streamed if c.choices) == "hi there"
+        client.close()
+
+
+ERROR_FIELDS = st.fixed_dictionaries(
+    {"message": JSON_VALUES | st.just("boom\nTraceback (most recent call last):\n  File x")},
+    optional={"type": JSON_VALUES, "code": JSON_VALUES, "param": JSON_VALUES,
+              "stack": st.just("Traceback (most recent call last): ..."), "host": JSON_VALUES},
+)  # fmt: skip
+ERROR_BODIES = st.one_of(
+    st.builds(lambda e, extra: {"error": e, **extra}, ERROR_FIELDS,
+              st.dictionaries(st.sampled_from(["internal", "trace", "choices"]), JSON_VALUES)),
+    st.builds(lambda v: {"error": v}, JSON_VALUES),
+    JSON_VALUES,
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(status=st.sampled_from([200, 400, 404, 422, 429, 500, 503]), body=ERROR_BODIES,
+       stream=st.booleans())  # fmt: skip
+def test_what_an_upstream_says_in_an_error_reaches_the_client_as_openai_fields_only(
+    servers, status, body, stream
+):
+    """An upstream's error body, however it is shaped and whatever else it holds, is
+    the client's OpenAI error: message, type, param, code and nothing more, no
+    traceback; a 200 carrying an error (or no `choices`) is a 502, never a success."""
+    _, gateway, _ = servers
+    answer = status == 200 and isinstance(body, dict) and isinstance(body.get("choices"), list)
+    response = chat(gateway, "plain", stream=stream, fake={"raw_body": orjson.dumps(body).decode(),
+                                                           "raw_status": status})  # fmt: skip
+    if answer:
+        return  # an answer after all (choices present): served
+    assert response.status_code == (502 if status == 200 else status), response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str)
+    assert all(error[k] is None or isinstance(error[k], str) for k in ("param", "code"))
+    assert "Traceback" not in response.text

@@ -22,14 +22,19 @@ from proxy import __version__, tracing
 from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
+    from_upstream_body,
 )
 from proxy.pipeline import Reply
 from proxy.protocol import clean_usage
-from proxy.sse import Event, EventSplitter, UpstreamMalformed
+from proxy.sse import Event, EventSplitter, UpstreamMalformed, as_stream
 from proxy.upstream import base
 
 if TYPE_CHECKING:
     from proxy.pipeline import Call
+
+
+# Where each endpoint's answer keeps its results: an answer without them is no answer.
+RESULTS = {"chat": "choices", "completions": "choices", "embeddings": "data"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -148,13 +153,18 @@ class Upstream(base.Upstream):
                 f"provider '{self.name}' is unreachable: {_reason(exc)}"
             ) from exc
         if raw is not None:
-            return self._answer(raw, response.status)
+            return self._answer(raw, response.status, call)
         reply = Reply(events=self._events(response, call, deadline), status=response.status)
         return reply.owns(response.close)  # if the stream is never iterated
 
-    def _answer(self, raw: bytes, status: int) -> Reply:
-        """A buffered answer, which must be a JSON object; its usage is read here, once
-        (the gateway needs it before answering anyway)."""
+    def _answer(self, raw: bytes, status: int, call: Call) -> Reply:
+        """A buffered answer, which must be a JSON object with its endpoint's results
+        (`choices`, `data`); its usage is read here, once (the gateway needs it before
+        answering anyway). To a stream request (the upstream ignored `stream`, or
+        sent its events under another content type) it is the stream it would have
+        been."""
+        if call.stream and not raw.lstrip().startswith(b"{"):
+            return self._replayed(raw, status)
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -163,7 +173,30 @@ class Upstream(base.Upstream):
             raise UpstreamMalformed(
                 f"provider '{self.name}' answered with a body that is not a JSON object"
             )
+        results = RESULTS[call.endpoint]
+        if not isinstance(answer.get(results), list):
+            if "error" in answer:  # a failure sent with a success status: a 502
+                error = from_upstream_body(502, self.redact.bytes(raw), {})
+                error.type = "upstream_error"
+                raise error
+            raise UpstreamMalformed(f"provider '{self.name}' answered without `{results}`")
+        if call.stream:
+            return Reply(events=_replay(as_stream(call.endpoint, answer)), status=status)
         return Reply(body=raw, status=status, usage=clean_usage(answer.get("usage")))
+
+    def _replayed(self, raw: bytes, status: int) -> Reply:
+        """Events that came whole under a content type other than text/event-stream."""
+        splitter = EventSplitter()
+        events = splitter.feed(raw)
+        if not events or splitter.pending.strip():
+            raise UpstreamMalformed(
+                f"provider '{self.name}' answered a stream request with neither events "
+                "nor a JSON answer"
+            )
+        if self.redact.secrets:
+            for event in events:
+                event.raw = self.redact.stream_bytes(event.raw)
+        return Reply(events=_replay(events), status=status)
 
     async def _events(
         self,
@@ -197,6 +230,11 @@ class Upstream(base.Upstream):
         finally:
             # Closing (not releasing) drops the connection, which stops the upstream.
             response.release() if clean else response.close()
+
+
+async def _replay(events: list[Event]) -> AsyncIterator[Event]:
+    for event in events:
+        yield event
 
 
 async def _read(response: aiohttp.ClientResponse, most: int) -> bytes | None:

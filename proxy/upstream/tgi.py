@@ -173,7 +173,7 @@ class Upstream(base.Upstream):
             error = self.status_error(response.status_code, raw or b"", response.headers)
             if response.status_code == 422 and isinstance(error, UpstreamStatus):
                 # TGI's validation errors are OpenAI's 400s
-                error.status, error.type, error.raw = 400, "invalid_request_error", None
+                error.status, error.type = 400, "invalid_request_error"
             raise error
         if not call.stream:
             if raw is None:
