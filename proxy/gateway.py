@@ -391,6 +391,8 @@ class Gateway:
         outcome.headers_sent = True
         outcome.ttft_s = time.perf_counter() - started
         while event is not None:
+            if event.raw.startswith(ERROR_EVENT):  # the upstream failed mid-stream: its
+                _raise_error_event(event)  # error, in OpenAI's format, ends the stream
             if event.has_usage():
                 data = event.json()
                 usage = clean_usage(data.get("usage")) if isinstance(data, dict) else None
@@ -536,6 +538,19 @@ async def _timed(events, call: Call):
         await events.aclose()
 
 
+ERROR_EVENT = (b'data: {"error"', b'data:{"error"')  # how upstreams start one
+
+
+def _raise_error_event(event: Event) -> None:
+    """Raise the error an upstream's error event says, if it is one (a 502 with its
+    message, type, param and code, nothing else of it)."""
+    data = event.json()
+    if isinstance(data, dict) and data.get("error") is not None and not data.get("choices"):
+        error = from_upstream_body(502, event.data, {})
+        error.type = "upstream_error"  # a 502: the upstream failed, whatever it called it
+        raise error
+
+
 async def _opening(reply: Reply) -> Event:
     """Wait for a stream's first event; raise if the stream fails, ends, or opens with
     an error or something that is not JSON, before anything reached the client."""
@@ -544,9 +559,7 @@ async def _opening(reply: Reply) -> Event:
         raise UpstreamUnavailable("the upstream ended the stream before any event")
     data = first.json()  # a GatewayError when it is not JSON
     if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        error = from_upstream_body(502, first.data, {})  # its fields, in OpenAI's format
-        error.type = "upstream_error"  # a 502: the upstream failed, whatever it called it
-        raise error
+        _raise_error_event(first)
     return first
 
 

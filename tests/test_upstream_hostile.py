@@ -536,3 +536,25 @@ def test_what_an_upstream_says_in_an_error_reaches_the_client_as_openai_fields_o
     assert isinstance(error["type"], str)
     assert all(error[k] is None or isinstance(error[k], str) for k in ("param", "code"))
     assert "Traceback" not in response.text
+
+
+@settings(max_examples=60, deadline=None)
+@given(body=ERROR_BODIES.filter(lambda b: isinstance(b, dict) and b.get("error") is not None
+                                and not b.get("choices")))  # fmt: skip
+def test_an_error_event_mid_stream_ends_it_as_openai_fields_only(servers, body):
+    """An upstream's error event after the stream began: the client's last event is
+    the error with message, type, param and code only; nothing after it is sent."""
+    _, gateway, _ = servers
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": 0, "delta": {"content": "part"}, "finish_reason": None}]}  # fmt: skip
+    raw = (f"data: {orjson.dumps(chunk).decode()}\n\ndata: {orjson.dumps(body).decode()}\n\n"
+           f"data: {orjson.dumps(chunk).decode()}\n\ndata: [DONE]\n\n")  # fmt: skip
+    response = chat(gateway, "plain", stream=True, fake={"raw_body": raw})
+    assert response.status_code == 200
+    events = [e for e in response.text.split("\n\n") if e.strip()]
+    assert len(events) == 2 and '"part"' in events[0]
+    error = orjson.loads(events[1].removeprefix("data: "))["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "upstream_error" and isinstance(error["message"], str)
+    assert all(error[k] is None or isinstance(error[k], str) for k in ("param", "code"))
+    assert "Traceback" not in response.text
