@@ -72,6 +72,8 @@ class ModelNotFound(GatewayError):
     code = "model_not_found"
 
     def __init__(self, model: str) -> None:
+        if len(model) > 256:  # a path's model id has no other bound: echo its start only
+            model = model[:255] + "…"
         super().__init__(
             f"The model `{model}` does not exist or you do not have access to it.",
             param="model",

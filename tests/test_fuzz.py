@@ -208,6 +208,27 @@ def test_raw_bytes_never_break_the_gateway(client, raw):
     assert_openai_error(response)
 
 
+PATH_TEXT = st.characters(min_codepoint=33, blacklist_categories=("Cs",))  # URL-quotable
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.one_of(st.text(PATH_TEXT, min_size=1, max_size=40),
+                 st.text(PATH_TEXT, min_size=300, max_size=3000)))  # fmt: skip
+def test_any_model_id_in_a_path_is_a_card_or_a_bounded_404(client, model):
+    """GET /v1/models/<id>: the model's card, or a 404 whose message echoes at most
+    the start of what was asked."""
+    from urllib.parse import quote
+
+    response = client.get("/v1/models/" + quote(model, safe=""),
+                          headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    if response.status_code == 200:
+        assert response.json()["id"] == model
+        return
+    assert response.status_code == 404, response.text
+    assert_openai_error(response)
+    assert len(response.json()["error"]["message"]) < 400
+
+
 def test_the_gateway_is_healthy_after_the_fuzzing(client, gateway):
     assert client.get("/health").status_code == 200
     ok = client.post(
