@@ -424,3 +424,19 @@ def hung_url() -> Iterator[tuple[str, list]]:
     server.close()
     for conn in accepted:
         conn.close()
+
+
+async def held_after_a_hang(clock: Clock, hang: str, first, held, again) -> None:
+    """Against `hung_url`: `first()` waits out its timeout (its error says `hang`);
+    each of `held` then fails at once, with no connection; once the hold is over,
+    `again()` tries Redis (and waits out its timeout). Calls are coroutine factories."""
+    from proxy.state import StateUnavailable, outage
+
+    with pytest.raises(StateUnavailable, match=hang):
+        await first()
+    for call in held:
+        with pytest.raises(StateUnavailable, match="not answering"):
+            await call()
+    clock.now += outage.FIRST_HOLD_S
+    with pytest.raises(StateUnavailable, match=hang):
+        await again()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from proxy.state import (
     valid_amount,
     valid_limit,
 )
-from tests.conftest import Clock, RedisServer
+from tests.conftest import Clock, RedisServer, held_after_a_hang
 
 
 @pytest.fixture(scope="module")
@@ -259,14 +260,9 @@ def test_a_hung_redis_costs_one_timeout_then_calls_fail_at_once(clock, hung_url)
 
     async def main():
         state = create_state(StateConfig(backend="redis", url=url, timeout_s=0.3))
-        with pytest.raises(StateUnavailable, match="no answer in time"):
-            await calls["acquire"](state)
-        for call in calls.values():
-            with pytest.raises(StateUnavailable, match="not answering"):
-                await call(state)
-        clock.now += outage.FIRST_HOLD_S  # over: one call tries Redis again
-        with pytest.raises(StateUnavailable, match="no answer in time"):
-            await calls["read_spend"](state)
+        held = [functools.partial(call, state) for call in calls.values()]
+        await held_after_a_hang(clock, "no answer in time", held[0], held,
+                                functools.partial(calls["read_spend"], state))  # fmt: skip
         clock.now += outage.FIRST_HOLD_S  # not over: the hold doubled
         with pytest.raises(StateUnavailable, match="not answering"):
             await calls["acquire"](state)
