@@ -4,9 +4,10 @@ events, error messages and logs.
 An upstream may quote the gateway's credential whole (a hostile or careless
 server echoing its request), in part, or masked the way providers do
 (`sk-UPSTR*****caaa`). `Redactor.text` and `Redactor.bytes` remove all three,
-plus anything shaped like a well-known key. `Redactor.stream_bytes` is the
-cheap check for every streamed event: whole secrets only, unless the event is
-an error, which gets the full treatment.
+plus anything shaped like a well-known key. `Redactor.answer` is the cheap check
+for every answer, buffered or streamed: whole credentials only (the key, and
+settings named as one), since an answer's words are the model's; `stream_bytes`
+gives a streamed event that is an error the full treatment.
 """
 
 from __future__ import annotations
@@ -38,12 +39,19 @@ Bytes = bytes  # inside Redactor, `bytes` names its method
 class Redactor:
     """Redacts a fixed set of secrets (a provider's key and header values)."""
 
-    __slots__ = ("_raw", "secrets")
+    __slots__ = ("_credentials", "_raw", "secrets")
 
-    def __init__(self, secrets: Iterable[str | None]) -> None:
+    def __init__(
+        self, secrets: Iterable[str | None], credentials: Iterable[str | None] | None = None
+    ) -> None:
+        """`credentials`, hidden from answers too, are `secrets` unless given."""
         found = {s for s in secrets if isinstance(s, str) and len(s) >= 4}
         self.secrets = tuple(sorted(found, key=len, reverse=True))
         self._raw = tuple(s.encode() for s in self.secrets)
+        # long enough not to be a word a model may say
+        given = self.secrets if credentials is None else credentials
+        kept = {s for s in given if isinstance(s, str) and len(s) >= FRAGMENT}
+        self._credentials = tuple(s.encode() for s in sorted(kept, key=len, reverse=True))
 
     def text(self, text: str) -> str:
         """`text` with every secret, fragment of one, and key-shaped token replaced."""
@@ -65,10 +73,17 @@ class Redactor:
         return _BYTES.sub(REDACTED.encode(), clean)
 
     def stream_bytes(self, raw: Bytes) -> Bytes:
-        """For every event of a stream: whole secrets always, everything in an error."""
+        """For every event of a stream: whole credentials always, everything in an
+        error."""
         if b'"error"' in raw:
             return self.bytes(raw)
-        for secret in self._raw:
+        return self.answer(raw)
+
+    def answer(self, raw: Bytes) -> Bytes:
+        """For an answer (a body, or one event's bytes): whole credentials, the cheap
+        check; the rest of its text is the model's to say (a header value that is no
+        credential, a word, may well be in it)."""
+        for secret in self._credentials:
             if secret in raw:
                 raw = raw.replace(secret, REDACTED.encode())
         return raw

@@ -54,3 +54,23 @@ def test_scrub_drops_tracebacks_and_bounds_length():
     message = 'litellm.APIError: boom\nTraceback (most recent call last):\n  File "x.py"'
     assert scrub(message) == "litellm.APIError: boom"
     assert len(scrub("x" * 5000)) == 500
+
+
+def test_answers_lose_credentials_only_errors_lose_every_secret():
+    """A provider's key, and a header value named as a credential, are taken out of
+    answers; a header value that is no credential (a flag, an organisation) is a
+    word a model may say: taken out of error bodies only."""
+    from proxy.upstream.base import credentials_of, secrets_of
+    from proxy.upstream.openai import Config
+
+    config = Config(type="openai", base_url="http://x/v1", api_key="sk-live-0123456789",
+                    headers={"X-Api-Token": "tok-abcdef123456", "x-feature": "enabled-mode"})  # fmt: skip
+    redact = Redactor(secrets_of(config), credentials_of(config))
+    said = b'{"content": "sk-live-0123456789 tok-abcdef123456 enabled-mode"}'
+    assert redact.answer(said) == b'{"content": "[redacted] [redacted] enabled-mode"}'
+    assert (
+        redact.stream_bytes(b"data: " + said)
+        == b'data: {"content": "[redacted] [redacted] enabled-mode"}'
+    )
+    error = redact.bytes(b'{"error": {"message": "enabled-mode"}}')
+    assert b"enabled-mode" not in error

@@ -558,3 +558,38 @@ def test_an_error_event_mid_stream_ends_it_as_openai_fields_only(servers, body):
     assert error["type"] == "upstream_error" and isinstance(error["message"], str)
     assert all(error[k] is None or isinstance(error[k], str) for k in ("param", "code"))
     assert "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_answers_never_carry_the_providers_key_whole(servers, tmp_path, stream):
+    """An upstream that echoes the request it got (the gateway's key in its headers)
+    or quotes the key in its answer: the client never sees the key, buffered or
+    streamed, OpenAI-compatible or TGI's native API. (A key split across stream
+    events is not caught: see README.)"""
+    _, gateway, _ = servers
+    for model in ("plain", "azure-model"):
+        response = chat(gateway, model, stream=stream, fake={"echo": 1})
+        assert response.status_code == 200 and "[redacted]" in response.text
+        assert KEYS["fake"] not in response.text and KEYS["azure"] not in response.text
+    quoted = orjson.dumps({"choices": [{"index": 0, "message": {"role": "assistant",
+                           "content": f"the key is {KEYS['fake']}"}}]}).decode()  # fmt: skip
+    response = chat(gateway, "plain", stream=stream, fake={"raw_body": quoted})
+    assert response.status_code == 200 and KEYS["fake"] not in response.text
+
+    if stream:
+        return  # the fake's TGI streams 4 characters an event: a key spans several
+    key = "tgi-key-0123456789abcdef"
+    upstream = start_fake_upstream(tmp_path, "--reply", f"the key {key} ok.")
+    native = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  native: {{type: tgi, base_url: "http://127.0.0.1:{upstream.port}", api_key: "{key}"}}
+models: [{{name: m, deployments: [{{provider: native, model: m}}]}}]
+""")  # fmt: skip
+    try:
+        response = chat(native, "m", stream=stream)
+        assert response.status_code == 200 and "[redacted]" in response.text
+        assert key not in response.text
+    finally:
+        native.stop()
+        upstream.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -71,7 +72,7 @@ class Upstream:
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name
         self.config = config
-        self.redact = Redactor(secrets_of(config))
+        self.redact = Redactor(secrets_of(config), credentials_of(config))
 
     async def start(self) -> None:
         """Open clients and pools; runs in the worker's event loop."""
@@ -160,6 +161,22 @@ def secrets_of(config: ProviderConfig) -> list[str]:
     extra = getattr(config, "extra", None)
     if isinstance(extra, dict):
         found += [v for v in extra.values() if isinstance(v, str)]
+    return [s for s in found if isinstance(s, str)]
+
+
+# Settings named like these hold a credential; other header values (an
+# organisation, a feature flag) are not hidden from answers, only from errors.
+_CREDENTIAL = re.compile(r"auth|key|token|secret|password|cookie|credential", re.IGNORECASE)
+
+
+def credentials_of(config: ProviderConfig) -> list[str]:
+    """The credentials among a provider's settings, hidden even from answers: its key,
+    and header values and pass-through settings whose names say they are one."""
+    found = [getattr(config, "api_key", None)]
+    found += [v for k, v in config.headers.items() if _CREDENTIAL.search(k)]
+    extra = getattr(config, "extra", None)
+    if isinstance(extra, dict):
+        found += [v for k, v in extra.items() if isinstance(v, str) and _CREDENTIAL.search(k)]
     return [s for s in found if isinstance(s, str)]
 
 

@@ -165,6 +165,8 @@ class Upstream(base.Upstream):
         been."""
         if call.stream and not raw.lstrip().startswith(b"{"):
             return self._replayed(raw, status)
+        if self.redact.secrets:  # an upstream echoing the gateway's key
+            raw = self.redact.answer(raw)
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -179,7 +179,8 @@ class Upstream(base.Upstream):
             if raw is None:
                 raise self.too_large("an answer")
             try:
-                return Reply.json(to_openai(orjson.loads(raw), call, model))
+                answer = orjson.loads(self.redact.answer(raw))  # one echoing the key
+                return Reply.json(to_openai(answer, call, model))
             except ValueError:  # orjson's JSONDecodeError among them
                 raise UpstreamMalformed(
                     f"provider '{self.name}' sent an answer that is not TGI's /generate format"
@@ -243,7 +244,10 @@ class Upstream(base.Upstream):
                         )
                     first = False
                     if text:
-                        yield Event.of({**head, "choices": [_chunk_choice(chat, text, None)]})
+                        piece = Event.of({**head, "choices": [_chunk_choice(chat, text, None)]})
+                        if self.redact.secrets:  # a token that is the gateway's key
+                            piece.raw = self.redact.answer(piece.raw)
+                        yield piece
                     if details:
                         finish = FINISH.get(str(details.get("finish_reason")), "stop")
                         yield Event.of({**head, "choices": [_chunk_choice(chat, "", finish)]})
