@@ -228,7 +228,7 @@ def from_upstream_body(status: int, raw: bytes, headers: dict[str, str]) -> Upst
             param=_word(error.get("param")),
             headers=headers,
         )
-    text = scrub(raw[:500].decode("utf-8", "replace")) or f"status {status}"
+    text = scrub(raw.decode("utf-8", "replace")) or f"status {status}"  # cut, then bounded
     if isinstance(error, str):
         text = scrub(error)
     return UpstreamStatus(status, f"upstream error: {text}", headers=headers)

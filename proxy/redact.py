@@ -116,6 +116,6 @@ class Redactor:
 def scrub(text: str, limit: int = 500) -> str:
     """A third-party error message fit to show: its first lines before any Python
     traceback, on one line, at most `limit` characters."""
-    head = text.split("Traceback (most recent call last)", 1)[0]
+    head = text.split("Traceback (most recent call last", 1)[0]
     head = " ".join(head.split())
     return head if len(head) <= limit else head[: limit - 1] + "…"

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.protocol import PARAMETERS
@@ -517,6 +517,9 @@ ERROR_BODIES = st.one_of(
 @settings(max_examples=150, deadline=None)
 @given(status=st.sampled_from([200, 400, 404, 422, 429, 500, 503]), body=ERROR_BODIES,
        stream=st.booleans())  # fmt: skip
+@example(status=500, stream=False,  # a traceback across the 500th character
+         body={"error": {"message": None, "pad": "x" * 437,
+                         "stack": "Traceback (most recent call last): ..."}})  # fmt: skip
 def test_what_an_upstream_says_in_an_error_reaches_the_client_as_openai_fields_only(
     servers, status, body, stream
 ):
