@@ -294,9 +294,9 @@ class Reply:
                     self.usage = usage
             size += len(event.raw)
             if size > max_bytes:
-                self.events = _replay(events, self.events)
+                self.events = replay(events, self.events)
                 return None
-        self.events = _replay(events, None)
+        self.events = replay(events)
         return events
 
     async def next_event(self) -> Event | None:
@@ -401,7 +401,10 @@ def keep(call: Call, reply: Reply) -> None:
         call.replies.append(reply)
 
 
-async def _replay(events: list[Event], rest: AsyncIterator[Event] | None) -> AsyncIterator[Event]:
+async def replay(
+    events: list[Event], rest: AsyncIterator[Event] | None = None
+) -> AsyncIterator[Event]:
+    """`events`, then what `rest` has left (closed at the end)."""
     try:
         for event in events:
             yield event

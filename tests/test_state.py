@@ -321,11 +321,11 @@ def test_an_outage_holds_only_after_a_hang_and_never_longer_than_the_most(events
         for event, later in events:
             clock.now += later
             if event == "hang":
-                held.failed(TimeoutError(), "no answer in time")
+                held.failed(TimeoutError())
                 hold = min(outage.MOST_HOLD_S, max(outage.FIRST_HOLD_S, 2 * hold))
                 until = clock.now + hold
             elif event == "refused":
-                held.failed(ConnectionRefusedError(), "refused")
+                held.failed(ConnectionRefusedError())
             elif event == "answered":
                 held.answered()
                 hold = until = 0.0

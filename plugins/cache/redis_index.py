@@ -9,9 +9,7 @@ when the first vector shows its size.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -69,18 +67,6 @@ class RedisIndex:
             await self._adopt()
         return self.index is not None
 
-    @contextlib.contextmanager
-    def _guarded(self) -> Iterator[None]:
-        """Redis's failures as StateUnavailable; none tried while Redis is known to
-        hang (proxy/state/outage.py)."""
-        self.outage.check()
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            self.outage.failed(exc, str(exc) or type(exc).__name__)
-            raise StateUnavailable(f"redis: {exc}") from exc
-        self.outage.answered()
-
     async def close(self) -> None:
         await self.redis.aclose()
 
@@ -120,7 +106,7 @@ class RedisIndex:
             filter_expression=Tag("scope") == scope,
             num_results=k,
         )
-        with self._guarded():
+        with self.outage.guarded():
             if not await self._found():
                 return []
             rows = await self.index.query(query)
@@ -134,7 +120,7 @@ class RedisIndex:
     async def add(self, probe: Probe, key: str, ttl_s: float) -> None:
         vector = probe.vector
         assert vector is not None, "the lookup embeds the probe before it is added"
-        with self._guarded():
+        with self.outage.guarded():
             if not await self._found():
                 self.index = await self._create(int(vector.shape[0]))
             doc = {
@@ -148,7 +134,7 @@ class RedisIndex:
             await self.index.load([doc], keys=[self._id(key)], ttl=max(1, int(ttl_s)))
 
     async def forget(self, key: str) -> None:
-        with self._guarded():
+        with self.outage.guarded():
             await self.redis.delete(self._id(key))
 
     async def delete(self, namespace: str, model: str) -> int:
@@ -160,7 +146,7 @@ class RedisIndex:
         if model != "*":
             by_model = Tag("model") == model
             condition = by_model if condition is None else condition & by_model
-        with self._guarded():
+        with self.outage.guarded():
             if not await self._found():
                 return 0
             if condition is None:
@@ -169,7 +155,7 @@ class RedisIndex:
         return result.processed
 
     async def size(self) -> int:
-        with self._guarded():
+        with self.outage.guarded():
             if not await self._found():
                 return 0
             info = await self.index.info()

@@ -143,18 +143,8 @@ class RedisStore:
 
     async def _run(self, awaitable):
         """An entry's read or write; none while Redis is known to hang."""
-        try:
-            self.outage.check()
-        except StateUnavailable:
-            awaitable.close()  # never sent
-            raise
-        try:
-            result = await awaitable
-        except (RedisError, OSError) as exc:
-            self.outage.failed(exc, str(exc) or type(exc).__name__)
-            raise StateUnavailable(f"redis: {exc}") from exc
-        self.outage.answered()
-        return result
+        with self.outage.guarded(awaitable):
+            return await awaitable
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -13,9 +13,13 @@ cost no wait.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Coroutine, Iterator
+from typing import Any
 
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeout
 
 from proxy.state.base import StateUnavailable
@@ -24,6 +28,13 @@ log = logging.getLogger("meshgate.state")
 
 FIRST_HOLD_S = 0.5
 MOST_HOLD_S = 5.0
+
+
+def describe(exc: BaseException) -> str:
+    """A Redis failure in words (a bare timeout says nothing of itself)."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
 
 
 def is_hang(exc: BaseException) -> bool:
@@ -52,10 +63,31 @@ class Outage:
             raise StateUnavailable(f"{self.name}: not answering ({self.reason})")
         self.held_until = now + self.hold_s
 
-    def failed(self, exc: BaseException, reason: str) -> None:
+    @contextlib.contextmanager
+    def guarded(self, unsent: Coroutine[Any, Any, Any] | None = None) -> Iterator[None]:
+        """One Redis call: not made during a hold (`unsent`, its coroutine, is then
+        closed); its failure raised as StateUnavailable, and counted."""
+        try:
+            self.check()
+        except StateUnavailable:
+            if unsent is not None:
+                unsent.close()
+            raise
+        try:
+            yield
+        except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, ResponseError):
+                self.answered()  # Redis is there: it refused this one call
+            else:
+                self.failed(exc)
+            raise StateUnavailable(f"redis: {describe(exc)}") from exc
+        self.answered()
+
+    def failed(self, exc: BaseException) -> None:
         """A call failed: a hang starts or lengthens a hold; anything else does not."""
         if not is_hang(exc):
             return
+        reason = describe(exc)
         if not self.hold_s:
             log.warning("%s is not answering (%s): calls fail at once for now", self.name, reason)
         self.hold_s = min(MOST_HOLD_S, max(FIRST_HOLD_S, 2 * self.hold_s))

@@ -40,7 +40,7 @@ from proxy.state.base import (
     Verdict,
     valid_amount,
 )
-from proxy.state.outage import Outage
+from proxy.state.outage import Outage, describe
 
 log = logging.getLogger("meshgate.state")
 
@@ -301,8 +301,8 @@ class RedisState(State):
         except (RedisError, OSError, TimeoutError) as exc:
             pending.merge(self._pending)  # unsent, not refused: keep it for the next batch
             self._pending = pending
-            self.outage.failed(exc, _describe(exc))
-            raise StateUnavailable(f"redis: {_describe(exc)}") from exc
+            self.outage.failed(exc)
+            raise StateUnavailable(f"redis: {describe(exc)}") from exc
         self.outage.answered()
         answer = orjson.loads(raw)
         if answer["failed"]:
@@ -374,32 +374,13 @@ class RedisState(State):
     async def _bounded(self, operation):
         """One state call, with its retry and reconnect, in `timeout_s` at most; none
         while Redis is known to hang (proxy/state/outage.py)."""
-        try:
-            self.outage.check()
-        except StateUnavailable:
-            operation.close()  # never sent
-            raise
-        try:
+        with self.outage.guarded(operation):
             async with asyncio.timeout(self.config.timeout_s):
-                result = await operation
-        except ResponseError as exc:
-            self.outage.answered()
-            raise StateUnavailable(f"redis: {_describe(exc)}") from exc
-        except (RedisError, OSError, TimeoutError) as exc:
-            self.outage.failed(exc, _describe(exc))
-            raise StateUnavailable(f"redis: {_describe(exc)}") from exc
-        self.outage.answered()
-        return result
+                return await operation
 
 
 def _breaker_keys(prefix: str, name: str) -> list[str]:
     return [f"{prefix}breaker:{name}:failures", f"{prefix}breaker:{name}:open"]
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return "no answer in time"
-    return str(exc) or type(exc).__name__
 
 
 def _verdict(result: list) -> Verdict | None:

@@ -24,7 +24,7 @@ from proxy.errors import (
     UpstreamUnavailable,
     from_upstream_body,
 )
-from proxy.pipeline import Reply
+from proxy.pipeline import Reply, replay
 from proxy.protocol import clean_usage
 from proxy.sse import Event, EventSplitter, UpstreamMalformed, as_stream
 from proxy.upstream import base
@@ -183,7 +183,7 @@ class Upstream(base.Upstream):
                 raise error
             raise UpstreamMalformed(f"provider '{self.name}' answered without `{results}`")
         if call.stream:
-            return Reply(events=_replay(as_stream(call.endpoint, answer)), status=status)
+            return Reply(events=replay(as_stream(call.endpoint, answer)), status=status)
         return Reply(body=raw, status=status, usage=clean_usage(answer.get("usage")))
 
     def _replayed(self, raw: bytes, status: int) -> Reply:
@@ -198,7 +198,7 @@ class Upstream(base.Upstream):
         if self.redact.secrets:
             for event in events:
                 event.raw = self.redact.stream_bytes(event.raw)
-        return Reply(events=_replay(events), status=status)
+        return Reply(events=replay(events), status=status)
 
     async def _events(
         self,
@@ -232,11 +232,6 @@ class Upstream(base.Upstream):
         finally:
             # Closing (not releasing) drops the connection, which stops the upstream.
             response.release() if clean else response.close()
-
-
-async def _replay(events: list[Event]) -> AsyncIterator[Event]:
-    for event in events:
-        yield event
 
 
 async def _read(response: aiohttp.ClientResponse, most: int) -> bytes | None:
