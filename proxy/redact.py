@@ -119,3 +119,20 @@ def scrub(text: str, limit: int = 500) -> str:
     head = text.split("Traceback (most recent call last", 1)[0]
     head = " ".join(head.split())
     return head if len(head) <= limit else head[: limit - 1] + "…"
+
+
+# Where an HTTP client library's message starts quoting the peer: its bytes
+# (aiohttp: `Invalid HTTP header: b'...'`, `Bad status line:\n  b'...'`; h11:
+# `illegal header line: bytearray(b'...')`) or the URL (aiohttp: `, url='...'`).
+_QUOTING_PEER = re.compile(r":\s*(?:b'|b\"|bytearray\(|\n)|,?\s*url=")
+_URL = re.compile(r"\b[a-z][a-z0-9+.\-]*://\S+", re.IGNORECASE)
+
+
+def transport_reason(text: str) -> str:
+    """What an HTTP client library says went wrong with a connection or with an
+    answer's framing, fit to show a client: without what it quotes of the
+    upstream's bytes (a hostile upstream's words, in the gateway's voice) or the
+    URL (an internal host, a credential in its query)."""
+    text = _QUOTING_PEER.split(text, 1)[0]
+    text = _URL.sub("the upstream", text)
+    return scrub(text, 200).rstrip(" .:,") or "the answer is not valid HTTP"

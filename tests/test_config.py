@@ -236,3 +236,39 @@ def test_max_response_bytes_is_range_checked_for_every_provider_type(kind):
     assert "max_response_bytes must be at least 1024" in error_of(text)
     ok = parse_config(text.replace("100}", "2048}"), "test.yaml", env={})
     assert ok.providers["up"].max_response_bytes == 2048
+
+
+BAD_URLS = {
+    "ftp://h/v1": "must be an http:// or https:// URL with a host",
+    "http:///v1": "must be an http:// or https:// URL with a host",
+    "127.0.0.1:8000/v1": "must be an http:// or https:// URL with a host",
+    "http://h:99999/v1": "is not a valid URL",
+    "http://[::1/v1": "is not a valid URL",
+    "http://bob:hunter2-SECRET@h/v1": "must not carry credentials",
+    "http://tok3n-SECRET@h/v1": "must not carry credentials",
+    "http://h/v1?key=SECRET": "must not have a query or a fragment",
+    "http://h/v1#SECRET": "must not have a query or a fragment",
+}
+
+
+@pytest.mark.parametrize("kind,key", [("openai", "base_url"), ("tgi", "base_url"),
+                                      ("litellm", "api_base")])  # fmt: skip
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_a_provider_url_that_adapters_cannot_use_is_refused_without_quoting_it(kind, key, url):
+    """A credential in a URL would be quoted wherever the URL is, and aiohttp refuses
+    one beside the key's header on every call; a query would be cut off by the paths
+    appended. Said at load, naming the key and never the URL."""
+    text = BASE.replace('{type: openai, base_url: "http://127.0.0.1:1/v1"}',
+                        f'{{type: {kind}, {key}: "{url}"}}')  # fmt: skip
+    message = error_of(text)
+    assert f"test.yaml:3: providers.up.{key}: {key} {BAD_URLS[url]}" in message
+    assert "SECRET" not in message and "hunter2" not in message
+
+
+@pytest.mark.parametrize("url", ["http://h/v1", "https://h:8443/openai/deployments/{model}",
+                                 "http://[::1]:8000", "http://10.0.0.7"])  # fmt: skip
+def test_a_provider_url_adapters_can_use_is_taken(url):
+    for kind, key in (("openai", "base_url"), ("tgi", "base_url"), ("litellm", "api_base")):
+        text = BASE.replace('{type: openai, base_url: "http://127.0.0.1:1/v1"}',
+                            f'{{type: {kind}, {key}: "{url}"}}')  # fmt: skip
+        assert getattr(parse_config(text, "test.yaml", env={}).providers["up"], key) == url

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.redact import FRAGMENT, Redactor, scrub
+from proxy.redact import FRAGMENT, Redactor, scrub, transport_reason
 
 KEY_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-"
 secrets = st.text(KEY_CHARS, min_size=16, max_size=64).map(lambda s: "sk-" + s)
@@ -74,3 +74,37 @@ def test_answers_lose_credentials_only_errors_lose_every_secret():
     )
     error = redact.bytes(b'{"error": {"message": "enabled-mode"}}')
     assert b"enabled-mode" not in error
+
+
+# How HTTP client libraries quote an upstream in their errors: aiohttp's parser
+# (raised as ClientResponseError, whose str adds the URL) and h11's (through httpx).
+QUOTINGS = [
+    "{reason}: {raw!r}",
+    "{reason}: {raw!r}.",
+    "{reason}:\n  Invalid status code:\n\n  {raw!r}\n     ^",
+    "{reason}:\n\n  {raw!r}\n    ^",
+    "{reason}: bytearray({raw!r})",
+    "400, message={reason!r}, url='http://10.0.0.7:8000/{peer}/v1/chat/completions'",
+    "{reason} at https://user:pw@internal.example/{peer}?key=1",
+]
+REASONS = ["Bad status line", "Invalid HTTP header", "illegal header line",
+           "Invalid character in chunk size", "Got more than 8190 bytes when reading"]  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(
+    st.sampled_from(QUOTINGS), st.sampled_from(REASONS), st.text(KEY_CHARS, min_size=6, max_size=40)
+)
+def test_a_transport_error_keeps_its_reason_and_loses_the_peer_s_bytes_and_the_url(
+    quoting, reason, peer
+):
+    said = transport_reason(quoting.format(reason=reason, raw=peer.encode(), peer=peer))
+    assert reason in said
+    assert peer not in said and "b'" not in said
+    assert "://" not in said and "10.0.0.7" not in said and "pw" not in said
+
+
+@given(st.text(max_size=600))
+def test_a_transport_reason_is_one_bounded_line(text):
+    said = transport_reason(text)
+    assert said and "\n" not in said and len(said) <= 200

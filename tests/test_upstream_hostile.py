@@ -4,7 +4,11 @@ gateway's key or send garbage."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import re
+import socket
+import threading
 from collections.abc import Iterator
 
 import httpx
@@ -596,3 +600,113 @@ models: [{{name: m, deployments: [{{provider: native, model: m}}]}}]
     finally:
         native.stop()
         upstream.stop()
+
+
+MARK = b"HOSTILE-MARKER-7f3a"
+_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+# Answers no HTTP client should take, each quoting MARK where a parser would stop.
+GARBLED = {
+    "huge-header": _HEAD + b"x-big: " + MARK * 60000 + b"\r\ncontent-length: 2\r\n\r\n{}",
+    "many-headers": _HEAD
+    + b"".join(b"x-h%d: %s\r\n" % (i, MARK) for i in range(60000))
+    + b"content-length: 2\r\n\r\n{}",
+    "control-in-header": _HEAD + b"x-bad: a\x00" + MARK + b"\r\ncontent-length: 2\r\n\r\n{}",
+    "bad-status": b"HTTP/1.1 2OO " + MARK + b"\r\ncontent-length: 2\r\n\r\n{}",
+    "not-http": MARK + b" garbage\r\n\r\n",
+    "bad-chunk": _HEAD + b"transfer-encoding: chunked\r\n\r\nzz" + MARK + b"\r\n",
+    "bad-length": _HEAD + b"content-length: " + MARK + b"\r\n\r\n{}",
+    "two-lengths": _HEAD + b"content-length: 2\r\ncontent-length: 30\r\n\r\n{}",
+    "short-body": _HEAD + b'content-length: 100\r\n\r\n{"' + MARK + b'"',
+    "bad-gzip": _HEAD + b"content-encoding: gzip\r\ncontent-length: 25\r\n\r\n" + MARK + b"xxxxxx",
+    "bad-sse-chunk": b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    b"transfer-encoding: chunked\r\n\r\n6\r\ndata: \r\nzz" + MARK + b"\r\n",
+    "no-answer": b"",
+}
+# Valid HTTP, but no answer of any adapter's protocol.
+UNREADABLE = {
+    name: _HEAD + b"content-length: %d\r\n\r\n%s" % (len(body), body)
+    for name, body in (("empty-object", b"{}"), ("a-list", b"[1]"), ("not-json", MARK))
+}
+
+
+@pytest.fixture(scope="module")
+def garbling(tmp_path_factory) -> Iterator[Server]:
+    """A gateway over a server that answers each request with GARBLED's or
+    UNREADABLE's answer named by its path's first segment, then hangs up: one
+    provider per answer and adapter."""
+    answers = GARBLED | UNREADABLE
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536) or b"\r\n\r\n"
+            head, _, body = head.partition(b"\r\n\r\n")
+            length = re.search(rb"(?i)content-length: *(\d+)", head)
+            while length and len(body) < int(length[1]):  # read whole: no reset
+                body += conn.recv(65536) or b"x" * int(length[1])
+            with contextlib.suppress(OSError):  # a client that stops reading hangs up
+                conn.sendall(answers[head.split(b" ")[1].split(b"/")[1].decode()])
+                conn.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    base = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    providers = "".join(
+        f'  openai-{name}: {{type: openai, base_url: "{base}/{name}/v1", api_key: sk-g}}\n'
+        f'  tgi-{name}: {{type: tgi, base_url: "{base}/{name}"}}\n'
+        f'  lite-{name}: {{type: litellm, api_base: "{base}/{name}/v1", api_key: sk-g}}\n'
+        for name in answers
+    )
+    models = "".join(
+        f"  - {{name: {api}-{name}, deployments: [{{provider: {api}-{name}, model: {model}}}]}}\n"
+        for name in answers
+        for api, model in (("openai", "m"), ("tgi", "m"), ("lite", "openai/m"))
+    )
+    gateway = start_gateway(tmp_path_factory.mktemp("garbling"), f"""
+server: {{host: 127.0.0.1}}
+providers:
+{providers}models:
+{models}health: {{breaker: {{failures: 100000}}}}
+""")  # fmt: skip
+    yield gateway
+    gateway.stop()
+    listener.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("api", ["openai", "tgi", "lite"])
+@pytest.mark.parametrize("garbled", GARBLED)
+def test_an_answer_that_is_not_http_is_an_upstream_error_that_quotes_none_of_it(
+    garbling, garbled, api, stream
+):
+    """Whatever an upstream sends that is not a valid HTTP answer, the client gets a
+    502 in OpenAI's format, in the gateway's words: no byte of the answer (a hostile
+    upstream would speak in the gateway's voice) and not the upstream's URL."""
+    response = chat(garbling, f"{api}-{garbled}", stream=stream)
+    assert response.status_code == 502, response.text
+    error = response.json()["error"]
+    assert error["type"] == "upstream_error" and error["code"].startswith("upstream_")
+    assert MARK.decode() not in response.text
+    assert "http://" not in response.text
+
+
+@pytest.mark.parametrize("api", ["openai", "tgi", "lite"])
+@pytest.mark.parametrize("unreadable", UNREADABLE)
+def test_a_success_whose_answer_no_adapter_can_read_is_a_malformed_upstream_answer(
+    garbling, unreadable, api
+):
+    """Read by the gateway (OpenAI's and TGI's formats) or by litellm, which calls its
+    own failure to read a success a 500: the provider's bad answer, a 502."""
+    response = chat(garbling, f"{api}-{unreadable}")
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["code"] == "upstream_malformed_response"
+    assert MARK.decode() not in response.text

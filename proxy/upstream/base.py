@@ -6,6 +6,7 @@ import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from proxy.errors import (
     GatewayError,
@@ -141,6 +142,30 @@ class Upstream:
         if retry_after:
             passed["retry-after"] = retry_after
         return from_upstream_body(status, self.redact.bytes(raw), passed)
+
+
+def check_base_url(url: str | None, key: str = "base_url") -> None:
+    """A provider's address as an adapter joins paths to it: http or https, a host,
+    and no credentials in it (they belong in api_key or headers, which are kept out
+    of errors and logs; aiohttp refuses a URL's beside an Authorization header),
+    query or fragment (the paths go after it; Azure's version is api_version). The
+    URL itself is never quoted: it may hold a credential. An empty one is an unset
+    ${VAR}: the provider is reported as unusable instead."""
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018  # parses the port: a bad one raises ValueError
+    except ValueError:
+        raise ValueError(f"{key} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{key} must be an http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"{key} must not carry credentials (user:password@): use api_key or headers"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"{key} must not have a query or a fragment: paths are appended to it")
 
 
 async def gather(chunks: AsyncIterator[bytes], most: int) -> bytes | None:

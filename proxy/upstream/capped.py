@@ -7,8 +7,10 @@ fails the read once they pass the cap of the provider being called. The clients
 are litellm's, shared by every litellm provider, so the cap is set per call
 (`answers_capped`, in the call's task) rather than per client. An answer compressed
 though none was asked for is refused: its size could not be bounded as it
-inflates. It also notes whether the call sent anything: a failure before any
-request went out is litellm's translation of the request, not the provider's.
+inflates. It also notes whether the call sent anything (a failure before any
+request went out is litellm's translation of the request, not the provider's)
+and the status of the answer (a failure after a success is litellm unable to
+read what the provider said).
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ class Outgoing:
     """A provider call under way in a task: the cap on its answers, and whether any
     request of it has gone out."""
 
-    __slots__ = ("most", "sent")
+    __slots__ = ("most", "sent", "status")
 
     def __init__(self, most: int) -> None:
         self.most = most
         self.sent = False
+        self.status: int | None = None  # of the last answer's head
 
 
 _CALL: ContextVar[Outgoing | None] = ContextVar("meshgate_outgoing", default=None)
@@ -67,6 +70,7 @@ class CappedTransport(httpx.AsyncBaseTransport):
         most = outgoing.most
         request.headers["accept-encoding"] = "identity"
         response = await self.inner.handle_async_request(request)
+        outgoing.status = response.status_code
         encoding = response.headers.get("content-encoding", "").strip().lower()
         if encoding not in ("", "identity"):
             await response.aclose()

@@ -26,10 +26,16 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.pipeline import Reply
-from proxy.redact import scrub
-from proxy.sse import DONE, Event
+from proxy.redact import scrub, transport_reason
+from proxy.sse import DONE, Event, UpstreamMalformed
 from proxy.upstream import base
-from proxy.upstream.capped import AnswerTooLarge, CappedTransport, answers_capped, cause
+from proxy.upstream.capped import (
+    AnswerTooLarge,
+    CappedTransport,
+    Outgoing,
+    answers_capped,
+    cause,
+)
 
 if TYPE_CHECKING:
     from proxy.pipeline import Call
@@ -72,6 +78,7 @@ class Config(base.ProviderConfig):
 
     def __post_init__(self) -> None:
         base.ProviderConfig.__post_init__(self)
+        base.check_base_url(self.api_base, "api_base")
         retries = sorted(RETRIES & set(self.extra))
         if retries:
             raise ValueError(
@@ -178,7 +185,7 @@ class Upstream(base.Upstream):
             try:
                 result = await function(**kwargs)
             except Exception as exc:
-                raise self.translate(exc, sent=outgoing.sent) from exc
+                raise self.translate(exc, outgoing) from exc
         if call.stream:
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
@@ -202,11 +209,14 @@ class Upstream(base.Upstream):
             if close is not None:
                 await close()
 
-    def translate(self, exc: Exception, sent: bool = True) -> GatewayError:
+    def translate(self, exc: Exception, outgoing: Outgoing | None = None) -> GatewayError:
         """One of litellm's exceptions as the gateway's error, by its status. A failure
-        with nothing `sent` that is not about credentials is litellm unable to
-        translate the request (a client's malformed parameter; litellm calls it a
-        connection error, status 500): a 400, and nothing against the deployment."""
+        with nothing sent (by the `outgoing` call) that is not about credentials is
+        litellm unable to translate the request (a client's malformed parameter;
+        litellm calls it a connection error, status 500): a 400, and nothing against
+        the deployment. Its own failure (status 500) after a success is litellm
+        unable to read the answer: the provider's malformed answer, a 502."""
+        sent = outgoing is None or outgoing.sent
         if isinstance(exc, GatewayError):
             return exc
         capped = cause(exc)
@@ -229,8 +239,13 @@ class Upstream(base.Upstream):
         ):
             return UpstreamTimeout(f"provider '{self.name}' did not answer in time")
         if transport is not None:
-            reason = self.redact.text(scrub(str(transport))) or type(transport).__name__
+            reason = self.redact.text(transport_reason(str(transport) or type(transport).__name__))
             return UpstreamUnavailable(f"provider '{self.name}' is unreachable: {reason}")
+        answered = outgoing.status if outgoing is not None else None
+        if answered is not None and 200 <= answered < 300 and (status or 500) >= 500:
+            return UpstreamMalformed(
+                f"provider '{self.name}' sent an answer litellm cannot read: {message}"
+            )
         if name == "APIConnectionError" or not isinstance(status, int):
             return UpstreamUnavailable(f"provider '{self.name}' is unreachable: {message}")
         if status in (401, 403) or 300 <= status < 400:

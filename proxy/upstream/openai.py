@@ -26,6 +26,7 @@ from proxy.errors import (
 )
 from proxy.pipeline import Reply, replay
 from proxy.protocol import clean_usage
+from proxy.redact import transport_reason
 from proxy.sse import Event, EventSplitter, UpstreamMalformed, as_stream
 from proxy.upstream import base
 
@@ -50,10 +51,7 @@ class Config(base.ProviderConfig):
 
     def __post_init__(self) -> None:
         base.ProviderConfig.__post_init__(self)
-        # An empty base_url comes from an unset ${VAR}: the provider is then reported
-        # as not usable instead (config.py rejects an empty one written as such).
-        if self.base_url and not self.base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must start with http:// or https://, not {self.base_url!r}")
+        base.check_base_url(self.base_url)
 
 
 class Upstream(base.Upstream):
@@ -264,4 +262,6 @@ def _reason(exc: BaseException) -> str:
         return "the server closed the connection"
     if isinstance(exc, aiohttp.ClientOSError):
         return exc.strerror or "connection error"
-    return (str(exc) or type(exc).__name__).split(" [", 1)[0]
+    if isinstance(exc, aiohttp.ClientResponseError):  # raised by aiohttp's parser here
+        return f"its answer is not valid HTTP ({transport_reason(exc.message)})"
+    return transport_reason((str(exc) or type(exc).__name__).split(" [", 1)[0])

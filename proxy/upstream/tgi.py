@@ -31,6 +31,7 @@ from proxy.errors import (
     UpstreamUnavailable,
 )
 from proxy.pipeline import Reply
+from proxy.redact import transport_reason
 from proxy.sse import DONE, Event, EventSplitter, UpstreamMalformed
 from proxy.upstream import base
 
@@ -65,6 +66,10 @@ class Config(base.ProviderConfig):
     api_key: str | None = None
     prompt_format: Literal["chatml", "llama3", "plain"] = "chatml"
     max_connections: int = 100
+
+    def __post_init__(self) -> None:
+        base.ProviderConfig.__post_init__(self)
+        base.check_base_url(self.base_url)
 
 
 class Upstream(base.Upstream):
@@ -167,8 +172,10 @@ class Upstream(base.Upstream):
                 await response.aclose()
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
-        except httpx.TransportError as exc:
-            raise UpstreamUnavailable(f"provider '{self.name}' is unreachable: {exc}") from exc
+        except httpx.RequestError as exc:  # a transport failure, or a body that cannot be decoded
+            raise UpstreamUnavailable(
+                f"provider '{self.name}' is unreachable: {transport_reason(str(exc))}"
+            ) from exc
         if response.status_code >= 300:
             error = self.status_error(response.status_code, raw or b"", response.headers)
             if response.status_code == 422 and isinstance(error, UpstreamStatus):
@@ -261,9 +268,9 @@ class Upstream(base.Upstream):
             )
         except httpx.TimeoutException:
             raise UpstreamTimeout(f"provider '{self.name}' stalled mid-stream") from None
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise UpstreamUnavailable(
-                f"provider '{self.name}' broke off the stream: {exc}"
+                f"provider '{self.name}' broke off the stream: {transport_reason(str(exc))}"
             ) from exc
         finally:
             await response.aclose()
@@ -314,7 +321,7 @@ def to_openai(data: Any, call: Call, model: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError("not an object")
     details = data.get("details") or {}
-    text = data.get("generated_text", "")
+    text = data.get("generated_text")
     if not isinstance(details, dict) or not isinstance(text, str):
         raise ValueError("generated_text or details of the wrong type")
     finish = FINISH.get(str(details.get("finish_reason")), "stop")
