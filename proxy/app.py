@@ -89,7 +89,8 @@ def create_app(config: Config | None = None) -> Starlette:
     server.install(
         config.server.max_connections,
         {"accepted": m.connections_accepted.inc, "refused": m.connections_refused.inc,
-         "reset": m.connections_reset.inc},
+         "reset": m.connections_reset.inc,
+         "rejected": lambda code: m.http_rejected.labels(code).inc()},
         config.server.header_timeout_s,
     )  # fmt: skip
 

@@ -196,6 +196,14 @@ class Metrics:
             "Client connections broken off by the client (reset, read error).",
             registry=r,
         )
+        self.http_rejected = Counter(
+            "meshgate_http_rejected",
+            "Requests the HTTP layer refused before the gateway read them, by error code "
+            "(bad_request, request_header_fields_too_large, request_timeout, "
+            "ambiguous_framing, not_implemented).",
+            ["code"],
+            registry=r,
+        )
         self.accept_errors = Counter(
             "meshgate_accept_errors",
             "Times accepting connections failed (out of file descriptors).",

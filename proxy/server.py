@@ -9,6 +9,8 @@ worker before serving.
   idle task stops at EOF, and no keep-alive wait starts after it.
 - HTTP-level errors (431 header too large, 400 malformed request, 501 unknown
   Transfer-Encoding) were bare status lines: they carry OpenAI error bodies.
+  Such a request reaches no access record, so each is counted by its code and
+  logged (at most once a second).
 - A request with both Content-Length and Transfer-Encoding was served on a
   connection kept open; RFC 9112 section 6.3 calls it a smuggling attempt: it is
   refused with 400 and the connection closed.
@@ -122,14 +124,17 @@ class _Tally:
 
 class Connections:
     """The worker's client connections: how many are open, the cap on them, and an
-    account of each: accepted, refused at the cap, or reset by the client."""
+    account of each: accepted, refused at the cap, or reset by the client; and the
+    requests the HTTP layer refused before the app saw them."""
 
-    def __init__(self, limit: int, counters: dict[str, Callable[[], None]] | None = None) -> None:
+    def __init__(self, limit: int, counters: dict[str, Callable[..., None]] | None = None) -> None:
         self.limit = limit
         self.open = 0
-        self.counters = counters or {}  # "accepted", "refused", "reset" -> a metric's inc
+        # "accepted", "refused", "reset" -> a metric's inc; "rejected" -> one taking a code
+        self.counters = counters or {}
         self._refused = _Tally()
         self._reset = _Tally()
+        self._rejected = _Tally()
 
     @property
     def refused(self) -> int:
@@ -152,6 +157,15 @@ class Connections:
         self._reset.add(lambda n: log.warning(
             "%d client connection(s) broken off by the client (last: %s)",
             n, type(error).__name__,
+        ))  # fmt: skip
+
+    def rejected(self, status: int, code: str | None) -> None:
+        """Count a request the HTTP layer answered with an error itself (malformed,
+        fields too large, a head too slow, ambiguous framing); logged."""
+        if (count := self.counters.get("rejected")) is not None:
+            count(code or str(status))
+        self._rejected.add(lambda n: log.warning(
+            "refused %d request(s) at the HTTP layer (last: %d %s)", n, status, code,
         ))  # fmt: skip
 
     def refuse(self) -> None:
@@ -233,6 +247,8 @@ class MeshgateTCPServer(TCPServer):
                 break
             except TimeoutError:
                 break
+            if self._head_timed_out is not None:
+                break  # answered with a 408 and closed: nothing since is a request
             await self.protocol.handle(RawData(data))
             if self._awaiting and self._head_timer is None and data:
                 # a head begun and not ended by these bytes (nearly always, a whole
@@ -258,6 +274,7 @@ class MeshgateTCPServer(TCPServer):
     def _head_too_slow(self) -> None:
         """header_timeout_s after a head began, it has not ended: a 408, and close."""
         self._head_timer = None
+        MeshgateTCPServer.connections.rejected(408, SLOW_HEAD[2])
         self._head_timed_out = asyncio.ensure_future(
             self._answer_and_close("408 Request Timeout", SLOW_HEAD)
         )
@@ -443,6 +460,8 @@ class MeshgateH11Protocol(H11Protocol):
         await self.send(RawData(data=head))
 
     async def _send_error_response(self, status_code: int, reason=None) -> None:
+        code = (reason or _MESSAGES.get(status_code) or (None, None, None))[2]
+        MeshgateTCPServer.connections.rejected(status_code, code)
         body = error_body(status_code, reason)
         headers = [
             (b"content-type", b"application/json"),

@@ -146,7 +146,7 @@ def quick_heads(tmp_path_factory, upstream) -> Iterator[Server]:
     server = start_gateway(
         tmp_path_factory.mktemp("heads"),
         f"""
-server: {{host: 127.0.0.1, keep_alive_timeout_s: 60, header_timeout_s: 1}}
+server: {{host: 127.0.0.1, keep_alive_timeout_s: 60, header_timeout_s: 1, metrics_key: {METRICS_KEY}}}
 providers: {{up: {{type: openai, base_url: "http://127.0.0.1:{upstream.port}/v1"}}}}
 models: [{{name: m, deployments: [{{provider: up, model: m}}]}}]
 """,
@@ -179,6 +179,42 @@ def test_a_trickled_head_times_out_with_408_however_it_trickles(quick_heads, pau
     status, headers, body = split(data)
     assert status == 408 and headers["connection"] == "close"
     assert orjson.loads(body)["error"]["code"] == "request_timeout"
+
+
+REFUSALS = [
+    (b"GET /health HTTP/1.1\r\nhost: x\r\nx-bad: a\x00b\r\n\r\n", "bad_request"),
+    (b"NOT-HTTP\r\n\r\n", "bad_request"),
+    (b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 70000 + b"\r\n\r\n",
+     "request_header_fields_too_large"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n",
+     "not_implemented"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n"
+     b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n", "ambiguous_framing"),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n", "request_timeout"),
+]  # fmt: skip
+
+
+def rejected(port: int) -> dict[str, float]:
+    text = split(exchange(port, SCRAPE))[2].decode()
+    prefix = 'meshgate_http_rejected_total{code="'
+    return {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+def test_requests_the_http_layer_refuses_are_counted_by_code_and_logged(quick_heads):
+    """Refused before the app reads them, they are in no access record: a fuzzer or a
+    slow-head attack shows in `meshgate_http_rejected_total` and a log line."""
+    before = rejected(quick_heads.port)
+    for raw, _ in REFUSALS:
+        exchange(quick_heads.port, raw)  # the 408 comes after header_timeout_s (1 s)
+    after = rejected(quick_heads.port)
+    for code in {code for _, code in REFUSALS}:
+        expected = sum(1 for _, c in REFUSALS if c == code)
+        assert after.get(code, 0) - before.get(code, 0) == expected, (code, before, after)
+    assert "at the HTTP layer" in quick_heads.output()
 
 
 def test_an_idle_connection_waits_for_keep_alive_not_for_a_head(quick_heads):
