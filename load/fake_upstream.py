@@ -15,7 +15,7 @@ through the gateway, so tests script faults that way):
     error_rate       share of requests (0..1) answered with error_status
     error_status     status of injected errors (default 500)
     error_code       `code` of injected errors (e.g. context_length_exceeded)
-    retry_after      Retry-After header on injected errors, seconds
+    retry_after      Retry-After header on injected errors, as sent (seconds, a date, garbage)
     abort_after      streams: drop the connection after this many events
     error_event      streams: send an error event as the first event (0/1)
     echo             add an `echo` field: the request body and headers as received (0/1)
@@ -74,7 +74,7 @@ KNOBS = {
     "error_rate": float,
     "error_status": int,
     "error_code": str,
-    "retry_after": float,
+    "retry_after": str,
     "abort_after": int,
     "error_event": int,
     "echo": int,
@@ -102,7 +102,7 @@ DEFAULTS = {
     "error_rate": 0.0,
     "error_status": 500,
     "error_code": "",
-    "retry_after": 0.0,
+    "retry_after": "",
     "abort_after": 0,
     "error_event": 0,
     "echo": 0,
@@ -280,7 +280,7 @@ class FakeUpstream:
         if inject:
             extra = {}
             if knobs["retry_after"]:
-                extra["retry-after"] = f"{knobs['retry_after']:g}"
+                extra["retry-after"] = knobs["retry_after"]
             status = knobs["error_status"]
             kind = "invalid_request_error" if status == 400 else "server_error"
             if status == 429:

@@ -41,7 +41,7 @@ from proxy.choice import CapsReached, NoDeployment, untried
 from proxy.config import SettingError
 from proxy.context import PluginContext
 from proxy.deadlines import Deadlines
-from proxy.errors import GatewayError, UpstreamTimeout
+from proxy.errors import GatewayError, UpstreamTimeout, retry_after_s
 from proxy.health import classify
 from proxy.pipeline import MODEL_CALLS, Call, Next, Reply, permitted
 
@@ -197,8 +197,4 @@ class Fallback:
 
 
 def _retry_after(error: GatewayError) -> float | None:
-    value = error.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+    return retry_after_s(error.headers.get("retry-after"))

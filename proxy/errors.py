@@ -6,7 +6,9 @@ status; `type` and `code` follow what api.openai.com sends for the same event.
 
 from __future__ import annotations
 
+import email.utils
 import math
+import time
 
 import orjson
 
@@ -205,6 +207,36 @@ class UpstreamStatus(GatewayError):
         super().__init__(message, param=param, code=code, headers=headers)
         self.status = status
         self.type = type
+
+
+MAX_RETRY_AFTER_S = 86400.0  # an upstream asking for longer says nothing usable
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """The seconds an upstream's Retry-After asks for, a number of them or an HTTP
+    date; None for anything else (negative, not finite, past a day, not one of
+    the two forms): an upstream's header is passed to clients only as this."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        if when.tzinfo is None:
+            return None
+        seconds = max(0.0, when.timestamp() - time.time())
+    if not 0 <= seconds <= MAX_RETRY_AFTER_S:  # NaN fails too
+        return None
+    return seconds
+
+
+def retry_after_header(value: str | None) -> dict[str, str]:
+    """An upstream's Retry-After as the gateway passes it on: whole seconds."""
+    seconds = retry_after_s(value)
+    return {} if seconds is None else {"retry-after": str(math.ceil(seconds))}
 
 
 def from_upstream_body(status: int, raw: bytes, headers: dict[str, str]) -> UpstreamStatus:

@@ -5,10 +5,13 @@ gateway's key or send garbage."""
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import inspect
+import math
 import re
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -710,3 +713,39 @@ def test_a_success_whose_answer_no_adapter_can_read_is_a_malformed_upstream_answ
     assert response.status_code == 502, response.text
     assert response.json()["error"]["code"] == "upstream_malformed_response"
     assert MARK.decode() not in response.text
+
+
+@pytest.mark.parametrize(
+    ("sent", "passed"),
+    [("7", "7"), ("0.2", "1"), ("0", "0"), ("Wed, 21 Oct 2015 07:28:00 GMT", "0"),
+     ("nan", None), ("-5", None), ("inf", None), ("1e400", None), ("86401", None),
+     ("soon", None), ("<script>", None), ("Wed, 99 Oct 2015 07:28:00 GMT", None)],
+)  # fmt: skip
+def test_an_upstreams_retry_after_reaches_the_client_only_as_whole_seconds(servers, sent, passed):
+    """A header the upstream wrote reaches the client only as what it means: whole
+    seconds, from a number or a date, and nothing for what has no meaning."""
+    _, gateway, _ = servers
+    fault = {"error_rate": 1, "error_status": 429, "retry_after": sent}
+    response = chat(gateway, "plain", fake=fault)
+    assert response.status_code == 429, response.text
+    assert response.headers.get("retry-after") == passed
+
+
+@pytest.mark.parametrize(("sent", "passed"), [("7", "7"), ("nan", None), ("<script>", None)])
+def test_through_litellm_too(scripted, sent, passed):
+    gateway = scripted("--error-rate", "1", "--error-status", "429", "--retry-after", sent)
+    response = chat(gateway, "lite-model")
+    assert response.status_code == 429, response.text
+    assert response.headers.get("retry-after") == passed
+
+
+def test_an_upstreams_retry_after_date_reaches_the_client_as_the_seconds_to_it(servers):
+    _, gateway, _ = servers
+    target = int(time.time()) + 60  # a date has whole seconds
+    before = time.time()
+    fault = {"error_rate": 1, "error_status": 429,
+             "retry_after": email.utils.formatdate(target, usegmt=True)}  # fmt: skip
+    response = chat(gateway, "plain", fake=fault)
+    after = time.time()
+    assert math.floor(target - after) <= int(response.headers["retry-after"])
+    assert int(response.headers["retry-after"]) <= math.ceil(target - before)

@@ -15,6 +15,7 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamTooLarge,
     from_upstream_body,
+    retry_after_header,
 )
 from proxy.redact import Redactor
 
@@ -137,10 +138,7 @@ class Upstream:
                 f"provider '{self.name}' rejected the gateway's credentials (status {status})",
                 code="upstream_auth_failed",
             )
-        passed = {}
-        retry_after = headers.get("retry-after") if headers else None
-        if retry_after:
-            passed["retry-after"] = retry_after
+        passed = retry_after_header(headers.get("retry-after") if headers else None)
         return from_upstream_body(status, self.redact.bytes(raw), passed)
 
 

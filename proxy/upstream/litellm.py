@@ -24,6 +24,7 @@ from proxy.errors import (
     UpstreamStatus,
     UpstreamTimeout,
     UpstreamUnavailable,
+    retry_after_header,
 )
 from proxy.pipeline import Reply
 from proxy.redact import scrub, transport_reason
@@ -255,8 +256,9 @@ class Upstream(base.Upstream):
             if name == "ContentPolicyViolationError":
                 code = "content_policy_violation"
             return InvalidRequest(message, code=code)
-        headers = {}
-        retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("retry-after")
-        if retry_after:
-            headers["retry-after"] = retry_after
+        # the provider's headers: litellm keeps them apart (its `response` is its own)
+        found = getattr(exc, "litellm_response_headers", None) or getattr(
+            getattr(exc, "response", None), "headers", None
+        )
+        headers = retry_after_header(found.get("retry-after") if found else None)
         return UpstreamStatus(status, message, code=None, headers=headers)
