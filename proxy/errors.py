@@ -205,7 +205,8 @@ class UpstreamStatus(GatewayError):
         headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message, param=param, code=code, headers=headers)
-        self.status = status
+        # an error status HTTP does not define (600, 999) is no status to send a client
+        self.status = status if 400 <= status <= 599 else 502
         self.type = type
 
 

@@ -749,3 +749,18 @@ def test_an_upstreams_retry_after_date_reaches_the_client_as_the_seconds_to_it(s
     after = time.time()
     assert math.floor(target - after) <= int(response.headers["retry-after"])
     assert int(response.headers["retry-after"]) <= math.ceil(target - before)
+
+
+@pytest.mark.parametrize("status", [600, 700, 999])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_error_status_http_does_not_define_is_a_502(servers, status, stream):
+    """The upstream's 4xx and 5xx reach the client as they are; a status no client
+    knows (an SDK picks its exception by it) is the upstream's failure, a 502."""
+    _, gateway, _ = servers
+    body = '{"error": {"message": "odd", "type": "server_error"}}'
+    response = chat(gateway, "plain", stream=stream,
+                    fake={"raw_status": status, "raw_body": body})  # fmt: skip
+    assert response.status_code == 502, response.text
+    assert response.json()["error"]["message"] == "odd"
+    response = chat(gateway, "plain", fake={"raw_status": 418, "raw_body": body})
+    assert response.status_code == 418
