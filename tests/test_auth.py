@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.server
 import os
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import jwt
@@ -15,8 +18,10 @@ import orjson
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from tests.conftest import MESSAGES, free_port, start_gateway
+from tests.conftest import JSON_VALUES, MESSAGES, free_port, start_gateway
 
 ADMIN = "admin-key-0123456789abcdef"
 PLAIN = "sk-team-a-0123456789"
@@ -335,3 +340,60 @@ def test_jwks_file_and_not_before(tmp_path):
     no_exp = jwt.encode({"sub": "f"}, key, algorithm="RS256", headers={"kid": "f1"})
     with pytest.raises(AuthenticationFailed):
         asyncio.run(verifier.verify(no_exp))
+
+
+@functools.cache
+def _jwks() -> tuple:
+    """An RSA key, and a JWKS file of its public half under kid f1."""
+    import tempfile
+
+    key = rsa_key()
+    jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
+    path = Path(tempfile.mkdtemp()) / "jwks.json"
+    path.write_bytes(orjson.dumps({"keys": [{**jwk, "kid": "f1"}]}))
+    return key, str(path)
+
+
+def _b64(value) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(orjson.dumps(value)).rstrip(b"=").decode()
+
+
+HEADER_VALUES = st.one_of(JSON_VALUES, st.sampled_from(["HS256", "RS256", "none", "f1", "JWT"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    header=st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit", "jku", "x5u", "b64"]),
+                           HEADER_VALUES, max_size=5),
+    claims=st.dictionaries(st.sampled_from(["sub", "exp", "nbf", "iat", "aud", "iss", "team",
+                                            "models", "user"]), JSON_VALUES, max_size=6),
+    signed=st.booleans(),
+)  # fmt: skip
+def test_any_token_is_an_identity_or_a_401_never_a_crash(header, claims, signed):
+    """Whatever a token's header and claims hold (a kid that is a list, an exp that
+    is a string, crit and b64 extensions, jku pointing elsewhere): the verifier
+    answers with an identity or AuthenticationFailed, nothing else."""
+    import asyncio
+
+    from plugins._jwt import JWTConfig, JWTVerifier
+    from proxy.errors import AuthenticationFailed
+
+    secret, (private, jwks) = "s" * 40, _jwks()
+    for keyed, key, alg in (
+        (JWTConfig(algorithms=["HS256"], secret=secret), secret, "HS256"),
+        (JWTConfig(algorithms=["HS256"], secret=secret, audience="a", issuer="i"), secret, "HS256"),
+        (JWTConfig(algorithms=["RS256"], jwks_file=jwks), private, "RS256"),
+    ):
+        verifier = JWTVerifier(keyed)
+        token = f"{_b64({'alg': alg, **header})}.{_b64(claims)}.c2ln"
+        if signed:
+            with contextlib.suppress(TypeError, ValueError, NotImplementedError, jwt.PyJWTError):
+                token = jwt.encode(claims, key, algorithm=alg, headers=header)
+        try:
+            identity = asyncio.run(verifier.verify(token))
+        except AuthenticationFailed as exc:
+            assert exc.status == 401
+        else:
+            assert isinstance(identity.name, str) and identity.name
