@@ -18,6 +18,7 @@ through the gateway, so tests script faults that way):
     retry_after      Retry-After header on injected errors, as sent (seconds, a date, garbage)
     abort_after      streams: drop the connection after this many events
     error_event      streams: send an error event as the first event (0/1)
+    keepalives       streams: send this many comment events (`: keep-alive`) first
     echo             add an `echo` field: the request body and headers as received (0/1)
     fail_times       fail the first N requests that carry the same fail_key, then answer
     fail_key         names the counter fail_times counts on (default "default")
@@ -77,6 +78,7 @@ KNOBS = {
     "retry_after": str,
     "abort_after": int,
     "error_event": int,
+    "keepalives": int,
     "echo": int,
     "fail_times": int,
     "fail_key": str,
@@ -105,6 +107,7 @@ DEFAULTS = {
     "retry_after": "",
     "abort_after": 0,
     "error_event": 0,
+    "keepalives": 0,
     "echo": 0,
     "fail_times": 0,
     "fail_key": "default",
@@ -347,6 +350,8 @@ class FakeUpstream:
             if instant:
                 conn.cork()
             try:
+                for _ in range(knobs["keepalives"]):
+                    _chunk(conn, b": keep-alive\n\n")
                 if knobs["ttft_ms"]:
                     await asyncio.sleep(knobs["ttft_ms"] / 1000)
                 if knobs["error_event"]:

@@ -553,8 +553,13 @@ def _raise_error_event(event: Event) -> None:
 
 async def _opening(reply: Reply) -> Event:
     """Wait for a stream's first event; raise if the stream fails, ends, or opens with
-    an error or something that is not JSON, before anything reached the client."""
+    an error or something that is not JSON, before anything reached the client.
+    Comments before it (an upstream's keep-alives) are dropped: the answer has not
+    begun, so they neither commit it (fallback could no longer retry) nor time it."""
     first = await reply.peek()
+    while first is not None and not first.data:
+        await reply.next_event()
+        first = await reply.peek()
     if first is None:
         raise UpstreamUnavailable("the upstream ended the stream before any event")
     data = first.json()  # a GatewayError when it is not JSON

@@ -104,11 +104,14 @@ def test_client_errors_are_not_retried(sdk, upstream):
     assert upstream_stats(upstream)["requests"] - before == 1
 
 
-def test_stream_failing_before_its_first_event_is_retried(sdk):
+@pytest.mark.parametrize("keepalives", [0, 3])
+def test_stream_failing_before_its_first_event_is_retried(sdk, keepalives):
+    """Comments an upstream sends first (keep-alives) are not the answer's start:
+    an error event after them still falls over."""
     for mode in ("error_event", "abort"):
         stream = sdk.chat.completions.create(
             model="primary", messages=MESSAGES, stream=True,
-            extra_body=script(fail_times=1, fail_mode=mode),
+            extra_body=script(fail_times=1, fail_mode=mode, keepalives=keepalives),
         )  # fmt: skip
         text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         assert text == " ".join(["tok"] * 16), mode
