@@ -209,6 +209,8 @@ def test_checks_the_config_does_not_allow_and_malformed_selections_are_400(gatew
     refused = post(gateway, chat("m", {}, verify={"checks": ["consensus"]}))
     assert refused.status_code == 400
     assert refused.json()["error"]["param"] == "verify.checks"
+    many = post(gateway, chat("m", {}, verify={"checks": ["Q" * 50_000] * 20}))
+    assert many.status_code == 400 and len(many.json()["error"]["message"]) < 1000
     for bad in ([1], "code", {"checks": "code"}, {"tests": 5}, {"report": "yes"}):
         body = chat("m", {}, verify=bad)
         r = post(gateway, body)

@@ -222,8 +222,9 @@ class Verify:
             raise InvalidRequest("verify.checks must be a list of check names.", param="verify")
         refused = [c for c in checks if c not in rule.allowed]
         if refused:
+            named = ", ".join(repr(c[:64]) for c in refused[:5])  # the client's words, bounded
             raise InvalidRequest(
-                f"The check(s) {', '.join(map(repr, refused[:5]))} cannot be selected for this "
+                f"The check(s) {named} cannot be selected for this "
                 f"model; allowed: {', '.join(rule.allowed) or 'none'}.",
                 param="verify.checks",
             )
