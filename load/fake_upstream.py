@@ -38,6 +38,9 @@ A hostile upstream, for the gateway's defences:
     flood_bytes      how large a flood is (default 4 MiB)
     raw_body         answer 200 with exactly these bytes, whatever the endpoint
     raw_status       the status raw_body is answered with (default 200)
+    require_key      (command line only) answer 401 to any request but GET /health,
+                     GET /v1/models included, without this key as a bearer token or
+                     an api-key header
 
 Scripted answers, for checks of what an answer says:
 
@@ -95,6 +98,7 @@ KNOBS = {
     "flood_bytes": int,
     "raw_body": str,
     "raw_status": int,
+    "require_key": str,
 }
 DEFAULTS = {
     "latency_ms": 0.0,
@@ -124,6 +128,7 @@ DEFAULTS = {
     "flood_bytes": 4 * 1024 * 1024,
     "raw_body": "",
     "raw_status": 200,
+    "require_key": "",
 }
 REASONS = {
     200: b"OK",
@@ -251,6 +256,15 @@ class FakeUpstream:
         return knobs["reply"] or None
 
     async def handle(self, conn: Connection, method, path, headers, raw: bytes) -> None:
+        key = self.defaults["require_key"]  # the server's own setting, never a request's
+        keyed = path not in ("/health", "/_stats")  # as vLLM's --api-key: /health is open
+        if (
+            key
+            and keyed
+            and key not in (headers.get("api-key"), headers.get("authorization", "")[7:])
+        ):
+            return conn.respond(401, _error("Incorrect API key provided", "invalid_request_error",
+                                            "invalid_api_key"))  # fmt: skip
         if method == "GET":
             if path.endswith("/models"):
                 return conn.respond(200, orjson.dumps({"object": "list", "data": []}))

@@ -56,7 +56,7 @@ from proxy.server import default_max_connections
 from proxy.sse import Event
 from proxy.state import State, create_state
 from proxy.upstream import adapter_class
-from proxy.upstream.base import Upstream
+from proxy.upstream.base import Upstream, provider_headers
 from proxy.upstream.pool import Pool
 
 log = logging.getLogger("meshgate.gateway")
@@ -568,12 +568,15 @@ async def _opening(reply: Reply) -> Event:
     return first
 
 
-def _probes(config: Config) -> dict[str, tuple[str, list[str]]]:
-    """Each health-checked provider: its check URL and its deployments' names."""
+def _probes(config: Config) -> dict[str, tuple[str, dict[str, str], list[str]]]:
+    """Each health-checked provider: its check URL, the headers its calls carry (a
+    server behind a key answers a check without it with 401) and its deployments'
+    names."""
     checks = config.health.checks
     return {
         provider: (
             check_url(config.providers[provider], provider),
+            provider_headers(config.providers[provider]),
             [d.label for m in config.models for d in m.deployments if d.provider == provider],
         )
         for provider in (checks.providers if checks else [])

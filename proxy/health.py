@@ -108,7 +108,7 @@ class Health:
     (closed; open for a cooldown; then half-open for one probe whose outcome closes
     or reopens it), breakers opened by other replicas, and failed health checks.
 
-    `probes` maps a provider to its check URL and its deployments' names;
+    `probes` maps a provider to its check URL, headers and its deployments' names;
     `state`, when shared (Redis), carries breakers to every replica."""
 
     def __init__(
@@ -116,7 +116,7 @@ class Health:
         config: HealthConfig | None = None,
         *,
         state: State | None = None,
-        probes: dict[str, tuple[str, list[str]]] | None = None,
+        probes: dict[str, tuple[str, dict[str, str], list[str]]] | None = None,
         names: list[str] | None = None,
         clock=time.monotonic,
     ) -> None:
@@ -254,9 +254,9 @@ class Health:
                 await asyncio.sleep(checks.interval_s)
 
     async def _check(self, client: httpx.AsyncClient, provider: str) -> None:
-        url, deployments = self.probes[provider]
+        url, headers, deployments = self.probes[provider]
         try:
-            healthy = (await client.get(url)).status_code < 400
+            healthy = (await client.get(url, headers=headers)).status_code < 400
         except httpx.HTTPError:
             healthy = False
         was_down = bool(deployments) and deployments[0] in self.down

@@ -247,16 +247,56 @@ health:
     try:
         assert {answered_by()[0] for _ in range(12)} == {"replica-a", "replica-b"}
         a.stop()
-        time.sleep(0.4)  # a few failed probes
+        logged(gateway, "provider a fails its health check")
         assert {answered_by() for _ in range(6)} == {("replica-b", 1)}  # a is never tried
-        assert "provider a fails its health check" in gateway.output()
         a = start_fake_upstream(tmp_path, port=a.port)
-        time.sleep(0.4)
+        logged(gateway, "provider a passes its health check again")
         assert "replica-a" in {answered_by()[0] for _ in range(12)}
     finally:
         gateway.stop()
         a.stop()
         b.stop()
+
+
+def logged(server, line: str, within_s: float = 30) -> None:
+    """Wait until the server has logged `line` (a probe's outcome, on its own clock)."""
+    deadline = time.monotonic() + within_s
+    while line not in server.output():
+        assert time.monotonic() < deadline, f"never logged: {line}"
+        time.sleep(0.05)
+
+
+def test_health_checks_carry_the_providers_key(tmp_path):
+    """A local server behind a key (vLLM's --api-key) answers an unkeyed check with
+    401: checked with the key its calls carry, it stays in; with a wrong one, out."""
+    key = "sk-local-0123456789abcdef"
+    up = start_fake_upstream(tmp_path, "--require-key", key)
+    gateway = start_gateway(tmp_path, f"""
+server: {{host: 127.0.0.1}}
+providers:
+  keyed: {{type: openai, base_url: "http://127.0.0.1:{up.port}/v1", api_key: "{key}"}}
+  azure: {{type: openai, azure: true, base_url: "http://127.0.0.1:{up.port}/v1", api_key: "{key}"}}
+  tgi: {{type: tgi, base_url: "http://127.0.0.1:{up.port}", api_key: "{key}"}}
+  wrong: {{type: openai, base_url: "http://127.0.0.1:{up.port}/v1", api_key: sk-wrong-0000000000}}
+models:
+  - {{name: keyed, deployments: [{{provider: keyed, model: m}}]}}
+  - {{name: azure, deployments: [{{provider: azure, model: m}}]}}
+  - {{name: tgi, deployments: [{{provider: tgi, model: m}}]}}
+health:
+  checks: {{providers: [keyed, azure, tgi, wrong], interval_s: 0.1, timeout_s: 2}}
+""")  # fmt: skip
+    try:
+        logged(gateway, "provider wrong fails its health check")
+        for model in ("keyed", "azure", "tgi"):
+            r = httpx.post(gateway.url + "/v1/chat/completions", timeout=10,
+                           json={"model": model, "messages": MESSAGES})  # fmt: skip
+            assert r.status_code == 200, r.text
+        output = gateway.output()
+        assert all(f"provider {p} fails" not in output for p in ("keyed", "azure", "tgi"))
+        assert key not in output
+    finally:
+        gateway.stop()
+        up.stop()
 
 
 def test_timeouts_fall_over_and_fallbacks_go_in_order(tmp_path, upstream):

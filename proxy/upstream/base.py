@@ -142,6 +142,20 @@ class Upstream:
         return from_upstream_body(status, self.redact.bytes(raw), passed)
 
 
+def provider_headers(config: ProviderConfig) -> dict[str, str]:
+    """What every request to a provider carries: its key (Azure's `api-key` header,
+    else a bearer token), then its configured headers, which win."""
+    headers = {}
+    key = getattr(config, "api_key", None)
+    if key:
+        if getattr(config, "azure", False):
+            headers["api-key"] = key
+        else:
+            headers["authorization"] = f"Bearer {key}"
+    headers.update({k.lower(): v for k, v in config.headers.items()})
+    return headers
+
+
 def check_base_url(url: str | None, key: str = "base_url") -> None:
     """A provider's address as an adapter joins paths to it: http or https, a host,
     and no credentials in it (they belong in api_key or headers, which are kept out

@@ -62,13 +62,7 @@ class Upstream(base.Upstream):
         self.session: aiohttp.ClientSession | None = None
         self._urls: dict[tuple[str, str], str] = {}
         headers = {"content-type": "application/json", "user-agent": f"meshgate/{__version__}"}
-        if config.api_key:
-            if config.azure:
-                headers["api-key"] = config.api_key
-            else:
-                headers["authorization"] = f"Bearer {config.api_key}"
-        headers.update({k.lower(): v for k, v in config.headers.items()})
-        self.headers = headers
+        self.headers = headers | base.provider_headers(config)
 
     async def start(self) -> None:
         timeouts = self.config.timeouts

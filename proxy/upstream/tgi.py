@@ -82,12 +82,9 @@ class Upstream(base.Upstream):
 
     async def start(self) -> None:
         t = self.config.timeouts
-        headers = {k.lower(): v for k, v in self.config.headers.items()}
-        if self.config.api_key:
-            headers["authorization"] = f"Bearer {self.config.api_key}"
         self.client = httpx.AsyncClient(
             base_url=self.config.base_url.rstrip("/"),
-            headers=headers,
+            headers=base.provider_headers(self.config),
             timeout=httpx.Timeout(t.read_s, connect=t.connect_s),
             # unbounded here: the gateway's pool bounds the calls
             limits=httpx.Limits(max_connections=None),
