@@ -362,6 +362,24 @@ models: [{{name: m, deployments: [{{provider: sim, model: m, {capped}}}]}}]
     assert who in result.stderr
 
 
+def asleep(redis: RedisServer) -> None:
+    """Wait until `redis` stops answering (a DEBUG SLEEP sent by another process):
+    a PING of its own, on a raw socket (redis-py would retry it until it answers)."""
+    import socket
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as conn:
+            conn.settimeout(0.1)
+            conn.sendall(b"PING\r\n")
+            try:
+                conn.recv(64)
+            except TimeoutError:
+                return
+        time.sleep(0.02)
+    pytest.fail("redis never went to sleep")
+
+
 def test_slow_redis_counts_as_unavailable(tmp_path, upstream):
     redis = RedisServer(tmp_path, None, "--enable-debug-command", "yes").start()
     gateway = start_gateway(
@@ -371,8 +389,8 @@ def test_slow_redis_counts_as_unavailable(tmp_path, upstream):
     c = openai.OpenAI(base_url=gateway.url + "/v1", api_key="sk-rpm-0123456789", max_retries=0)
     try:
         assert c.chat.completions.create(model="m", messages=MESSAGES)
-        stall = subprocess.Popen(["redis-cli", "-p", str(redis.port), "DEBUG", "SLEEP", "1.5"])
-        time.sleep(0.2)
+        stall = subprocess.Popen(["redis-cli", "-p", str(redis.port), "DEBUG", "SLEEP", "3"])
+        asleep(redis)
         with pytest.raises(openai.InternalServerError) as info:
             c.chat.completions.create(model="m", messages=MESSAGES)
         assert info.value.code == "quota_state_unavailable"
