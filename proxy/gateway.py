@@ -557,7 +557,7 @@ async def _opening(reply: Reply) -> Event:
     Comments before it (an upstream's keep-alives) are dropped: the answer has not
     begun, so they neither commit it (fallback could no longer retry) nor time it."""
     first = await reply.peek()
-    while first is not None and not first.data:
+    while first is not None and not first.raw.startswith(b"data") and not first.data:
         await reply.next_event()
         first = await reply.peek()
     if first is None:
