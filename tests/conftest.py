@@ -403,6 +403,24 @@ def clock(monkeypatch) -> Clock:
     return clock
 
 
+def serve_each(listener: socket.socket, handle, threaded: bool = False) -> None:
+    """Hand each connection `listener` accepts to `handle` (in a thread of its own
+    when `threaded`), in the background, until the listener is closed."""
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if threaded:
+                threading.Thread(target=handle, args=(conn,), daemon=True).start()
+            else:
+                handle(conn)
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
 @pytest.fixture
 def hung_url() -> Iterator[tuple[str, list]]:
     """A server that accepts connections and never answers; the connections made."""
@@ -410,16 +428,7 @@ def hung_url() -> Iterator[tuple[str, list]]:
     server.bind(("127.0.0.1", 0))
     server.listen(8)
     accepted: list = []
-
-    def hold() -> None:
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            accepted.append(conn)  # held open, never answered
-
-    threading.Thread(target=hold, daemon=True).start()
+    serve_each(server, accepted.append)  # held open, never answered
     yield f"redis://127.0.0.1:{server.getsockname()[1]}/0", accepted
     server.close()
     for conn in accepted:

@@ -10,7 +10,6 @@ import inspect
 import math
 import re
 import socket
-import threading
 import time
 from collections.abc import Iterator
 
@@ -21,7 +20,14 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.protocol import PARAMETERS
-from tests.conftest import JSON_VALUES, Server, free_port, start_fake_upstream, start_gateway
+from tests.conftest import (
+    JSON_VALUES,
+    Server,
+    free_port,
+    serve_each,
+    start_fake_upstream,
+    start_gateway,
+)
 
 pytestmark = pytest.mark.litellm
 
@@ -653,15 +659,7 @@ def garbling(tmp_path_factory) -> Iterator[Server]:
                 conn.sendall(answers[head.split(b" ")[1].split(b"/")[1].decode()])
                 conn.shutdown(socket.SHUT_WR)
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=answer, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=serve, daemon=True).start()
+    serve_each(listener, answer, threaded=True)
     base = f"http://127.0.0.1:{listener.getsockname()[1]}"
     providers = "".join(
         f'  openai-{name}: {{type: openai, base_url: "{base}/{name}/v1", api_key: sk-g}}\n'
