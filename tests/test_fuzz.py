@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import (
@@ -214,13 +214,18 @@ PATH_TEXT = st.characters(min_codepoint=33, blacklist_categories=("Cs",))  # URL
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.one_of(st.text(PATH_TEXT, min_size=1, max_size=40),
                  st.text(PATH_TEXT, min_size=300, max_size=3000)))  # fmt: skip
+@example(".")
+@example("..")
+@example("plain")
+@example("./plain")
 def test_any_model_id_in_a_path_is_a_card_or_a_bounded_404(client, model):
     """GET /v1/models/<id>: the model's card, or a 404 whose message echoes at most
     the start of what was asked."""
     from urllib.parse import quote
 
-    response = client.get("/v1/models/" + quote(model, safe=""),
-                          headers={"authorization": f"Bearer {KEY}"})  # fmt: skip
+    # dots encoded too: a client removes a path's "." and ".." segments (RFC 3986)
+    path = "/v1/models/" + quote(model, safe="").replace(".", "%2E")
+    response = client.get(path, headers={"authorization": f"Bearer {KEY}"})
     if response.status_code == 200:
         assert response.json()["id"] == model
         return
