@@ -257,10 +257,9 @@ class FakeUpstream:
 
     async def handle(self, conn: Connection, method, path, headers, raw: bytes) -> None:
         key = self.defaults["require_key"]  # the server's own setting, never a request's
-        keyed = path not in ("/health", "/_stats")  # as vLLM's --api-key: /health is open
         if (
             key
-            and keyed
+            and path not in ("/health", "/_stats")  # as vLLM's --api-key: /health is open
             and key not in (headers.get("api-key"), headers.get("authorization", "")[7:])
         ):
             return conn.respond(401, _error("Incorrect API key provided", "invalid_request_error",

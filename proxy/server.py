@@ -460,8 +460,8 @@ class MeshgateH11Protocol(H11Protocol):
         await self.send(RawData(data=head))
 
     async def _send_error_response(self, status_code: int, reason=None) -> None:
-        code = (reason or _MESSAGES.get(status_code) or (None, None, None))[2]
-        MeshgateTCPServer.connections.rejected(status_code, code)
+        reason = reason or _MESSAGES.get(status_code)
+        MeshgateTCPServer.connections.rejected(status_code, reason[2] if reason else None)
         body = error_body(status_code, reason)
         headers = [
             (b"content-type", b"application/json"),
