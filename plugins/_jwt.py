@@ -3,7 +3,10 @@
 Algorithms are an explicit allow-list that cannot mix HMAC with public-key
 algorithms (so a public key can never be used as an HMAC secret) and never
 includes `none`. A JWKS URL is fetched at start and refreshed in the
-background; a failed fetch keeps the keys already known.
+background; a failed fetch keeps the keys already known. A fetch is bounded in
+time and size as a whole (`JWKS_FETCH_S`, `JWKS_MAX_BYTES`): a key host that
+answers a byte at a time, or without end, holds neither the gateway's start nor
+a request that waits on a refresh.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from proxy.errors import AuthenticationFailed
 from proxy.pipeline import Identity
 
 log = logging.getLogger("meshgate.auth")
+
+JWKS_FETCH_S = 5.0
+JWKS_MAX_BYTES = 1024 * 1024  # a JWKS is a few KB: a larger answer is not one
 
 HMAC = {"HS256", "HS384", "HS512"}
 PUBLIC = {"RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256", "PS384", "PS512", "EdDSA"}
@@ -86,7 +92,7 @@ class JWTVerifier:
 
     async def start(self) -> None:
         if self.config.jwks_url:
-            self._client = httpx.AsyncClient(timeout=5)
+            self._client = httpx.AsyncClient(timeout=JWKS_FETCH_S)
             await self.refresh()
             self._refresher = asyncio.create_task(self._refresh_forever())
 
@@ -105,14 +111,27 @@ class JWTVerifier:
         """Fetch the JWKS; on failure keep the keys already known."""
         self._last_fetch = time.monotonic()
         try:
-            assert self._client is not None and self.config.jwks_url is not None
-            response = await self._client.get(self.config.jwks_url)
-            response.raise_for_status()
-            keys = parse_jwks(response.content)
+            keys = parse_jwks(await self._fetch())
+        except TimeoutError:
+            log.warning("cannot refresh the JWKS, keeping %d known keys: no answer within %g s",
+                        len(self.keys), JWKS_FETCH_S)  # fmt: skip
+            return
         except (httpx.HTTPError, ValueError) as exc:
             log.warning("cannot refresh the JWKS, keeping %d known keys: %s", len(self.keys), exc)
             return
         self.keys = keys
+
+    async def _fetch(self) -> bytes:
+        assert self._client is not None and self.config.jwks_url is not None
+        body = bytearray()
+        async with asyncio.timeout(JWKS_FETCH_S):
+            async with self._client.stream("GET", self.config.jwks_url) as response:
+                response.raise_for_status()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > JWKS_MAX_BYTES:
+                        raise ValueError(f"the answer is larger than {JWKS_MAX_BYTES} bytes")
+        return bytes(body)
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -3,6 +3,7 @@ on a loopback port, driven over sockets."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -433,6 +434,49 @@ def hung_url() -> Iterator[tuple[str, list]]:
     server.close()
     for conn in accepted:
         conn.close()
+
+
+HOSTILE_WAYS = ("slow-head", "slow-body", "endless")
+
+
+@pytest.fixture
+def hostile_http() -> Iterator:
+    """Start a server that answers every request one hostile way, and get its base
+    URL: `slow-head` sends its status line and headers a byte every 50 ms and never
+    ends them, `slow-body` a 200 at once and its body a byte every 50 ms,
+    `endless` a 200 and a body without end, as fast as it is read."""
+    listeners: list[socket.socket] = []
+
+    def answer(conn: socket.socket, way: str) -> None:
+        with conn, contextlib.suppress(OSError):  # the client hung up: done
+            conn.recv(65536)  # the request, not looked at
+            if way == "slow-head":
+                for byte in b"HTTP/1.1 200 OK\r\nx-pad: " + b"a" * 60_000:
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.05)
+                return
+            # no length: the body ends when the connection does, so only reading tells
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"connection: close\r\n\r\n")  # fmt: skip
+            while True:
+                if way == "slow-body":
+                    conn.sendall(b" ")
+                    time.sleep(0.05)
+                else:
+                    conn.sendall(b" " * 65536)
+
+    def start(way: str) -> str:
+        assert way in HOSTILE_WAYS
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        listeners.append(server)
+        serve_each(server, lambda conn: answer(conn, way), threaded=True)
+        return f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    yield start
+    for server in listeners:
+        server.close()
 
 
 async def held_after_a_hang(clock: Clock, hang: str, first, held, again) -> None:

@@ -21,7 +21,15 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import JSON_VALUES, MESSAGES, free_port, start_gateway
+from proxy.errors import AuthenticationFailed
+from tests.conftest import (
+    HOSTILE_WAYS,
+    JSON_VALUES,
+    MESSAGES,
+    LogLines,
+    free_port,
+    start_gateway,
+)
 
 ADMIN = "admin-key-0123456789abcdef"
 PLAIN = "sk-team-a-0123456789"
@@ -292,7 +300,6 @@ def test_jwt_hs256_and_es256_pem(tmp_path):
     import asyncio
 
     from plugins._jwt import JWTConfig, JWTVerifier
-    from proxy.errors import AuthenticationFailed
 
     secret = "s" * 40
     verifier = JWTVerifier(JWTConfig(algorithms=["HS256"], secret=secret))
@@ -325,7 +332,6 @@ def test_jwks_file_and_not_before(tmp_path):
     import asyncio
 
     from plugins._jwt import JWTConfig, JWTVerifier
-    from proxy.errors import AuthenticationFailed
 
     key = rsa_key()
     jwk = jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key(), as_dict=True)
@@ -380,7 +386,6 @@ def test_any_token_is_an_identity_or_a_401_never_a_crash(header, claims, signed)
     import asyncio
 
     from plugins._jwt import JWTConfig, JWTVerifier
-    from proxy.errors import AuthenticationFailed
 
     secret, (private, jwks) = "s" * 40, _jwks()
     for keyed, key, alg in (
@@ -399,3 +404,33 @@ def test_any_token_is_an_identity_or_a_401_never_a_crash(header, claims, signed)
             assert exc.status == 401
         else:
             assert isinstance(identity.name, str) and identity.name
+
+
+@pytest.mark.parametrize("way", HOSTILE_WAYS)
+def test_a_jwks_host_that_answers_slowly_or_without_end_holds_nothing(hostile_http, monkeypatch,
+                                                                       way):  # fmt: skip
+    """The gateway's start waits on the first fetch, and a token with an unknown `kid`
+    on another: each ends by its deadline or at the size limit, keeping the keys known."""
+    import asyncio
+
+    from plugins import _jwt
+
+    monkeypatch.setattr(_jwt, "JWKS_FETCH_S", 0.5)
+    monkeypatch.setattr(_jwt, "JWKS_MAX_BYTES", 64 * 1024)
+    why = "the answer is larger than 65536 bytes" if way == "endless" else "no answer within 0.5 s"
+    verifier = _jwt.JWTVerifier(
+        _jwt.JWTConfig(algorithms=["RS256"], jwks_url=hostile_http(way) + "/jwks.json")
+    )
+
+    async def run() -> None:
+        with LogLines("meshgate.auth") as said:
+            await asyncio.wait_for(verifier.start(), 30)  # a hang fails here, not the run
+            assert f"cannot refresh the JWKS, keeping 0 known keys: {why}" in said.text
+            assert not verifier.ready()
+            verifier._last_fetch -= 60  # due for the refresh an unknown kid asks for
+            with pytest.raises(AuthenticationFailed, match="unknown key"):
+                await asyncio.wait_for(verifier.verify(token(rsa_key(), kid="new")), 30)
+            assert said.text.count("cannot refresh the JWKS") == 2
+        await verifier.close()
+
+    asyncio.run(run())
