@@ -254,10 +254,15 @@ class Health:
                 await asyncio.sleep(checks.interval_s)
 
     async def _check(self, client: httpx.AsyncClient, provider: str) -> None:
+        """One probe, `timeout_s` at most as a whole; its status is read, never its body:
+        a backend that answers a byte at a time, or without end, only fails its check."""
         url, headers, deployments = self.probes[provider]
+        assert self.config.checks is not None
         try:
-            healthy = (await client.get(url, headers=headers)).status_code < 400
-        except httpx.HTTPError:
+            async with asyncio.timeout(self.config.checks.timeout_s):
+                async with client.stream("GET", url, headers=headers) as response:
+                    healthy = response.status_code < 400
+        except (httpx.HTTPError, TimeoutError):
             healthy = False
         was_down = bool(deployments) and deployments[0] in self.down
         if healthy:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -19,8 +21,9 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from proxy.health import BreakerConfig, Health, HealthConfig, classify
+from proxy.health import BreakerConfig, ChecksConfig, Health, HealthConfig, classify
 from proxy.state import StateConfig, create_state
+from tests.conftest import HOSTILE_WAYS, free_port
 
 
 def health(clock, **breaker) -> Health:
@@ -126,3 +129,46 @@ def test_without_shared_state_nothing_is_sent_to_the_state():
 
     asyncio.run(main())
     assert create_state(StateConfig()).config.shared is False
+
+
+@pytest.mark.parametrize("way", HOSTILE_WAYS)
+def test_a_check_reads_a_status_in_its_time_never_a_body(hostile_http, way):
+    """A 200 at once passes however its body comes; a head that never ends fails at
+    `timeout_s`, as a whole and not per read."""
+    probes = {"p": (hostile_http(way) + "/v1/models", {}, ["p/m"])}
+    checks = ChecksConfig(providers=["p"], timeout_s=0.5)
+    h = Health(HealthConfig(checks=checks), probes=probes)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=0.5) as client:
+            await asyncio.wait_for(h._check(client, "p"), 30)  # a hang fails here
+
+    asyncio.run(main())
+    assert ("p/m" in h.down) == (way == "slow-head")
+
+
+def test_a_backend_that_never_answers_holds_up_no_other_s_checks(hostile_http):
+    refused = f"http://127.0.0.1:{free_port()}/v1/models"  # nothing listens there
+    probes = {"hung": (hostile_http("slow-head") + "/v1/models", {}, ["hung/m"]),
+              "refused": (refused, {}, ["refused/m"])}  # fmt: skip
+    checks = ChecksConfig(providers=list(probes), interval_s=0.01, timeout_s=0.3)
+    h = Health(HealthConfig(checks=checks), probes=probes)
+    rounds = []
+    check = h._check
+
+    async def counted(client, provider):
+        await check(client, provider)
+        rounds.append(provider)
+
+    h._check = counted  # type: ignore[method-assign]
+
+    async def main():
+        await h.start()
+        deadline = time.monotonic() + 30
+        while rounds.count("refused") < 3:  # the hung one's check ends every round too
+            assert time.monotonic() < deadline, f"the checks stalled after {rounds}"
+            await asyncio.sleep(0.05)
+        await h.close()
+
+    asyncio.run(main())
+    assert {"hung/m", "refused/m"} <= h.down
