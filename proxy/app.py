@@ -121,7 +121,7 @@ def create_app(config: Config | None = None) -> Starlette:
             await stop(flusher)
             m.flush()  # what the last calls counted, before the worker's files are left
             if provider is not None:
-                provider.shutdown()  # sends the spans still queued
+                tracing.shutdown(provider)  # sends the spans still queued
 
     async def health(request: Request) -> Response:
         return _identified(request, JSONResponse({"status": "ok"}))

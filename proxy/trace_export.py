@@ -6,12 +6,21 @@ export thread but under the GIL. orjson writes the same spans as OTLP's JSON
 mapping (ids in hex, 64-bit integers as strings) several times faster, and one
 kept-alive connection carries the batches. `tracing.encoding: protobuf` keeps
 the SDK's exporter.
+
+An export has `timeout_s` as a whole, not per socket read: a collector that
+answers a byte at a time has its connection cut at the deadline (from a timer,
+since a blocked read cannot watch the clock), and of its answer only the first
+`MAX_ANSWER_BYTES` are read. Otherwise one such collector would hold the export
+thread for good, and every span after it would be dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
+import socket
+import threading
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
@@ -21,6 +30,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
 log = logging.getLogger("meshgate.tracing")
+
+MAX_ANSWER_BYTES = 64 * 1024  # a collector's answer is a status and a short message
 
 
 class JsonSpanExporter(SpanExporter):
@@ -37,10 +48,15 @@ class JsonSpanExporter(SpanExporter):
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         body = orjson.dumps(encode(spans))
         for attempt in range(2):  # a kept-alive connection the collector closed: once more
+            cut = threading.Event()
             try:
-                status = self._post(body)
+                status = self._post(body, cut)
             except (OSError, http.client.HTTPException) as exc:
                 self._close()
+                if cut.is_set():  # not a stale connection: the collector is too slow
+                    log.warning("could not export %d span(s): no answer within %g s",
+                                len(spans), self.timeout_s)  # fmt: skip
+                    return SpanExportResult.FAILURE
                 if attempt:
                     log.warning("could not export %d span(s): %s", len(spans), exc)
                     return SpanExportResult.FAILURE
@@ -51,14 +67,27 @@ class JsonSpanExporter(SpanExporter):
             return SpanExportResult.FAILURE
         return SpanExportResult.FAILURE
 
-    def _post(self, body: bytes) -> int:
+    def _post(self, body: bytes, cut: threading.Event) -> int:
+        """The collector's status; the connection is cut (and `cut` set) at the deadline."""
         if self.connection is None:
             kind = http.client.HTTPSConnection if self.https else http.client.HTTPConnection
             self.connection = kind(self.host, self.port, timeout=self.timeout_s)
-        self.connection.request("POST", self.path, body=body, headers=self.headers)
-        response = self.connection.getresponse()
-        response.read()
-        return response.status
+        connection = self.connection
+        sent: list[socket.socket] = []  # an answer read to its close takes the socket over
+        timer = threading.Timer(self.timeout_s, _cut, (connection, sent, cut))
+        timer.daemon = True
+        timer.start()
+        try:
+            connection.request("POST", self.path, body=body, headers=self.headers)
+            if connection.sock is not None:
+                sent.append(connection.sock)
+            response = connection.getresponse()
+            answer = response.read(MAX_ANSWER_BYTES + 1)
+            if cut.is_set() or len(answer) > MAX_ANSWER_BYTES or not response.isclosed():
+                self._close()  # the rest is not read: the connection cannot be reused
+            return response.status
+        finally:
+            timer.cancel()
 
     def _close(self) -> None:
         if self.connection is not None:
@@ -70,6 +99,16 @@ class JsonSpanExporter(SpanExporter):
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return True
+
+
+def _cut(connection: http.client.HTTPConnection, sent: list[socket.socket],
+         cut: threading.Event) -> None:  # fmt: skip
+    """Wake the export thread's blocked read or write: it fails at once."""
+    cut.set()
+    for sock in (connection.sock, *sent):
+        if sock is not None:
+            with contextlib.suppress(OSError):  # already closed
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 def encode(spans: Sequence[ReadableSpan]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import contextlib
 import logging
 import os
 import random
+import threading
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -61,6 +62,20 @@ class TracingConfig:
     def __post_init__(self) -> None:
         if self.sample_ratio is not None and not 0 <= self.sample_ratio <= 1:
             raise ValueError("sample_ratio is a share, from 0 to 1")
+
+
+SHUTDOWN_S = 5.0  # at shutdown, how long the spans still queued have to reach the collector
+
+
+def shutdown(provider: Any) -> None:
+    """Send the spans still queued, for `SHUTDOWN_S` at most: the SDK would wait 30 s
+    for each batch processor, and a collector that hangs must not hold the exit."""
+    sending = threading.Thread(target=provider.shutdown, name="meshgate-trace-shutdown",
+                               daemon=True)  # fmt: skip
+    sending.start()
+    sending.join(SHUTDOWN_S)
+    if sending.is_alive():
+        log.warning("the last spans did not reach the collector within %g s", SHUTDOWN_S)
 
 
 def enabled() -> bool:

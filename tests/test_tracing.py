@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -22,7 +23,7 @@ from starlette.testclient import TestClient
 from proxy import trace_export, tracing
 from proxy.app import create_app
 from proxy.config import parse_config
-from tests.conftest import Server, free_port, start_gateway
+from tests.conftest import HOSTILE_WAYS, LogLines, Server, free_port, start_gateway
 
 KEY = "sk-tracing-0123456789"
 
@@ -269,3 +270,45 @@ def test_values_seen_once_cannot_grow_the_remembered_encodings():
         {"key": "flag", "value": {"boolValue": True}}
     ]
     assert trace_export._attributes({"flag": 1}) == [{"key": "flag", "value": {"intValue": "1"}}]
+
+
+@pytest.mark.parametrize("way", HOSTILE_WAYS)
+def test_an_export_has_its_timeout_as_a_whole_and_reads_a_short_answer(hostile_http, way):
+    """A collector that sends its status line a byte at a time is cut at `timeout_s`
+    (not retried: it is not a stale connection); one that sends a 200 and then a
+    body slowly or without end has said yes, and its connection is not kept."""
+    from opentelemetry.sdk.trace.export import SpanExportResult
+
+    exporter = trace_export.JsonSpanExporter(hostile_http(way) + "/v1/traces", {}, timeout_s=0.5)
+    done: list = []
+    with LogLines("meshgate.tracing") as said:
+        export = threading.Thread(target=lambda: done.append(exporter.export([])), daemon=True)
+        export.start()
+        export.join(30)
+    assert done, "the export hung"
+    if way == "slow-head":
+        assert done == [SpanExportResult.FAILURE]
+        assert said.lines == ["could not export 0 span(s): no answer within 0.5 s"]
+    else:
+        assert done == [SpanExportResult.SUCCESS] and not said.lines
+    assert exporter.connection is None  # what was left unread is never read as an answer
+
+
+def test_shutdown_gives_the_last_spans_seconds_whatever_the_collector_does(hostile_http,
+                                                                          monkeypatch):  # fmt: skip
+    """The SDK would wait 30 s for its batch processor, whose export waits out the
+    exporter's own timeout: the process exits after SHUTDOWN_S, and says so."""
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    monkeypatch.setattr(tracing, "SHUTDOWN_S", 0.5)
+    url = hostile_http("slow-head") + "/v1/traces"
+    provider = TracerProvider(shutdown_on_exit=False)
+    provider.add_span_processor(BatchSpanProcessor(trace_export.JsonSpanExporter(url, {}, 600)))
+    provider.get_tracer("test").start_span("queued").end()
+    returned = threading.Event()
+    with LogLines("meshgate.tracing") as said:
+        threading.Thread(target=lambda: (tracing.shutdown(provider), returned.set()),
+                         daemon=True).start()  # fmt: skip
+        assert returned.wait(20), "shutdown waited on the collector"
+    assert said.lines == ["the last spans did not reach the collector within 0.5 s"]
