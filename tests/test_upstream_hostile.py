@@ -4,6 +4,7 @@ gateway's key or send garbage."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import email.utils
 import inspect
@@ -21,7 +22,9 @@ from hypothesis import strategies as st
 
 from proxy.protocol import PARAMETERS
 from tests.conftest import (
+    HOSTILE_WAYS,
     JSON_VALUES,
+    MESSAGES,
     Server,
     free_port,
     serve_each,
@@ -762,3 +765,40 @@ def test_an_error_status_http_does_not_define_is_a_502(servers, status, stream):
     assert response.json()["error"]["message"] == "odd"
     response = chat(gateway, "plain", fake={"raw_status": 418, "raw_body": body})
     assert response.status_code == 418
+
+
+def test_an_upstream_that_answers_slowly_or_without_end_ends_by_total_s_or_the_cap(
+    tmp_path, hostile_http
+):
+    """`timeouts.total_s` is the whole call for every adapter, though each client's own
+    timeouts are per read; an answer without end stops at `max_response_bytes`."""
+    urls = {way: hostile_http(way) for way in HOSTILE_WAYS}
+    settings = "timeouts: {read_s: 10, total_s: 1}, max_response_bytes: 1048576"
+    providers, models = [], []
+    for way, url in urls.items():
+        for kind, where in (("openai", f'base_url: "{url}/v1"'), ("tgi", f'base_url: "{url}"'),
+                            ("litellm", f'api_base: "{url}/v1", api_key: sk-x')):  # fmt: skip
+            name = f"{kind}-{way}"
+            providers.append(f"  {name}: {{type: {kind}, {where}, {settings}}}")
+            model = "openai/m" if kind == "litellm" else "m"
+            models.append(
+                f"  - {{name: {name}, deployments: [{{provider: {name}, model: {model}}}]}}"
+            )
+    gateway = start_gateway(tmp_path, "server: {host: 127.0.0.1}\nproviders:\n"
+                            + "\n".join(providers) + "\nmodels:\n" + "\n".join(models) + "\n")  # fmt: skip
+    cases = [(m.split("name: ")[1].split(",")[0], stream) for m in models for stream in (0, 1)]
+
+    def ask(case):
+        model, stream = case
+        body = {"model": model, "stream": bool(stream), "messages": MESSAGES}
+        return httpx.post(gateway.url + "/v1/chat/completions", json=body, timeout=60)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+            answers = dict(zip(cases, pool.map(ask, cases), strict=True))
+    finally:
+        gateway.stop()
+    for (model, stream), r in answers.items():
+        expected = (502, "upstream_response_too_large") if model.endswith("endless") else (
+            504, "upstream_timeout")  # fmt: skip
+        assert (r.status_code, r.json()["error"]["code"]) == expected, (model, stream, r.text)

@@ -8,8 +8,10 @@ Deployment models use litellm's names, e.g. `anthropic/claude-3-5-haiku-latest`.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -32,6 +34,7 @@ from proxy.sse import DONE, Event, UpstreamMalformed
 from proxy.upstream import base
 from proxy.upstream.capped import (
     AnswerTooLarge,
+    AnswerTooSlow,
     CappedTransport,
     Outgoing,
     answers_capped,
@@ -182,11 +185,18 @@ class Upstream(base.Upstream):
             "completions": self.litellm.atext_completion,
             "embeddings": self.litellm.aembedding,
         }[call.endpoint]
-        with answers_capped(self.config.max_response_bytes) as outgoing:  # read as it goes
+        total_s = self.config.timeouts.total_s
+        deadline = time.perf_counter() + total_s
+        # as the answer is read, its size and deadline; until its head, asyncio's timer
+        with answers_capped(self.config.max_response_bytes, deadline) as outgoing:
             try:
-                result = await function(**kwargs)
+                async with asyncio.timeout(total_s) as timer:
+                    result = await function(**kwargs)
             except Exception as exc:
-                raise self.translate(exc, outgoing) from exc
+                error = self.translate(exc, outgoing)
+                if timer.expired():
+                    error = UpstreamTimeout(f"provider '{self.name}' did not answer in time")
+                raise error from exc
         if call.stream:
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
@@ -223,6 +233,8 @@ class Upstream(base.Upstream):
         capped = cause(exc)
         if isinstance(capped, AnswerTooLarge):
             return self.too_large("an answer")
+        if isinstance(capped, AnswerTooSlow):
+            return UpstreamTimeout(f"provider '{self.name}' exceeded its total timeout")
         if capped is not None:
             return UpstreamUnavailable(f"provider '{self.name}': {capped}")
         status = getattr(exc, "status_code", None)

@@ -13,6 +13,7 @@ client never takes an answer made without it for one made with it.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -160,14 +161,19 @@ class Upstream(base.Upstream):
         headers = {"content-type": "application/json", "x-request-id": call.request_id}
         tracing.inject(headers)  # traceparent, when tracing is on
         request = self.client.build_request("POST", path, content=payload, headers=headers)
+        total_s = self.config.timeouts.total_s
+        deadline = time.perf_counter() + total_s
         try:
-            response = await self.client.send(request, stream=True)
-            if response.status_code >= 300 or not call.stream:
-                failed = response.status_code >= 300
-                most = base.ERROR_BODY_BYTES if failed else self.config.max_response_bytes
-                raw = await base.gather(response.aiter_bytes(), most)  # decompressed
-                await response.aclose()
-        except httpx.TimeoutException:
+            async with asyncio.timeout(total_s):  # httpx's timeouts are per read
+                response = await self.client.send(request, stream=True)
+                if response.status_code >= 300 or not call.stream:
+                    failed = response.status_code >= 300
+                    most = base.ERROR_BODY_BYTES if failed else self.config.max_response_bytes
+                    try:
+                        raw = await base.gather(response.aiter_bytes(), most)  # decompressed
+                    finally:
+                        await response.aclose()
+        except (httpx.TimeoutException, TimeoutError):
             raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from None
         except httpx.RequestError as exc:  # a transport failure, or a body that cannot be decoded
             raise UpstreamUnavailable(
@@ -189,11 +195,11 @@ class Upstream(base.Upstream):
                 raise UpstreamMalformed(
                     f"provider '{self.name}' sent an answer that is not TGI's /generate format"
                 ) from None
-        reply = Reply(events=self._events(response, call, model))
+        reply = Reply(events=self._events(response, call, model, deadline))
         return reply.owns(response.aclose)  # if the stream is never iterated
 
     async def _events(
-        self, response: httpx.Response, call: Call, model: str
+        self, response: httpx.Response, call: Call, model: str, deadline: float
     ) -> AsyncIterator[Event]:
         chat = call.endpoint == "chat"
         head = {
@@ -206,6 +212,8 @@ class Upstream(base.Upstream):
         first = True
         try:
             async for chunk in response.aiter_raw():
+                if time.perf_counter() > deadline:
+                    raise UpstreamTimeout(f"provider '{self.name}' exceeded its total timeout")
                 events = splitter.feed(chunk)
                 if splitter.pending_bytes > self.config.max_response_bytes:
                     raise self.too_large("a stream event")
