@@ -25,6 +25,7 @@ import orjson
 
 from proxy.errors import AuthenticationFailed
 from proxy.pipeline import Identity
+from proxy.redact import transport_reason
 
 log = logging.getLogger("meshgate.auth")
 
@@ -111,15 +112,17 @@ class JWTVerifier:
         """Fetch the JWKS; on failure keep the keys already known."""
         self._last_fetch = time.monotonic()
         try:
-            keys = parse_jwks(await self._fetch())
+            self.keys = parse_jwks(await self._fetch())
+            return
         except TimeoutError:
-            log.warning("cannot refresh the JWKS, keeping %d known keys: no answer within %g s",
-                        len(self.keys), JWKS_FETCH_S)  # fmt: skip
-            return
-        except (httpx.HTTPError, ValueError) as exc:
-            log.warning("cannot refresh the JWKS, keeping %d known keys: %s", len(self.keys), exc)
-            return
-        self.keys = keys
+            reason = f"no answer within {JWKS_FETCH_S:g} s"
+        except httpx.HTTPStatusError as exc:
+            reason = f"HTTP {exc.response.status_code}"
+        except httpx.HTTPError as exc:  # httpx quotes the URL, which may hold a credential
+            reason = transport_reason(str(exc) or type(exc).__name__)
+        except ValueError as exc:
+            reason = str(exc)
+        log.warning("cannot refresh the JWKS, keeping %d known keys: %s", len(self.keys), reason)
 
     async def _fetch(self) -> bytes:
         assert self._client is not None and self.config.jwks_url is not None

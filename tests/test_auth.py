@@ -434,3 +434,41 @@ def test_a_jwks_host_that_answers_slowly_or_without_end_holds_nothing(hostile_ht
         await verifier.close()
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("answer", [404, 500, 302, 200, "refused"])
+def test_a_failed_jwks_fetch_is_logged_without_what_the_url_holds(answer):
+    """httpx quotes the URL in its errors; a JWKS URL can carry a credential in its
+    userinfo or query. 200 answers a document that is not a JWKS."""
+    import asyncio
+
+    from plugins._jwt import JWTConfig, JWTVerifier
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(answer if isinstance(answer, int) else 500)
+            self.send_header("location", "http://127.0.0.1:1/elsewhere?token=sk-LOCATION-1")
+            self.end_headers()
+            self.wfile.write(b"<html>sk-BODY-0123456789</html>")
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = free_port() if answer == "refused" else httpd.server_address[1]
+    url = f"http://jwks-user:sk-PASSWORD-0123@127.0.0.1:{port}/keys?token=sk-QUERY-0123456789"
+    verifier = JWTVerifier(JWTConfig(algorithms=["RS256"], jwks_url=url))
+    try:
+        with LogLines("meshgate.auth") as said:
+            asyncio.run(verifier.start())
+    finally:
+        asyncio.run(verifier.close())
+        httpd.shutdown()
+        httpd.server_close()
+    (line,) = said.lines
+    assert line.startswith("cannot refresh the JWKS, keeping 0 known keys: ")
+    for secret in ("sk-PASSWORD", "sk-QUERY", "sk-LOCATION", "sk-BODY", "jwks-user", "/keys"):
+        assert secret not in line
+    if isinstance(answer, int) and answer >= 300:
+        assert line.endswith(f"HTTP {answer}")
