@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import time
 
 import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from proxy.upstream import capped
 from proxy.upstream.capped import (
     AnswerTooLarge,
+    AnswerTooSlow,
     CappedTransport,
     UncappableAnswer,
     answers_capped,
@@ -100,3 +105,75 @@ def test_cause_finds_an_error_of_the_kinds_asked_through_any_wrapping():
         assert cause(wrapper, (httpx.TransportError,)) is refused
         assert cause(wrapper) is None  # not the cap's own
         assert cause(wrapper, (httpx.TimeoutException,)) is None
+
+
+def read(pieces: list[bytes], content_type: str, stream: bool, deadline: float = math.inf):
+    """What a client over the capped transport reads of an answer sent in `pieces`."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        async def body():
+            for piece in pieces:
+                yield piece
+
+        return httpx.Response(200, headers={"content-type": content_type}, stream=body())
+
+    async def main():
+        async with httpx.AsyncClient(transport=CappedTransport(httpx.MockTransport(answer))) as c:
+            with answers_capped(1 << 30, deadline, stream):
+                return (await c.get("http://up/")).content
+
+    return asyncio.run(main())
+
+
+def torn(data: bytes, cuts: list[int]) -> list[bytes]:
+    at = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(at)]
+
+
+LINE_ENDS = st.sampled_from(["\n", "\r\n", "\r"])
+EVENTS = st.lists(
+    st.tuples(
+        st.lists(st.text(alphabet='abc{}: "', max_size=200), min_size=1, max_size=4), LINE_ENDS
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(EVENTS, st.lists(st.integers(0, 10_000), max_size=12),
+       st.sampled_from(["text/event-stream", "text/event-stream; charset=utf-8",
+                        "application/json"]))  # fmt: skip
+def test_a_stream_of_events_within_the_limits_is_read_whole_however_it_is_torn(events, cuts,
+                                                                                content_type):  # fmt: skip
+    data = "".join(end.join(f"data: {line}" for line in lines) + end * 2
+                   for lines, end in events).encode()  # fmt: skip
+    assert read(torn(data, cuts), content_type, stream=True) == data
+    bytewise = [data[i : i + 1] for i in range(len(data))]  # every blank line straddles
+    assert read(bytewise, content_type, stream=True) == data
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.sampled_from(["lines", "bytes"]), st.sampled_from(["\n", "\r", "\r\n"]),
+       st.lists(st.integers(0, 3 << 20), max_size=12))  # fmt: skip
+def test_an_event_past_the_limits_is_refused_in_a_stream_read_as_events(past, end, cuts):
+    """The SDK reads such an answer at a cost of its size times its lines; an answer
+    that is not read as events (a buffered call, NDJSON) has only the answer's cap."""
+    if past == "lines":
+        event = (f"data: x{end}" * (capped.EVENT_LINES + 1)).encode()
+    else:
+        event = b"data: " + b"x" * capped.EVENT_BYTES + end.encode()
+    data = b"data: {}\n\n" + event + end.encode()
+    pieces = torn(data, cuts)
+    with pytest.raises(capped.EventTooLarge):
+        read(pieces, "text/event-stream", stream=True)
+    assert read(pieces, "text/event-stream", stream=False) == data
+    assert read(pieces, "application/x-ndjson", stream=True) == data
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_answer_still_coming_at_the_deadline_is_cut_off(stream):
+    pieces = [b"data: {}\n\n"] * 3
+    assert read(pieces, "text/event-stream", stream, deadline=math.inf) == b"".join(pieces)
+    with pytest.raises(AnswerTooSlow):
+        read(pieces, "text/event-stream", stream, deadline=time.perf_counter() - 1)

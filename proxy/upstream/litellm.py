@@ -25,6 +25,7 @@ from proxy.errors import (
     InvalidRequest,
     UpstreamStatus,
     UpstreamTimeout,
+    UpstreamTooLarge,
     UpstreamUnavailable,
     retry_after_header,
 )
@@ -36,6 +37,7 @@ from proxy.upstream.capped import (
     AnswerTooLarge,
     AnswerTooSlow,
     CappedTransport,
+    EventTooLarge,
     Outgoing,
     answers_capped,
     cause,
@@ -188,7 +190,7 @@ class Upstream(base.Upstream):
         total_s = self.config.timeouts.total_s
         deadline = time.perf_counter() + total_s
         # as the answer is read, its size and deadline; until its head, asyncio's timer
-        with answers_capped(self.config.max_response_bytes, deadline) as outgoing:
+        with answers_capped(self.config.max_response_bytes, deadline, call.stream) as outgoing:
             try:
                 async with asyncio.timeout(total_s) as timer:
                     result = await function(**kwargs)
@@ -231,6 +233,8 @@ class Upstream(base.Upstream):
         if isinstance(exc, GatewayError):
             return exc
         capped = cause(exc)
+        if isinstance(capped, EventTooLarge):
+            return UpstreamTooLarge(f"provider '{self.name}' sent {capped}; it was cut off")
         if isinstance(capped, AnswerTooLarge):
             return self.too_large("an answer")
         if isinstance(capped, AnswerTooSlow):
