@@ -195,10 +195,9 @@ class Upstream(base.Upstream):
                 async with asyncio.timeout(total_s) as timer:
                     result = await function(**kwargs)
             except Exception as exc:
-                error = self.translate(exc, outgoing)
-                if timer.expired():
-                    error = UpstreamTimeout(f"provider '{self.name}' did not answer in time")
-                raise error from exc
+                if not timer.expired():
+                    raise self.translate(exc, outgoing) from exc
+                raise UpstreamTimeout(f"provider '{self.name}' did not answer in time") from exc
         if call.stream:
             reply = Reply(events=self._events(result, call))
             close = getattr(result, "aclose", None)
